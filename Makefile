@@ -1,0 +1,41 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+TORCH := torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# Debian's Fashion-MNIST when apt-get is usable; otherwise the loader downloads and checks the files.
+data:
+	@if [ ! -f $(FASHION) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) || \
+		echo "apt-get could not install dataset-fashion-mnist; the loader will download it"; \
+	fi
+
+demo: setup
+	@if [ -f runs/demo/final.pt ]; then echo "runs/demo is trained (remove it to retrain)"; \
+	elif [ -f runs/demo/checkpoints/last.pt ]; then $(BIN)/deconvnet train --model zfnet-small --data fashion-mnist --out runs/demo --resume; \
+	else $(BIN)/deconvnet train --model zfnet-small --data fashion-mnist --out runs/demo; fi
+	$(BIN)/deconvnet evaluate --checkpoint runs/demo/final.pt --data fashion-mnist:test
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) runs report
