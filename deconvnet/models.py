@@ -129,6 +129,10 @@ def model_config(name: str, num_classes: int = 1000, in_channels: int | None = N
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     channels = DEFAULT_CHANNELS[name] if in_channels is None else in_channels
+    if "convs" in changes:  # accept plain dicts, as read back from a JSON config
+        changes["convs"] = {k: v if isinstance(v, Conv) else Conv(**v) for k, v in changes["convs"].items()}
+    if "fc" in changes:
+        changes["fc"] = tuple(changes["fc"])
     return dataclasses.replace(MODELS[name](num_classes, channels), **changes)
 
 
