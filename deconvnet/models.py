@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CONV_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -99,25 +100,25 @@ def _alexnet(num_classes: int, in_channels: int) -> ModelConfig:
 def _zfnet_small(num_classes: int, in_channels: int) -> ModelConfig:
     # 28 -> conv1 28 -> pool 14 -> conv2 14 -> pool 7 -> conv3-5 7 -> pool 3
     convs = {
-        "conv1": Conv(48, 3, 1, 1),
-        "conv2": Conv(96, 3, 1, 1),
-        "conv3": Conv(128, 3, 1, 1),
-        "conv4": Conv(128, 3, 1, 1),
-        "conv5": Conv(96, 3, 1, 1),
+        "conv1": Conv(32, 3, 1, 1),
+        "conv2": Conv(64, 3, 1, 1),
+        "conv3": Conv(96, 3, 1, 1),
+        "conv4": Conv(96, 3, 1, 1),
+        "conv5": Conv(64, 3, 1, 1),
     }
-    return ModelConfig("zfnet-small", in_channels, num_classes, 28, convs, fc=(512, 512), init="kaiming")
+    return ModelConfig("zfnet-small", in_channels, num_classes, 28, convs, fc=(256, 256), init="kaiming")
 
 
 def _alexnet_small(num_classes: int, in_channels: int) -> ModelConfig:
     # 28 -> conv1 14 -> pool 7 -> conv2 7 -> pool 3 -> conv3-5 3 -> pool 1
     convs = {
-        "conv1": Conv(48, 5, 2, 2),
-        "conv2": Conv(96, 3, 1, 1),
-        "conv3": Conv(128, 3, 1, 1),
-        "conv4": Conv(128, 3, 1, 1),
-        "conv5": Conv(96, 3, 1, 1),
+        "conv1": Conv(32, 5, 2, 2),
+        "conv2": Conv(64, 3, 1, 1),
+        "conv3": Conv(96, 3, 1, 1),
+        "conv4": Conv(96, 3, 1, 1),
+        "conv5": Conv(64, 3, 1, 1),
     }
-    return ModelConfig("alexnet-small", in_channels, num_classes, 28, convs, fc=(512, 512), init="kaiming")
+    return ModelConfig("alexnet-small", in_channels, num_classes, 28, convs, fc=(256, 256), init="kaiming")
 
 
 MODELS = {"zfnet": _zfnet, "alexnet": _alexnet, "zfnet-small": _zfnet_small, "alexnet-small": _alexnet_small}
@@ -134,6 +135,21 @@ def model_config(name: str, num_classes: int = 1000, in_channels: int | None = N
     if "fc" in changes:
         changes["fc"] = tuple(changes["fc"])
     return dataclasses.replace(MODELS[name](num_classes, channels), **changes)
+
+
+class LocalResponseNorm(nn.LocalResponseNorm):
+    """Contrast normalisation across feature maps (Krizhevsky et al. 2012; "norm1", "norm2").
+
+    Same values as ``nn.LocalResponseNorm``; the sum over the window of neighbouring maps is a 1x1
+    convolution with a band matrix, several times faster on CPU than the built-in average pooling.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = torch.arange(x.shape[1], device=x.device)
+        offset = c[None, :] - c[:, None]  # window of map i: maps i - size//2 .. i + (size-1)//2
+        band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)).to(x.dtype)
+        window = F.conv2d(x * x, band[:, :, None, None])
+        return x / (window * (self.alpha / self.size) + self.k).pow(self.beta)
 
 
 class ConvNet(nn.Sequential):
@@ -154,7 +170,7 @@ class ConvNet(nn.Sequential):
                 layers[POOLED[name]] = nn.MaxPool2d(c.pool[0], c.pool[1], ceil_mode=c.ceil_mode)
             if name in NORMED:
                 size, alpha, beta, k = c.lrn
-                layers[NORMED[name]] = nn.LocalResponseNorm(int(size), alpha, beta, k)
+                layers[NORMED[name]] = LocalResponseNorm(int(size), alpha, beta, k)
             channels = spec.out
         with torch.no_grad():
             probe = nn.Sequential(layers)(torch.zeros(1, c.in_channels, c.input_size, c.input_size))

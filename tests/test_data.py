@@ -1,0 +1,177 @@
+"""Data sources: Fashion-MNIST (system files and the checked download), digits, folders, preprocessing."""
+import functools
+import http.server
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deconvnet.data import (FASHION_CLASSES, FASHION_FILES, FASHION_SYSTEM_DIR, DataError, FolderSource,
+                            mean_image, open_source, preprocess_for, read_idx)
+
+needs_fashion = pytest.mark.skipif(not (FASHION_SYSTEM_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
+                                   reason="Debian's dataset-fashion-mnist is not installed")
+
+
+@needs_fashion
+def test_fashion_mnist_splits():
+    train, test = open_source("fashion-mnist"), open_source("fashion-mnist:test")
+    assert len(train) == 60000 and len(test) == 10000
+    assert train.classes == FASHION_CLASSES
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    x = test.get([0, 1])
+    assert x.dtype == torch.uint8 and x.shape == (2, 1, 28, 28)
+    assert test.labels[0].item() == 9  # the first test image is an ankle boot
+
+
+@needs_fashion
+def test_fashion_mnist_at_paper_size_is_rgb_256():
+    x = open_source("fashion-mnist:test", size=256, channels=3).get([0])
+    assert x.shape == (1, 3, 256, 256) and torch.equal(x[:, 0], x[:, 2])
+
+
+@pytest.fixture()
+def mirror(tmp_path):
+    """A loopback HTTP server serving a copy of the official files; yields (url, files dir)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in FASHION_FILES:
+        shutil.copy(FASHION_SYSTEM_DIR / name, served / name)
+    handler = functools.partial(QuietHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", served
+    server.shutdown()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@needs_fashion
+def test_download_verifies_and_caches(mirror, tmp_path, monkeypatch):
+    url, _ = mirror
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DECONVNET_DATA", str(cache))
+    monkeypatch.setenv("DECONVNET_FASHION_URL", url)
+    test = open_source("fashion-mnist:test")
+    assert len(test) == 10000 and test.labels[0].item() == 9
+    assert sorted(p.name for p in (cache / "fashion-mnist").iterdir()) == sorted(FASHION_FILES)
+
+
+@needs_fashion
+def test_corrupted_download_is_a_clear_error_and_caches_nothing(mirror, tmp_path, monkeypatch):
+    url, served = mirror
+    data = bytearray((served / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    data[100] ^= 0xFF
+    (served / "t10k-labels-idx1-ubyte.gz").write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DECONVNET_DATA", str(cache))
+    monkeypatch.setenv("DECONVNET_FASHION_URL", url)
+    with pytest.raises(DataError, match="checksum mismatch for .*t10k-labels"):
+        open_source("fashion-mnist:test")
+    left = sorted(p.name for p in (cache / "fashion-mnist").iterdir())
+    assert "t10k-labels-idx1-ubyte.gz" not in left and not [n for n in left if n.startswith(".")]
+
+
+def test_unreachable_mirror_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DECONVNET_DATA", str(tmp_path))
+    monkeypatch.setenv("DECONVNET_FASHION_URL", "http://127.0.0.1:9/")
+    with pytest.raises(DataError, match="cannot download"):
+        open_source("fashion-mnist")
+
+
+def test_read_idx_rejects_truncated_files(tmp_path):
+    header = bytes([0, 0, 8, 3]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + (3).to_bytes(4, "big")
+    (tmp_path / "ok").write_bytes(header + bytes(range(18)))
+    assert read_idx(tmp_path / "ok").shape == (2, 3, 3)
+    (tmp_path / "short").write_bytes(header + bytes(10))
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+def test_digits_upsampled_to_model_size():
+    digits = open_source("digits", size=28, channels=1)
+    assert len(digits) == 1797 and digits.classes == [str(i) for i in range(10)]
+    x = digits.get([0])
+    assert x.shape == (1, 1, 28, 28) and x.max() > 200
+
+
+def _write_folder(root: Path) -> list[str]:
+    """Two classes of good images in several modes, plus four bad files; returns the bad paths."""
+    rng = np.random.default_rng(0)
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / "cat" / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 255, (50, 30), dtype=np.uint8)).save(root / "cat" / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (32, 32, 4), dtype=np.uint8), "RGBA").save(root / "dog" / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "dog" / "big.jpg")
+    jpeg = (root / "dog" / "big.jpg").read_bytes()
+    bad = [root / "cat" / "empty.png", root / "cat" / "text.png", root / "dog" / "truncated.jpg",
+           root / "dog" / "half.png"]
+    bad[0].write_bytes(b"")
+    bad[1].write_text("not an image")
+    bad[2].write_bytes(jpeg[: len(jpeg) // 2])
+    bad[3].write_bytes((root / "cat" / "grey.png").read_bytes()[:60])
+    (root / "dog" / "notes.txt").write_text("ignored: not an image extension")
+    return sorted(str(p) for p in bad)
+
+
+def test_folder_skips_bad_files_and_lists_them(tmp_path):
+    bad = _write_folder(tmp_path)
+    with pytest.warns(UserWarning, match="4 unreadable image file"):
+        source = FolderSource(tmp_path, size=24, channels=3)
+    assert sorted(source.skipped) == bad
+    assert source.classes == ["cat", "dog"] and len(source) == 4
+    assert source.labels.tolist() == [0, 0, 1, 1]
+    x = source.get(range(4))
+    assert x.shape == (4, 3, 24, 24) and x.dtype == torch.uint8
+    grey = source.get([0])[0]  # cat/grey.png (files sort by name): the three channels are equal
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="not a directory"):
+        open_source(f"folder:{tmp_path / 'missing'}")
+    with pytest.raises(DataError, match="no class sub-folders"):
+        open_source(f"folder:{tmp_path}")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(DataError, match="no readable PNG/JPEG"):
+        open_source(f"folder:{tmp_path}")
+    with pytest.raises(DataError, match="unknown data spec"):
+        open_source("imagenet")
+
+
+def test_paper_preprocessing_256_to_224_ten_crops():
+    pre = preprocess_for(224, 3)
+    assert (pre.stored_size, pre.scale, pre.pad) == (256, 255.0, 0)
+    x = torch.arange(256, dtype=torch.float32).repeat(256, 1).expand(1, 3, 256, 256).to(torch.uint8)
+    crops = pre.ten_crops(x)  # (10, 1, 3, 224, 224), values are the column index
+    assert crops.shape == (10, 1, 3, 224, 224)
+    lefts = [crops[w, 0, 0, 0, 0].item() for w in range(5)]
+    assert lefts == [0, 32, 0, 32, 16]  # TL, TR, BL, BR, center
+    assert crops[5, 0, 0, 0, 0].item() == 223 and crops[9, 0, 0, 0, 0].item() == 239  # flipped
+    which = torch.tensor([4, 9])
+    batch = pre.train(torch.cat([x, x]), which)
+    assert torch.equal(batch[0], crops[4, 0]) and torch.equal(batch[1], crops[9, 0])
+    assert torch.equal(pre.eval(x), crops[4])
+
+
+def test_small_preprocessing_pads_and_subtracts_mean():
+    source = open_source("digits", size=28, channels=1)
+    pre = preprocess_for(28, 1)
+    pre.mean = mean_image(source, pre, range(100))
+    direct = source.get(range(100)).float().div(255).mean(0)
+    assert torch.allclose(pre.mean, direct, atol=1e-6)
+    x = source.get([0])
+    centered = pre.eval(x)
+    assert centered.shape == (1, 1, 28, 28)
+    assert torch.allclose(centered, x.float() / 255 - pre.mean)
+    corner = pre.crop(pre.normalise(x), 0)  # top-left of the 2 px padded image: shifted by 2
+    assert torch.allclose(corner[..., 2:, 2:], centered[..., :26, :26]) and corner[..., :2, :].abs().sum() == 0

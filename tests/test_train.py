@@ -1,0 +1,127 @@
+"""Training: outputs of a run, checkpoints, bit-identical resume after SIGKILL, DDP == one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deconvnet import load_checkpoint
+from deconvnet.checkpoint import read_checkpoint, save_checkpoint
+from deconvnet.errors import UserError
+from deconvnet.train import TrainConfig, train
+
+# A tiny run on the first 256 Fashion-MNIST images: 8 steps of 32 per epoch.
+TINY = ["--model", "zfnet-small", "--data", "fashion-mnist", "--limit", "256", "--batch-size", "32"]
+
+
+def cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deconvnet.cli", *args], capture_output=True, text=True, **kw)
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_run_writes_config_metrics_snapshots_and_final(tmp_path):
+    metrics = train(TrainConfig(limit=256, batch_size=32, epochs=3, snapshots=[1, 3]), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["recipe"] == "small" and config["val"] == "fashion-mnist:test" and config["epochs"] == 3
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    assert set(lines[0]) == {"epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "seconds",
+                             "train_images_per_s"}
+    assert lines[-1] == metrics
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-1.pt", "epoch-3.pt", "last.pt"]
+    model, info = load_checkpoint(tmp_path / "final.pt")
+    assert not model.training and info.classes[9] == "Ankle boot" and info.epoch == 3
+    assert info.accuracy["top1"] == metrics["val_top1"] and info.accuracy["n"] == 256
+    assert info.mean.shape == (1, 28, 28) and 0.2 < info.mean.mean().item() < 0.4
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+
+
+def test_paper_recipe_defaults(tmp_path):
+    cfg = TrainConfig(model="zfnet").resolved()
+    assert (cfg.lr, cfg.momentum, cfg.batch_size, cfg.schedule, cfg.init, cfg.renorm) == \
+        (1e-2, 0.9, 128, "plateau", "paper", True)
+    assert cfg.snapshots == [1, 2, 5, 10, 20, 30, 40, 64, 70]
+    small = TrainConfig(model="zfnet-small", epochs=6).resolved()
+    assert small.recipe == "small" and small.snapshots == [1, 2, 5, 6]
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    args = [*TINY, "--epochs", "2", "--checkpoint-every", "3", "--lr", "0.02"]
+    whole = tmp_path / "whole"
+    assert cli("train", *args, "--out", str(whole)).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "deconvnet.cli", "train", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final.pt").exists(), "the run finished before it could be killed"
+    state = read_checkpoint(last)["training_state"]  # readable: the save is atomic
+    assert (state["epoch"], state["step"]) < (3, 0)
+
+    resumed = cli("train", *args, "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = weights(whole / "final.pt"), weights(killed / "final.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = read_checkpoint(whole / "checkpoints" / "last.pt")["training_state"]["optimizer"]["state"]
+    opt_b = read_checkpoint(last)["training_state"]["optimizer"]["state"]
+    assert all(torch.equal(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"]) for k in opt_a)
+    assert (whole / "metrics.jsonl").read_text().count("\n") == (killed / "metrics.jsonl").read_text().count("\n")
+
+
+def test_interrupted_save_leaves_previous_checkpoint_readable(tmp_path, monkeypatch):
+    train(TrainConfig(limit=64, batch_size=32, epochs=1), tmp_path)
+    model, info = load_checkpoint(tmp_path / "final.pt")
+    before = (tmp_path / "final.pt").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)  # dies after writing the temp file, before the rename
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "final.pt", model, info)
+    assert (tmp_path / "final.pt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_existing_run_and_changed_arguments_are_user_errors(tmp_path):
+    train(TrainConfig(limit=64, batch_size=32, epochs=1), tmp_path)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(TrainConfig(limit=64, batch_size=32, epochs=1), tmp_path)
+    with pytest.raises(UserError, match="arguments differ"):
+        train(TrainConfig(limit=64, batch_size=32, epochs=1, lr=0.5), tmp_path, resume=True)
+    with pytest.raises(UserError, match="no checkpoint to resume"):
+        train(TrainConfig(limit=64, epochs=1), tmp_path / "new", resume=True)
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """Same global batch of 32 split over 2 gloo processes; dropout 0 so the only difference is
+    the order in which gradients are summed."""
+    args = [*TINY, "--epochs", "1", "--dropout", "0"]
+    single = cli("train", *args, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    double = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "deconvnet.cli", "train", *args, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env)
+    assert double.returncode == 0, double.stderr
+    a, b = weights(tmp_path / "one" / "final.pt"), weights(tmp_path / "two" / "final.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text())
+    assert one["val_top1"] == pytest.approx(two["val_top1"], abs=1 / 256)
+    assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-4)
