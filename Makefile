@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 setup: $(STAMP) data
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,serve]'
 	touch $(STAMP)
 
 # Debian's Fashion-MNIST when apt-get is usable; otherwise the loader downloads and checks the files.
@@ -25,13 +25,22 @@ data:
 		echo "apt-get could not install dataset-fashion-mnist; the loader will download it"; \
 	fi
 
+# Debian's Chromium for the viewer's browser tests (Playwright drives /usr/bin/chromium; it never
+# downloads a browser); without it those tests are skipped.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+		echo "apt-get could not install chromium; the browser tests will be skipped"; \
+	fi
+
 demo: setup
 	@if [ -f runs/demo/final.pt ]; then echo "runs/demo is trained (remove it to retrain)"; \
 	elif [ -f runs/demo/checkpoints/last.pt ]; then $(BIN)/deconvnet train --model zfnet-small --data fashion-mnist --out runs/demo --resume; \
 	else $(BIN)/deconvnet train --model zfnet-small --data fashion-mnist --out runs/demo; fi
 	$(BIN)/deconvnet evaluate --checkpoint runs/demo/final.pt --data fashion-mnist:test
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -53,6 +54,382 @@ def _check_classes(data_classes: list[str], model_classes: list[str], spec: str)
                         f"{model_classes[:5]}...")
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _named_box(text: str) -> tuple[str, list[int]]:
+    name, _, box = text.partition("=")
+    values = _int_list(box)
+    if not name or len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected NAME=TOP,LEFT,BOTTOM,RIGHT, got {text!r}")
+    return name, values
+
+
+def _class_index(text: str, classes: list[str]) -> int:
+    """A class given by name or number."""
+    if text in classes:
+        return classes.index(text)
+    if text.isdigit() and int(text) < len(classes):
+        return int(text)
+    raise UserError(f"unknown class {text!r}; this checkpoint has: {', '.join(classes)}")
+
+
+def _add_image_args(p: argparse.ArgumentParser, count: int) -> None:
+    """``--checkpoint`` and the image selection of the per-image commands (see :func:`_select_images`)."""
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", nargs="+", metavar="PATH", default=None, help="PNG/JPEG image file(s)")
+    p.add_argument("--data", default=None, help="data spec to take images from, e.g. fashion-mnist:test")
+    p.add_argument("--index", type=_int_list, default=None,
+                   help=f"comma-separated image indices in --data (default: the first {count})")
+    p.add_argument("--out", required=True, help="output directory (PNG + JSON)")
+
+
+def _select_images(args, info, count: int = 1, label: int | None = None):
+    """The images named by ``--image PATH...`` or ``--data SPEC --index I,J``, at the checkpoint's stored
+    size: ``(raw uint8 (N, C, S, S), labels (int, or None for files), names)``. Without ``--index``,
+    the first ``count`` images of ``--data`` (of class ``label`` when given)."""
+    import torch
+
+    from .data import load_image, open_source
+
+    pre = info.preprocess
+    if args.image and args.data:
+        raise UserError("give either --image or --data, not both")
+    if args.image:
+        if args.index is not None:
+            raise UserError("--index selects images in --data; it does not apply to --image")
+        raw = torch.stack([load_image(path, pre.stored_size, pre.channels) for path in args.image])
+        return raw, [None] * len(raw), [Path(path).stem for path in args.image]
+    if not args.data:
+        raise UserError("give --image PATH or --data SPEC (with --index I)")
+    source = open_source(args.data, pre.stored_size, pre.channels)
+    _check_classes(source.classes, info.classes, args.data)
+    if args.index is not None:
+        indices = args.index
+    else:
+        pool = range(len(source)) if label is None else (source.labels == label).nonzero().flatten().tolist()
+        indices = list(pool[:count])
+    bad = [i for i in indices if not 0 <= i < len(source)]
+    if bad or not indices:
+        raise UserError(f"--index {bad or indices} is outside {args.data}'s {len(source)} images")
+    return source.get(indices), source.labels[indices].tolist(), [str(i) for i in indices]
+
+
+def _run_record(args) -> dict:
+    """The command's arguments, written beside its outputs."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def cmd_occlude(args) -> None:
+    from ._analysis import foreground, picture
+    from .checkpoint import load_checkpoint
+    from .occlusion import draw_occlusion, occlusion, occlusion_findings, occlusion_to_json
+    from .runner import atomic_write_json
+
+    model, info = load_checkpoint(args.checkpoint)
+    raw, labels, names = _select_images(args, info)
+    pictures, out = picture(info.preprocess, raw), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for x, label, name, pic in zip(info.preprocess.eval(raw), labels, names, pictures):
+        target = _class_index(args.target, info.classes) if args.target is not None else label
+        result = occlusion(model, x, target, size=args.size, stride=args.stride, layer=args.layer)
+        draw_occlusion(result, out / f"occlusion-{name}.png", pic, info.classes)
+        results.append(result)
+    findings = occlusion_findings(results, list(foreground(pictures)))
+    atomic_write_json(out / "occlusion.json", {
+        "args": _run_record(args), "findings": findings,
+        "images": [{"name": n, "true_label": l, **occlusion_to_json(r, info.classes)}
+                   for n, l, r in zip(names, labels, results)]})
+    print(json.dumps({"out": str(out), "findings": {k: v for k, v in findings.items() if k != "per_image"}}))
+
+
+def cmd_invariance(args) -> None:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .invariance import default_amounts, draw_invariance, invariance, invariance_findings, invariance_to_json
+    from .runner import atomic_write_json
+
+    model, info = load_checkpoint(args.checkpoint)
+    raw, labels, names = _select_images(args, info, count=5)
+    if None in labels:  # image files: the true label is the model's answer on the untransformed image
+        with torch.no_grad():
+            labels = model(info.preprocess.eval(raw)).argmax(1).tolist()
+    amounts = default_amounts(info.preprocess.input_size)
+    for kind, values in (("translation", args.translations), ("scale", args.scales), ("rotation", args.rotations)):
+        if values is not None:
+            amounts[kind] = values
+    result = invariance(model, raw, labels, info.preprocess, layers=args.layers, amounts=amounts)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    draw_invariance(result, out / "invariance.png", info.classes)
+    findings = invariance_findings(result)
+    atomic_write_json(out / "invariance.json", {"args": _run_record(args), "images": names, "findings": findings,
+                                                **invariance_to_json(result, info.classes)})
+    print(json.dumps({"out": str(out), "findings": findings}))
+
+
+def _parts(args, class_name: str | None, n: int, frames: list) -> dict:
+    """Part boxes per image from ``--parts FILE``, ``--part NAME=T,L,B,R`` or the class's preset."""
+    from .correspondence import FASHION_PARTS, relative_box
+
+    if args.parts and args.part:
+        raise UserError("give --parts FILE or --part NAME=T,L,B,R, not both")
+    if args.parts:
+        try:
+            spec = json.loads(Path(args.parts).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read parts from {args.parts}: {e}") from None
+    elif args.part:
+        spec = dict(args.part)
+    elif class_name in FASHION_PARTS:
+        return {name: [relative_box(f, rel) for f in frames] for name, rel in FASHION_PARTS[class_name].items()}
+    else:
+        raise UserError(f"no preset parts for {class_name!r} (presets: {', '.join(FASHION_PARTS)}); "
+                        "give --parts FILE or --part NAME=T,L,B,R")
+    parts = {}
+    for name, boxes in spec.items():  # one box for every image, or one per image
+        boxes = [boxes] * n if boxes and isinstance(boxes[0], int) else boxes
+        if len(boxes) != n or any(len(b) != 4 for b in boxes):
+            raise UserError(f"part {name!r}: give one box [top, left, bottom, right] or one per image ({n})")
+        parts[name] = [tuple(int(v) for v in b) for b in boxes]
+    return parts
+
+
+def cmd_correspond(args) -> None:
+    from ._analysis import foreground, picture
+    from .checkpoint import load_checkpoint
+    from .correspondence import (correspondence, correspondence_findings, correspondence_to_json,
+                                 draw_correspondence, object_box)
+    from .runner import atomic_write_json
+
+    model, info = load_checkpoint(args.checkpoint)
+    label = _class_index(args.class_name, info.classes) if args.class_name else None
+    raw, labels, names = _select_images(args, info, count=args.count, label=label)
+    pictures = picture(info.preprocess, raw)
+    frames = [object_box(m) for m in foreground(pictures)]
+    parts = _parts(args, args.class_name, len(raw), frames)
+    result = correspondence(model, info.preprocess.eval(raw), parts, objects=frames, layers=args.layers,
+                            repeats=args.repeats, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    draw_correspondence(result, pictures, out / "correspondence.png")
+    findings = correspondence_findings(result)
+    body = correspondence_to_json(result)
+    atomic_write_json(out / "correspondence.json", {"args": _run_record(args), "images": names, "labels": labels,
+                                                    "objects": [list(f) for f in frames], "findings": findings,
+                                                    **body})
+    print(json.dumps({"out": str(out), "table": body["table"], "findings": findings}))
+
+
+def cmd_topk(args) -> None:
+    import torch.distributed as dist
+
+    from .checkpoint import load_checkpoint
+    from .data import open_source
+    from .runner import atomic_write_json
+    from .topk import choose_maps, draw_gallery, gallery, top_k, topk_findings, topk_to_json
+    from .train import _init_distributed, _world
+
+    model, info = load_checkpoint(args.checkpoint)
+    source = open_source(args.data, info.preprocess.stored_size, info.preprocess.channels)
+    n = len(source) if args.limit is None else min(args.limit, len(source))
+    started = _init_distributed()
+    try:
+        tables = top_k(model, source, info.preprocess, args.layers, k=args.k, indices=list(range(n)))
+        rank = _world()[0]
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if rank != 0:  # every process holds the merged tables; one draws them
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = {}
+    for name, table in tables.items():
+        chosen[name] = choose_maps(table, args.maps, args.seed)
+        draw_gallery(gallery(model, source, info.preprocess, name, table, chosen[name]), out / f"gallery-{name}.png",
+                     f"{name}: top {args.k} of {n} images of {args.data}, projected (left) and input patches (right)")
+    findings = topk_findings(tables, source.labels)
+    atomic_write_json(out / "topk.json", {"args": _run_record(args), "images": n, "k": args.k,
+                                          "findings": findings, "layers": topk_to_json(tables, chosen)})
+    print(json.dumps({"out": str(out), "images": n, "gallery_maps": chosen, "class_purity": findings["ours"]}))
+
+
+def cmd_project(args) -> None:
+    import torch
+
+    from ._analysis import picture
+    from .checkpoint import load_checkpoint
+    from .deconvnet import Deconvnet, draw_projection
+    from .geometry import receptive_field, steps_to
+    from .probe import activations
+    from .runner import atomic_write_json
+
+    model, info = load_checkpoint(args.checkpoint)
+    raw, _, names = _select_images(args, info)
+    if len(raw) != 1:
+        raise UserError("project takes one image: one --image PATH or one --index I")
+    if args.unit is not None and len(args.unit) != 3:
+        raise UserError(f"--unit is channel,y,x; got {args.unit}")
+    x = info.preprocess.eval(raw)
+    a = activations(model, x, args.layer)[args.layer][0].detach()
+    if a.dim() != 3:
+        raise UserError(f"layer {args.layer!r} has no feature maps (output shape {tuple(a.shape)})")
+    unit = tuple(args.unit) if args.unit is not None else tuple(int(v) for v in torch.unravel_index(a.argmax(), a.shape))
+    projection = Deconvnet(model).project(x, args.layer, [unit], rule=args.rule)[0]
+    value = float(a[unit])
+    box = receptive_field(steps_to(model, args.layer), unit[1], unit[2], info.preprocess.input_size)
+    draw_projection(picture(info.preprocess, raw)[0], projection, box, args.out,
+                    f"image {names[0]}: {args.layer} unit {unit} = {value:.3g}, rule {args.rule}")
+    record = {"out": str(args.out), "layer": args.layer, "unit": list(unit), "value": value, "box": list(box)}
+    atomic_write_json(Path(args.out).with_suffix(".json"), {"args": _run_record(args), **record})
+    print(json.dumps(record))
+
+
+def _checkpoint_path(run: str) -> Path:
+    """A run directory (its final.pt) or a checkpoint file."""
+    path = Path(run)
+    return path / "final.pt" if path.is_dir() else path
+
+
+def cmd_ablate(args) -> None:
+    from .ablation import ablate, plot, to_json
+    from .runner import atomic_write_json
+    from .train import TrainConfig
+
+    base = TrainConfig(model=args.model, data=args.data, epochs=args.epochs, limit=args.limit, seed=args.seed,
+                       batch_size=args.batch_size)
+    result = ablate(base, args.out, args.variants)
+    out = Path(args.out)
+    plot(result, out / "ablation.png")
+    body = to_json(result)
+    atomic_write_json(out / "ablation.json", {"args": _run_record(args), **body})
+    print(result.table())
+    print(json.dumps({"out": str(out), "findings": body["findings"]}))
+
+
+def cmd_compare(args) -> None:
+    from .architecture import plot, summarise, to_json
+    from .checkpoint import load_checkpoint
+    from .data import open_source
+    from .runner import atomic_write_json
+
+    summaries = []
+    for run in args.runs:
+        model, info = load_checkpoint(_checkpoint_path(run))
+        spec = args.data or info.accuracy.get("data") or "fashion-mnist:test"
+        source = open_source(spec, info.preprocess.stored_size, info.preprocess.channels)
+        indices = list(range(min(args.limit, len(source))))
+        summaries.append(summarise(model, info, source, indices, maps=args.maps, seed=args.seed))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(summaries, out / "architecture.png")
+    body = to_json(summaries)
+    atomic_write_json(out / "architecture.json", {"args": _run_record(args), **body})
+    print(json.dumps({"out": str(out), "findings": body["findings"]}))
+
+
+def _add_target_args(p: argparse.ArgumentParser, per_class: str) -> None:
+    """The transfer protocol's arguments (Sec. 5.2), shared by ``transfer`` and ``layers``."""
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--target", default="digits", help="target data: digits or folder:PATH (e.g. Caltech-101)")
+    p.add_argument("--per-class", type=_int_list, default=_int_list(per_class),
+                   help=f"training images per class (default {per_class})")
+    p.add_argument("--folds", type=int, default=5, help="random train/test folds (default 5)")
+    p.add_argument("--pretrain-data", default=None,
+                   help="data searched for target images it also holds (default: the checkpoint's training data)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _target_and_overlaps(args, info):
+    """The target set at the model's size, and its images found in the pretraining data (Sec. 5.2)."""
+    from .data import open_source
+    from .transfer import find_overlaps
+
+    target = open_source(args.target, info.preprocess.stored_size, info.preprocess.channels)
+    spec = args.pretrain_data or info.train_config.get("data")
+    if not spec:
+        raise UserError("the checkpoint does not say what it was trained on; give --pretrain-data SPEC")
+    reference = open_source(spec, info.preprocess.stored_size, info.preprocess.channels)
+    limit = None if args.pretrain_data else info.train_config.get("limit")
+    overlaps, nearest = find_overlaps(target, reference, limit)
+    return target, overlaps, nearest
+
+
+def cmd_transfer(args) -> None:
+    from .checkpoint import load_checkpoint
+    from .runner import atomic_write_json
+    from .transfer import plot, to_json, transfer
+
+    model, info = load_checkpoint(args.checkpoint)
+    target, overlaps, nearest = _target_and_overlaps(args, info)
+    result = transfer(model, info, target, args.per_class, args.folds, scratch_steps=args.scratch_steps,
+                      overlaps=overlaps, nearest=nearest, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(result, out / "transfer.png")
+    body = to_json(result)
+    atomic_write_json(out / "transfer.json", {"args": _run_record(args), **body})
+    print(result.table())
+    print(json.dumps({"out": str(out), "overlaps_removed": len(overlaps), "findings": body["findings"]}))
+
+
+def cmd_layers(args) -> None:
+    from .checkpoint import load_checkpoint
+    from .layer_features import layer_analysis, plot, to_json
+    from .runner import atomic_write_json
+
+    model, info = load_checkpoint(args.checkpoint)
+    target, overlaps, _ = _target_and_overlaps(args, info)
+    result = layer_analysis(model, info.preprocess, target, args.per_class, args.folds,
+                            exclude=[o.target_index for o in overlaps], seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(result, out / "layers.png")
+    body = to_json(result)
+    atomic_write_json(out / "layers.json", {"args": _run_record(args), **body})
+    print(result.table())
+    print(json.dumps({"out": str(out), "findings": body["findings"]}))
+
+
+def cmd_evolution(args) -> None:
+    from .data import open_source
+    from .evolution import evolution, load_snapshots, plot_layer, plot_summary, to_json
+    from .runner import atomic_write_json
+
+    snapshots, info = load_snapshots(args.run)
+    spec = args.data or info.train_config.get("data") or "fashion-mnist"
+    source = open_source(spec, info.preprocess.stored_size, info.preprocess.channels)
+    indices = list(range(min(args.limit, len(source))))
+    result = evolution(snapshots, info.preprocess, source, indices, maps=args.maps, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for n in result.layers:
+        plot_layer(result, n, out / f"evolution-layer{n}.png")
+    plot_summary(result, out / "evolution.png")
+    body = to_json(result)
+    atomic_write_json(out / "evolution.json", {"args": _run_record(args), "data": spec, **body})
+    print(json.dumps({"out": str(out), "epochs": result.epochs, "findings": body["findings"]}))
+
+
+def cmd_serve(args) -> None:
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise UserError(f"serve needs the 'serve' extra ({e.name} is missing): pip install -e '.[serve]'") from None
+    serve(args.checkpoint, args.data, host=args.host, port=args.port, limit=args.limit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="deconvnet", description="Visualise and understand convnets (Zeiler & Fergus 2014).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -84,7 +461,125 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--ten-crop", action="store_true", help="average the softmax over the 10 crops (Sec. 3)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("occlude", help="occlusion sensitivity of one or more images (Fig. 7)")
+    _add_image_args(p, 1)
+    p.add_argument("--target", default=None, help="class to map p() of (name or number; default: the label)")
+    p.add_argument("--size", type=int, default=None, help="square side in pixels (default 35/224 of the image)")
+    p.add_argument("--stride", type=int, default=None, help="square step in pixels (default 14/224 of the image)")
+    p.add_argument("--layer", default="conv5", help="layer whose strongest feature map is followed (b, c)")
+    p.set_defaults(func=cmd_occlude)
+
+    p = sub.add_parser("invariance", help="feature and output changes under translation, scale, rotation (Fig. 5)")
+    _add_image_args(p, 5)
+    p.add_argument("--layers", type=_name_list, default=None, help="low,high layer (default: layers 1 and 7)")
+    p.add_argument("--translations", type=_float_list, default=None, help="vertical shifts in pixels, e.g. --translations=-4,0,4")
+    p.add_argument("--scales", type=_float_list, default=None, help="scale factors")
+    p.add_argument("--rotations", type=_float_list, default=None, help="rotations in degrees")
+    p.set_defaults(func=cmd_invariance)
+
+    p = sub.add_parser("correspond", help="part correspondence: sign changes when masking parts (Table 1)")
+    _add_image_args(p, 5)
+    p.add_argument("--class", dest="class_name", default=None,
+                   help="take the first --count images of this class from --data (e.g. Sneaker)")
+    p.add_argument("--count", type=int, default=5, help="number of images (default 5)")
+    p.add_argument("--parts", default=None, help='JSON file: {"part": [top, left, bottom, right] or one per image}')
+    p.add_argument("--part", type=_named_box, action="append", default=None, metavar="NAME=T,L,B,R",
+                   help="a part's box in every image (repeatable)")
+    p.add_argument("--layers", type=_name_list, default=None, help="layers (default: layers 5 and 7)")
+    p.add_argument("--repeats", type=int, default=5, help="random draws per part size for the control")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_correspond)
+
+    p = sub.add_parser("topk", help="top-k activations per feature map over a dataset and the Fig. 2 gallery")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="data spec, e.g. fashion-mnist:test")
+    p.add_argument("--layers", type=_name_list, default=["conv1", "conv2", "conv3", "conv4", "conv5"])
+    p.add_argument("--k", type=int, default=9, help="activations kept per feature map (default 9, Fig. 2)")
+    p.add_argument("--maps", type=int, default=9, help="feature maps drawn per layer, chosen at random")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random choice of maps")
+    p.add_argument("--out", required=True, help="output directory (gallery-LAYER.png + topk.json)")
+    p.set_defaults(func=cmd_topk)
+
+    p = sub.add_parser("project", help="project one activation to pixels with the deconvnet (Sec. 2.1)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", nargs=1, metavar="PATH", default=None, help="a PNG/JPEG image")
+    p.add_argument("--data", default=None, help="data spec to take the image from, with --index")
+    p.add_argument("--index", type=_int_list, default=None, help="image index in --data (default 0)")
+    p.add_argument("--layer", required=True, help="module name, e.g. conv5")
+    p.add_argument("--unit", type=_int_list, default=None,
+                   help="channel,y,x in the layer's output (default: the layer's strongest activation)")
+    p.add_argument("--rule", choices=["deconvnet", "guided", "gradient"], default="deconvnet")
+    p.add_argument("--out", required=True, help="output PNG (a JSON with the value and box goes beside it)")
+    p.set_defaults(func=cmd_project)
+
+    p = sub.add_parser("ablate", help="train Table 3's variants (removed / resized layers) and compare errors")
+    p.add_argument("--model", default="zfnet-small", help="the model the variants change")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per variant (default: the recipe's)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images (demo: 10000)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--variants", type=_name_list, default=None, help="a subset of the variants (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory: one run per variant, ablation.png + ablation.json")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("compare", help="layer-1 filters and layer-2 projections of several runs (Fig. 6)")
+    p.add_argument("--runs", type=_name_list, required=True, help="run directories or checkpoints, comma-separated")
+    p.add_argument("--data", default=None, help="images for the layer-2 projections (default: each run's test data)")
+    p.add_argument("--limit", type=int, default=1000, help="search the first N images for the strongest activations")
+    p.add_argument("--maps", type=int, default=16, help="layer-2 maps projected, chosen at random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (architecture.png + architecture.json)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("transfer", help="fixed pretrained layers 1-7 + a new softmax vs training from scratch "
+                                        "(Tables 4/5, Fig. 9)")
+    _add_target_args(p, "1,2,3,5,10,15,30")
+    p.add_argument("--scratch-steps", type=int, default=300,
+                   help="SGD steps of each from-scratch training (default 300; demo 100)")
+    p.add_argument("--out", required=True, help="output directory (transfer.png + transfer.json)")
+    p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser("layers", help="a linear SVM and a softmax on each layer's features (Table 7)")
+    _add_target_args(p, "15,30")
+    p.add_argument("--out", required=True, help="output directory (layers.png + layers.json)")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("evolution", help="strongest activations projected at each training snapshot (Fig. 4)")
+    p.add_argument("--run", required=True, help="training run directory with checkpoints/epoch-K.pt")
+    p.add_argument("--data", default=None, help="images searched (default: the run's training data)")
+    p.add_argument("--limit", type=int, default=2000, help="search the first N images (default 2000)")
+    p.add_argument("--maps", type=int, default=5, help="feature maps per layer, chosen at random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (evolution-layerN.png, evolution.png/json)")
+    p.set_defaults(func=cmd_evolution)
+
+    p = sub.add_parser("serve", help="the interactive viewer: a local web app over a checkpoint and a data set")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default=None, help="data set shown (default: the checkpoint's validation data)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--limit", type=int, default=5000, help="top-k over the first N images (default 5000)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("reproduce", help="run the whole paper (cached steps) and write DIR/index.html")
+    p.add_argument("--out", default="report", help="output directory (default: report/)")
+    p.add_argument("--quick", action="store_true", help="tiny settings for every step (a few minutes)")
+    p.add_argument("--full", action="store_true", help="the longer budgets (about an hour on 2 CPU cores)")
+    p.add_argument("--data", default="fashion-mnist", help="training data (default fashion-mnist)")
+    p.add_argument("--model", default="zfnet-small", help="model trained and analysed (default zfnet-small)")
+    p.set_defaults(func=cmd_reproduce)
     return parser
+
+
+def cmd_reproduce(args) -> None:
+    from .reproduce import reproduce
+
+    if args.quick and args.full:
+        raise UserError("--quick and --full exclude each other")
+    reproduce(args.out, quick=args.quick, data=args.data, model=args.model, full=args.full)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,8 @@ def _step(name: str, m: nn.Module) -> Step | None:
             raise UserError(f"{name}: dilated convolutions are not supported")
         return Step(name, _pair(m.kernel_size), _pair(m.stride), _pair(m.padding))
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        if _pair(getattr(m, "dilation", 1)) != 1:
+            raise UserError(f"{name}: dilated pooling is not supported")
         stride = m.stride if m.stride is not None else m.kernel_size
         return Step(name, _pair(m.kernel_size), _pair(stride), _pair(m.padding), bool(m.ceil_mode))
     return None

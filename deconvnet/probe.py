@@ -7,6 +7,7 @@ above it never run. Hooks are removed in ``finally``.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,19 +45,18 @@ def hooks(handles: list):
         handles.clear()
 
 
-def activations(model: nn.Module, x: torch.Tensor, layers: list[str] | str) -> dict[str, torch.Tensor]:
-    """Outputs of the named ``layers`` for input ``x`` (N, C, H, W); runs no layer above the last.
-
-    Captured tensors are clones, so a following ``ReLU(inplace=True)`` cannot change them.
-    """
+def apply_at(model: nn.Module, x: torch.Tensor, layers: list[str] | str,
+             fn: Callable[[str, torch.Tensor], Any]) -> dict:
+    """``{name: fn(name, output)}`` for the named ``layers``, each called as the forward pass leaves
+    that layer (before a later in-place op can touch its output); runs no layer above the last."""
     layers = [layers] if isinstance(layers, str) else list(layers)
     modules = {name: find_module(model, name) for name in layers}
-    captured: dict[str, torch.Tensor] = {}
+    results: dict = {}
 
     def make_hook(name):
         def hook(_module, _inputs, output):
-            captured[name] = output.clone()
-            if len(captured) == len(modules):
+            results[name] = fn(name, output)
+            if len(results) == len(modules):
                 raise _Stop
         return hook
 
@@ -65,7 +65,16 @@ def activations(model: nn.Module, x: torch.Tensor, layers: list[str] | str) -> d
             model(x)
         except _Stop:
             pass
-    missing = [n for n in layers if n not in captured]
+    missing = [n for n in layers if n not in results]
     if missing:
         raise UserError(f"layer(s) {missing} did not run in the forward pass")
-    return captured
+    return results
+
+
+def activations(model: nn.Module, x: torch.Tensor, layers: list[str] | str) -> dict[str, torch.Tensor]:
+    """Outputs of the named ``layers`` for input ``x`` (N, C, H, W); runs no layer above the last.
+
+    Captured tensors are clones, so a following ``ReLU(inplace=True)`` cannot change them.
+    """
+    return apply_at(model, x, layers, lambda _name, output: output.clone())
+

@@ -1,0 +1,190 @@
+"""Correspondence (Sec. 4.3, Table 1): mask the same object part in N images of one kind of object in
+a similar pose and measure how consistently the features change.
+
+For image i and layer l, eps_i = x_i - x~_i (features of the original minus the masked image);
+Delta_l = sum over pairs i != j of H(sign(eps_i), sign(eps_j)), H the Hamming distance normalised by
+the feature count. Table 1 reports, per part, the mean +- std of H over the pairs (so
+Delta_l = N (N - 1) x mean); the control masks random boxes of the same sizes inside the object,
+repeated with a seed, and pools all its pairs. Lower means tighter correspondence.
+
+Fashion-MNIST (the embedded data) has no faces; its sneakers are photographed side-on with the toe to
+the left, the heel to the right and the opening on top, so ``FASHION_PARTS["Sneaker"]`` names three
+parts as fractions (top, left, bottom, right) of each sneaker's bounding box:
+toe (lower left), heel (right end), laces (the opening, top centre).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._analysis import features, to_rgb
+from .errors import UserError
+
+Box = tuple[int, int, int, int]  # (top, left, bottom, right), inclusive pixel coordinates
+
+FASHION_PARTS = {
+    "Sneaker": {"toe": (0.4, 0.0, 1.0, 0.3), "heel": (0.0, 0.72, 0.75, 1.0), "laces": (0.0, 0.38, 0.5, 0.68)},
+}
+
+
+def object_box(mask: torch.Tensor) -> Box:
+    """The bounding box of an object's pixels, ``mask`` bool (H, W); the whole image if it has none."""
+    ys, xs = mask.nonzero(as_tuple=True)
+    if len(ys) == 0:
+        return 0, 0, mask.shape[0] - 1, mask.shape[1] - 1
+    return int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())
+
+
+def relative_box(frame: Box, fractions: tuple[float, float, float, float]) -> Box:
+    """The box at ``fractions`` (top, left, bottom, right in 0..1) of ``frame``."""
+    top, left, bottom, right = frame
+    h, w = bottom - top + 1, right - left + 1
+    t, l, b, r = fractions
+    return (top + round(t * h), left + round(l * w), top + max(round(b * h) - 1, round(t * h)),
+            left + max(round(r * w) - 1, round(l * w)))
+
+
+def random_boxes(like: list[Box], frames: list[Box], shape: tuple[int, int], generator: torch.Generator) -> list[Box]:
+    """Per image, a box the size of ``like[i]`` at a uniformly random place inside ``frames[i]``
+    (pushed back into the ``shape`` (H, W) image when the frame is smaller than the box)."""
+    out = []
+    for (t, l, b, r), (ft, fl, fb, fr) in zip(like, frames):
+        h, w = b - t + 1, r - l + 1
+        y = ft + int(torch.randint(max(1, fb - ft + 2 - h), (1,), generator=generator))
+        x = fl + int(torch.randint(max(1, fr - fl + 2 - w), (1,), generator=generator))
+        y, x = min(y, shape[0] - h), min(x, shape[1] - w)
+        out.append((y, x, y + h - 1, x + w - 1))
+    return out
+
+
+def mask_boxes(images: torch.Tensor, boxes: list[Box], fill=None) -> torch.Tensor:
+    """A copy of ``images`` (N, C, H, W) with ``boxes[i]`` of image i set to ``fill`` (default 0, the
+    mean pixel in the model's input space)."""
+    out = images.clone()
+    value = 0.0 if fill is None else torch.as_tensor(fill, dtype=images.dtype).reshape(-1, 1, 1)
+    for i, (t, l, b, r) in enumerate(boxes):
+        out[i, :, t:b + 1, l:r + 1] = value
+    return out
+
+
+def sign_hamming(eps: torch.Tensor) -> torch.Tensor:
+    """Normalised Hamming distance between sign(eps_i) and sign(eps_j) for every pair i < j:
+    eps (N, D) -> (N (N - 1) / 2,)."""
+    s = eps.sign()
+    i, j = torch.triu_indices(len(s), len(s), offset=1)
+    return (s[i] != s[j]).float().mean(1)
+
+
+@dataclass
+class Correspondence:
+    """Table 1: per set of masks (each part, and ``"random"``) and layer, the pairwise Hamming
+    distances of the sign changes; ``boxes`` holds each set's box per image."""
+
+    layers: list[str]
+    boxes: dict[str, list[list[Box]]]  # set -> one list of per-image boxes per draw (parts: one draw)
+    hamming: dict[str, dict[str, torch.Tensor]]  # set -> layer -> pair distances, all draws pooled
+    seed: int
+
+    def delta(self, name: str, layer: str) -> float:
+        """Delta_l of Sec. 4.3, the sum over ordered pairs i != j (for ``"random"``, the mean over draws)."""
+        n = len(self.boxes[name][0])
+        return n * (n - 1) * float(self.hamming[name][layer].mean())
+
+
+@torch.no_grad()
+def correspondence(model: nn.Module, images: torch.Tensor, parts: dict[str, list[Box]],
+                   objects: list[Box] | None = None, layers: list[str] | None = None, repeats: int = 5,
+                   seed: int = 0, fill=None) -> Correspondence:
+    """Table 1 for ``images`` (N, C, H, W) in the model's input space, N >= 2.
+
+    Args:
+        parts: part name -> its box (top, left, bottom, right) in every image.
+        objects: each image's object box, where random boxes go; default the whole image.
+        layers: default the outputs of layers 5 and 7 (``pool5``, ``relu7``).
+        repeats: random draws per part size (the control masks random boxes the size of each part).
+        seed: seeds the random boxes.
+        fill: the mask's value, default 0 (the mean pixel).
+    """
+    n, _, height, width = images.shape
+    if n < 2:
+        raise UserError("correspondence needs at least 2 images")
+    for name, boxes in parts.items():
+        if len(boxes) != n:
+            raise UserError(f"part {name!r} has {len(boxes)} boxes for {n} images")
+        for t, l, b, r in boxes:
+            if not (0 <= t <= b < height and 0 <= l <= r < width):
+                raise UserError(f"part {name!r}: box {(t, l, b, r)} is not inside the {height}x{width} image")
+    from .features import layer_output  # here, not at the top: that module imports scikit-learn
+
+    layers = list(layers) if layers else [layer_output(model, 5), layer_output(model, 7)]
+    if None in layers:
+        raise UserError("this model lacks layer 5 or 7; name the layers to compare")
+    objects = objects or [(0, 0, height - 1, width - 1)] * n
+    generator = torch.Generator().manual_seed(seed)
+    sets = {name: [list(boxes)] for name, boxes in parts.items()}
+    sets["random"] = [random_boxes(boxes, objects, (height, width), generator) for _ in range(repeats) for boxes in parts.values()]
+    draws = [(name, boxes) for name, all_boxes in sets.items() for boxes in all_boxes]
+    masked = torch.cat([images] + [mask_boxes(images, boxes, fill) for _, boxes in draws])
+    f = features(model, masked, layers)
+    hamming: dict[str, dict[str, list[torch.Tensor]]] = {name: {l: [] for l in layers} for name in sets}
+    for k, (name, _) in enumerate(draws, start=1):
+        for layer in layers:
+            eps = f[layer][:n] - f[layer][k * n:(k + 1) * n]
+            hamming[name][layer].append(sign_hamming(eps))
+    pooled = {name: {l: torch.cat(v) for l, v in by_layer.items()} for name, by_layer in hamming.items()}
+    return Correspondence(layers, sets, pooled, seed)
+
+
+def correspondence_findings(result: Correspondence) -> dict:
+    """Table 1's reading: every named part scores lower than random boxes at the first layer (layer 5)."""
+    low = result.layers[0]
+    parts = [name for name in result.hamming if name != "random"]
+    mean = {name: {l: float(result.hamming[name][l].mean()) for l in result.layers} for name in result.hamming}
+    return {
+        "claim": f"masking a named part changes {low} more consistently (lower mean H) than random boxes",
+        "parts_below_random": {l: [p for p in parts if mean[p][l] < mean["random"][l]] for l in result.layers},
+        "holds": all(mean[p][low] < mean["random"][low] for p in parts),
+    }
+
+
+def correspondence_to_json(result: Correspondence) -> dict:
+    """Table 1 as JSON: per set and layer mean +- std of the pair distances and Delta; the boxes used."""
+    table = {}
+    for name, by_layer in result.hamming.items():
+        table[name] = {layer: {"mean": float(h.mean()), "std": float(h.std(unbiased=False)),
+                               "delta": result.delta(name, layer), "pairs": len(h)}
+                       for layer, h in by_layer.items()}
+    return {"layers": result.layers, "seed": result.seed, "table": table,
+            "boxes": {name: [[list(b) for b in draw] for draw in draws] for name, draws in result.boxes.items()}}
+
+
+def draw_correspondence(result: Correspondence, pictures: torch.Tensor, path) -> None:
+    """Fig. 8 and Table 1 as a PNG: each image with each part masked (and one random draw), then the
+    mean +- std per layer. ``pictures``: the images to show, (N, C, H, W) in [0, 1]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    names = list(result.boxes)
+    n = len(pictures)
+    fig, axes = plt.subplots(len(names), n + 1, figsize=(1.8 * (n + 1) + 2.5, 1.9 * len(names)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * n + [2.2]})
+    for row, name in zip(axes, names):
+        for i, ax in enumerate(row[:n]):
+            ax.imshow(to_rgb(pictures[i]), cmap="gray", vmin=0, vmax=1)
+            t, l, b, r = result.boxes[name][0][i]
+            ax.add_patch(Rectangle((l - 0.5, t - 0.5), r - l + 1, b - t + 1, color="0.5"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(name)
+        text = "\n".join(f"{layer}: {float(h.mean()):.3f} ± {float(h.std(unbiased=False)):.3f}"
+                         for layer, h in result.hamming[name].items())
+        row[n].text(0.02, 0.5, text, va="center", fontsize=9, family="monospace")
+        row[n].axis("off")
+    axes[0, n].set_title("mean ± std of H", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,188 @@
+"""Invariance (Sec. 4, Fig. 5): translate (vertically), scale and rotate images by varying amounts
+and follow the Euclidean distance between the feature vectors of the original and the transformed
+image at a low and a high layer (layers 1 and 7), and the probability of the true label.
+
+Transforms act on the raw image before preprocessing (so the per-pixel mean is subtracted from the
+transformed image, as it would be from a photo of the moved object); uncovered pixels are black, the
+background of Fashion-MNIST. Translation moves whole pixels; scale (about the centre) and rotation
+(degrees, clockwise as shown) resample bilinearly. Amount 0 (scale 1) is the image itself.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._analysis import features, output_layer
+from .data import Preprocess
+from .errors import UserError
+
+KINDS = ("translation", "scale", "rotation")
+IDENTITY = {"translation": 0.0, "scale": 1.0, "rotation": 0.0}
+
+
+@dataclass
+class Invariance:
+    """Fig. 5's curves. Per kind: ``amounts`` (A,), and per image and amount (N, A) the ``distance``
+    at each layer and ``probability`` of the true label; ``norm`` (N,) is the untransformed feature
+    vector's length per layer, to read distances relative to it."""
+
+    layers: list[str]
+    labels: torch.Tensor  # (N,)
+    amounts: dict[str, list[float]]
+    distance: dict[str, dict[str, torch.Tensor]]  # kind -> layer -> (N, A)
+    probability: dict[str, torch.Tensor]  # kind -> (N, A)
+    clean_probability: torch.Tensor  # (N,), p(true) of the untransformed image
+    norm: dict[str, torch.Tensor]  # layer -> (N,)
+
+
+def default_amounts(size: int) -> dict[str, list[float]]:
+    """Sweeps like Fig. 5's: shifts up to a quarter of the image, scale 0.6-1.4, a full turn in 15 degrees."""
+    quarter = size // 4
+    step = max(1, quarter // 7)
+    return {"translation": [float(v) for v in range(-quarter, quarter + 1, step)],
+            "scale": [round(0.6 + 0.1 * i, 2) for i in range(9)],
+            "rotation": [float(v) for v in range(0, 360, 15)]}
+
+
+def transform(raw: torch.Tensor, kind: str, amount: float) -> torch.Tensor:
+    """Raw images (N, C, S, S) -> float (N, C, S, S), moved down by ``amount`` pixels, scaled by
+    ``amount`` about the centre, or rotated clockwise by ``amount`` degrees about it; uncovered pixels are 0."""
+    if kind not in KINDS:
+        raise UserError(f"unknown transform {kind!r}; use one of {', '.join(KINDS)}")
+    x = raw.float()
+    if amount == IDENTITY[kind]:
+        return x
+    if kind == "translation":
+        shift, out = int(round(amount)), torch.zeros_like(x)
+        if abs(shift) < x.shape[2]:
+            if shift > 0:
+                out[:, :, shift:] = x[:, :, :-shift]
+            else:
+                out[:, :, :shift] = x[:, :, -shift:]
+        return out
+    if kind == "scale":
+        theta = torch.tensor([[1 / amount, 0.0, 0.0], [0.0, 1 / amount, 0.0]])
+    else:
+        a = math.radians(amount)
+        theta = torch.tensor([[math.cos(a), math.sin(a), 0.0], [-math.sin(a), math.cos(a), 0.0]])
+    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@torch.no_grad()
+def invariance(model: nn.Module, raw: torch.Tensor, labels, preprocess: Preprocess, layers: list[str] | None = None,
+               amounts: dict[str, list[float]] | None = None) -> Invariance:
+    """Fig. 5 for raw images ``raw`` (N, C, S, S) at the stored size with true ``labels`` (N,).
+
+    Args:
+        preprocess: turns raw images into the model's input (the checkpoint's).
+        layers: the low and high layer, default the outputs of layers 1 and 7 (``norm1``, ``relu7``).
+        amounts: per kind in ``KINDS``, the amounts to sweep; default :func:`default_amounts`.
+    """
+    from .features import layer_output  # here, not at the top: that module imports scikit-learn
+
+    layers = list(layers) if layers else [layer_output(model, 1), layer_output(model, 7)]
+    if None in layers:
+        raise UserError("this model lacks layer 1 or 7; name the layers to compare")
+    amounts = default_amounts(preprocess.input_size) if amounts is None else amounts
+    unknown = set(amounts) - set(KINDS)
+    if unknown:
+        raise UserError(f"unknown transform(s) {sorted(unknown)}; use {', '.join(KINDS)}")
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    out = output_layer(model)
+    wanted = list(dict.fromkeys(layers + [out]))
+    clean = features(model, preprocess.eval(raw), wanted)
+    distance, probability = {}, {}
+    for kind, values in amounts.items():
+        moved = torch.cat([preprocess.eval(transform(raw, kind, a)) for a in values])  # amount-major
+        f = {name: v.view(len(values), len(raw), -1) for name, v in features(model, moved, wanted).items()}
+        distance[kind] = {name: (f[name] - clean[name]).norm(dim=2).T for name in layers}
+        p = torch.softmax(f[out], dim=2)  # (A, N, K)
+        probability[kind] = p[:, torch.arange(len(raw)), labels].T
+    clean_p = torch.softmax(clean[out], dim=1)[torch.arange(len(raw)), labels]
+    return Invariance(layers, labels, {k: list(v) for k, v in amounts.items()}, distance, probability, clean_p,
+                      {name: clean[name].norm(dim=1) for name in layers})
+
+
+def invariance_findings(result: Invariance) -> dict:
+    """The claims of Sec. 4.2 on Fig. 5, with the numbers behind them (means over images).
+
+    1. Small translations change the low layer a lot, the high layer less: at the smallest shift, the
+       distance relative to the feature vector's length, and the share of the largest distance reached.
+    2. The output is stable to translation and scale, not to rotation: the mean drop of p(true) over
+       each sweep.
+    """
+    low, high = result.layers
+    out = {}
+    if "translation" in result.amounts:
+        shifts = torch.tensor(result.amounts["translation"])
+        small = shifts.abs()[shifts != 0].min()
+        at = (shifts.abs() == small).nonzero().flatten()
+        rel = {name: float((result.distance["translation"][name][:, at].mean(1) / result.norm[name]).mean())
+               for name in (low, high)}
+        share = {name: float((result.distance["translation"][name][:, at].mean(1)
+                              / result.distance["translation"][name].amax(1).clamp_min(1e-12)).mean())
+                 for name in (low, high)}
+        out["small_translation"] = {
+            "claim": f"a {float(small):g} px shift changes {low} relatively more than {high}",
+            "shift_px": float(small), "relative_distance": rel, "share_of_largest_distance": share,
+            "holds": rel[low] > rel[high] and share[low] > share[high],
+        }
+    drops = {}
+    for kind, amounts in result.amounts.items():
+        moved = torch.tensor([a != IDENTITY[kind] for a in amounts])
+        drops[kind] = float((result.clean_probability[:, None] - result.probability[kind][:, moved]).mean())
+    if {"translation", "scale", "rotation"} <= set(drops):
+        out["output_stability"] = {
+            "claim": "p(true) drops less under translation and scale than under rotation",
+            "mean_drop_of_p_true": drops,
+            "holds": drops["rotation"] > max(drops["translation"], drops["scale"]),
+        }
+    return out
+
+
+def invariance_to_json(result: Invariance, classes: list[str] | None = None) -> dict:
+    """The numbers of :class:`Invariance` as plain JSON types."""
+    return {
+        "layers": result.layers,
+        "labels": result.labels.tolist(),
+        "p_true_untransformed": result.clean_probability.tolist(),
+        "label_names": [classes[k] for k in result.labels.tolist()] if classes else None,
+        "feature_norm": {name: v.tolist() for name, v in result.norm.items()},
+        "sweeps": {kind: {"amounts": result.amounts[kind],
+                          "distance": {name: d.tolist() for name, d in result.distance[kind].items()},
+                          "p_true": result.probability[kind].tolist()}
+                   for kind in result.amounts},
+    }
+
+
+def draw_invariance(result: Invariance, path, classes: list[str] | None = None) -> None:
+    """Fig. 5 as a PNG: rows translation, scale, rotation; columns low-layer distance, high-layer
+    distance, p(true); one curve per image."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in KINDS if k in result.amounts]
+    units = {"translation": "vertical shift (px)", "scale": "scale factor", "rotation": "rotation (degrees)"}
+    fig, axes = plt.subplots(len(kinds), 3, figsize=(12, 3.2 * len(kinds)), squeeze=False)
+    for row, kind in zip(axes, kinds):
+        x = result.amounts[kind]
+        series = [result.distance[kind][result.layers[0]], result.distance[kind][result.layers[1]],
+                  result.probability[kind]]
+        titles = [f"{result.layers[0]}: distance", f"{result.layers[1]}: distance", "p(true label)"]
+        for ax, ys, title in zip(row, series, titles):
+            for i, y in enumerate(ys):
+                name = classes[int(result.labels[i])] if classes else int(result.labels[i])
+                ax.plot(x, y.numpy(), marker=".", label=f"{i}: {name}")
+            ax.set_title(f"{kind}: {title}", fontsize=10)
+            ax.set_xlabel(units[kind])
+        row[2].set_ylim(-0.02, 1.02)
+    axes[0, 2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

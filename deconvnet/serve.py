@@ -1,0 +1,458 @@
+"""The interactive viewer (``deconvnet serve``): a local web app over a checkpoint and a data set.
+
+In the browser a person picks a layer and a feature map and sees its top-9 activations over the data
+set projected to pixels beside the input patches (Fig. 2); or picks a data set image, or uploads a
+PNG/JPEG, and sees the prediction, the strongest feature maps of every conv layer projected by the
+three rules (deconvnet, guided, gradient) and the occlusion maps of Fig. 7. A Starlette app served
+by uvicorn; the front end is plain HTML/JS/CSS under ``deconvnet/static`` (no build step). Images
+travel as base64 PNG data URLs inside the JSON answers.
+
+Concurrency: requests share one model behind a lock (a projection attaches hooks to it). The top-k
+pass runs once per (checkpoint, data, limit) in a background thread on its own copy of the model;
+its tables are cached in memory and, written atomically, on disk. Uploads are read into memory only,
+never past the size limit, and decoded with Pillow; nothing the user sends names a file.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import io
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from torch import nn
+
+from ._analysis import output_layer, picture
+from .checkpoint import load_checkpoint
+from .data import Source, load_image, open_source
+from .deconvnet import RULES, Deconvnet, contrast_stretch
+from .errors import UserError
+from .geometry import receptive_field, steps_to
+from .occlusion import occlusion
+from .probe import activations
+from .runner import atomic_torch_save
+from .topk import TopK, gallery, top_k
+
+STATIC = Path(__file__).parent / "static"
+MAX_UPLOAD = 10 * 1024 * 1024  # bytes
+MAX_PIXELS = 40_000_000  # an upload's decoded size, checked before decoding (decompression bombs)
+K = 9  # top activations per feature map (Fig. 2)
+STRONGEST = 4  # feature maps shown per layer for one image
+MAX_THUMBNAILS = 100  # data set images per page of the picker
+
+
+# ----------------------------------------------------------------------------- images as PNG data URLs
+
+def _png(image: np.ndarray) -> str:
+    """uint8 (H, W) or (H, W, 3) -> a ``data:image/png;base64,...`` URL."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _pixels(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) float in [0, 1] -> uint8 (H, W) for one channel, (H, W, 3) for three."""
+    x = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+
+
+def _colored(grid: torch.Tensor, lo: float, hi: float) -> np.ndarray:
+    """(H, W) values -> uint8 (H, W, 3) through the jet colour map over ``[lo, hi]``, as Fig. 7 draws them."""
+    from matplotlib import colormaps
+
+    scaled = ((grid.float() - lo) / max(hi - lo, 1e-12)).clamp(0, 1).numpy()
+    return (colormaps["jet"](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+def _palette() -> np.ndarray:
+    """20 distinct colours, uint8 (20, 3), for the label map of Fig. 7e."""
+    from matplotlib import colormaps
+
+    return (np.array(colormaps["tab20"].colors) * 255).round().astype(np.uint8)
+
+
+def _rgb(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> uint8 (H, W, 3), grey repeated."""
+    pixels = _pixels(image)
+    return np.repeat(pixels[..., None], 3, 2) if pixels.ndim == 2 else pixels
+
+
+def _outlined(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """A copy of uint8 (H, W, 3) ``image`` with the inclusive ``box`` (top, left, bottom, right) drawn in red."""
+    out = image.copy()
+    top, left, bottom, right = box
+    red = np.array([230, 30, 30], dtype=np.uint8)
+    out[top, left:right + 1] = out[bottom, left:right + 1] = red
+    out[top:bottom + 1, left] = out[top:bottom + 1, right] = red
+    return out
+
+
+def _tile(tile: torch.Tensor, stretch: bool) -> np.ndarray:
+    """A gallery tile (C, R, R), NaN outside the image -> uint8, each projection stretched over its own range."""
+    inside = ~tile.isnan()
+    if stretch and inside.any():
+        tile = contrast_stretch(torch.where(inside, tile, tile[inside].min())[None])[0]
+    return _pixels(torch.where(inside, tile, torch.ones(())))
+
+
+# ----------------------------------------------------------------------------- uploads
+
+def decode_upload(data: bytes, size: int, channels: int) -> torch.Tensor:
+    """Bytes of a PNG or JPEG -> uint8 (C, S, S) as :func:`data.load_image` prepares files, or a
+    :class:`UserError` saying why they are not one."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            kind, (width, height) = img.format, img.size
+        if kind not in ("PNG", "JPEG"):
+            raise UserError(f"only PNG and JPEG images are accepted, this is {kind}")
+        if width * height > MAX_PIXELS:
+            raise UserError(f"the image is {width}x{height} pixels; at most {MAX_PIXELS // 1_000_000} megapixels")
+        return load_image(io.BytesIO(data), size, channels)
+    except UnidentifiedImageError:
+        raise UserError("the upload is not a PNG or JPEG image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"the image cannot be decoded (truncated or corrupt?): {e}") from None
+
+
+async def read_upload(request: Request) -> bytes:
+    """The request body, kept in memory up to ``MAX_UPLOAD`` bytes; HTTP 413 beyond it.
+
+    A body over the limit is read to its end but not kept, so the client gets the 413 answer
+    rather than a connection reset in the middle of sending.
+    """
+    data, size = bytearray(), 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_UPLOAD:
+            data += chunk
+    if size > MAX_UPLOAD:
+        raise HTTPException(413, f"the upload is {size / 2**20:.1f} MB; the limit is {MAX_UPLOAD / 2**20:.0f} MB")
+    if not data:
+        raise UserError("the upload is empty; send the image file as the request body")
+    return bytes(data)
+
+
+# ----------------------------------------------------------------------------- the top-k pass
+
+class _Counted(Source):
+    """A source that counts the images read from it: the progress of the top-k pass."""
+
+    def __init__(self, source: Source):
+        self.source, self.read = source, 0
+        self.name, self.classes, self.labels = source.name, source.classes, source.labels
+        self.channels, self.size = source.channels, source.size
+
+    def get(self, indices) -> torch.Tensor:
+        images = self.source.get(indices)
+        self.read += len(images)
+        return images
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TopKJob:
+    """The top-``K`` table of every layer over the first ``n`` images of ``source``, computed once in
+    a background thread on a copy of the model, or read from ``cache`` (a file written atomically)."""
+
+    def __init__(self, model: nn.Module, source: Source, preprocess, layers: list[str], n: int, cache: Path):
+        self.source, self.total, self.cache = _Counted(source), n, cache
+        self.tables: dict[str, TopK] | None = None
+        self.error: str | None = None
+        self._args = (copy.deepcopy(model), preprocess, layers)
+        self.thread = threading.Thread(target=self._run, name="deconvnet-topk", daemon=True)
+
+    @property
+    def state(self) -> dict:
+        state = "done" if self.tables is not None else "error" if self.error else "running"
+        done = self.total if state == "done" else min(self.source.read, self.total)
+        return {"state": state, "done": done, "total": self.total, "error": self.error}
+
+    def _run(self) -> None:
+        model, preprocess, layers = self._args
+        try:
+            tables = self._load()
+            if tables is None:
+                tables = top_k(model, self.source, preprocess, layers, k=K, indices=range(self.total))
+                try:
+                    atomic_torch_save({name: vars(t) for name, t in tables.items()}, self.cache)
+                except OSError as e:
+                    warnings.warn(f"top-k tables not cached in {self.cache}: {e}")
+            self.tables = tables
+        except Exception as e:  # noqa: BLE001 - shown to the user in the page
+            self.error = f"{type(e).__name__}: {e}"
+
+    def _load(self) -> dict[str, TopK] | None:
+        """The cached tables, or None if there are none or the file is unreadable."""
+        try:
+            saved = torch.load(self.cache, map_location="cpu", weights_only=True)
+            return {name: TopK(**fields) for name, fields in saved.items()}
+        except Exception:  # noqa: BLE001 - a missing or damaged cache is recomputed
+            return None
+
+
+# ----------------------------------------------------------------------------- the viewer
+
+class Viewer:
+    """What the app serves: a checkpoint's model, a data set, the top-k job and the analyses.
+
+    Every use of ``model`` holds ``lock``: projections attach hooks to its modules, so two requests
+    must not run it at once.
+    """
+
+    def __init__(self, checkpoint: str | Path, data: str | None, limit: int, cache_dir: Path):
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1, got {limit}")
+        self.model, self.info = load_checkpoint(checkpoint)
+        self.checkpoint = Path(checkpoint)
+        self.data = data or self.info.accuracy.get("data")
+        if not self.data:
+            raise UserError("the checkpoint names no validation data; give --data SPEC")
+        pre = self.preprocess = self.info.preprocess
+        self.source = open_source(self.data, pre.stored_size, pre.channels)
+        self.layers = [name for name, m in self.model.named_modules() if isinstance(m, nn.Conv2d)]
+        if not self.layers:
+            raise UserError("the model has no conv layers to show")
+        self.output = output_layer(self.model)
+        self.labelled = list(self.source.classes) == list(self.info.classes)  # data labels are model classes
+        self.lock = threading.Lock()
+        self._galleries: dict[tuple[str, int], dict] = {}
+        n = min(limit, len(self.source))
+        key = json.dumps([file_digest(checkpoint), self.data, n, K, self.layers])
+        cache = cache_dir / f"topk-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+        self.topk = TopKJob(self.model, self.source, pre, self.layers, n, cache)
+        self.topk.thread.start()
+
+    def describe(self) -> dict:
+        """What the page needs to draw its controls."""
+        modules = dict(self.model.named_modules())
+        return {
+            "checkpoint": self.checkpoint.name, "model": self.info.config.name, "classes": self.info.classes,
+            "data": self.data, "data_images": len(self.source), "topk_images": self.topk.total, "k": K,
+            "layers": [{"name": name, "maps": modules[name].out_channels} for name in self.layers],
+            "rules": list(RULES), "max_upload": MAX_UPLOAD,
+        }
+
+    def thumbnails(self, offset: int, count: int) -> dict:
+        """Data set images ``offset .. offset + count`` with their labels, for the picker."""
+        offset, count = max(0, offset), max(1, min(count, MAX_THUMBNAILS))
+        indices = list(range(offset, min(offset + count, len(self.source))))
+        raw = self.source.get(indices) if indices else None
+        return {"total": len(self.source), "offset": offset, "images": [
+            {"index": i, "label": self.source.classes[int(self.source.labels[i])], "png": _png(_pixels(raw[j] / 255))}
+            for j, i in enumerate(indices)]}
+
+    def feature(self, layer: str, feature: int) -> dict:
+        """Fig. 2 for one feature map: its top-``K`` activations projected, beside the input patches."""
+        tables = self.topk.tables
+        if tables is None:
+            raise HTTPException(409, "the top-k pass is still running" if not self.topk.error else self.topk.error)
+        if layer not in tables:
+            raise UserError(f"unknown layer {layer!r}; use one of {', '.join(self.layers)}")
+        table = tables[layer]
+        if not 0 <= feature < table.values.shape[0]:
+            raise UserError(f"{layer} has feature maps 0..{table.values.shape[0] - 1}, not {feature}")
+        with self.lock:  # also keeps two requests for one map from computing it twice
+            if (layer, feature) not in self._galleries:
+                self._galleries[layer, feature] = self._gallery(layer, table, feature)
+            return self._galleries[layer, feature]
+
+    def _gallery(self, layer: str, table: TopK, feature: int) -> dict:
+        result = gallery(self.model, self.source, self.preprocess, layer, table, [feature])
+        entries = []
+        for j in range(K):
+            image = int(table.images[feature, j])
+            if image < 0:
+                continue
+            entries.append({
+                "image": image, "label": self.source.classes[int(self.source.labels[image])],
+                "value": float(table.values[feature, j]),
+                "unit": [feature, int(table.ys[feature, j]), int(table.xs[feature, j])],
+                "box": table.boxes[feature, j].tolist(),
+                "projection": _png(_tile(result.projections[0, j], stretch=True)),
+                "patch": _png(_tile(result.patches[0, j], stretch=False))})
+        return {"layer": layer, "feature": feature, "entries": entries}
+
+    def dataset_image(self, index: int) -> dict:
+        """:meth:`analyse` of data set image ``index``; occlusion follows its true class when the
+        data set's classes are the model's."""
+        if not 0 <= index < len(self.source):
+            raise UserError(f"image {index} is outside {self.data}'s {len(self.source)} images")
+        label = int(self.source.labels[index])
+        result = self.analyse(self.source.get([index])[0], label if self.labelled else None)
+        return {"image": {"index": index, "label": self.source.classes[label]}, **result}
+
+    def upload(self, data: bytes) -> dict:
+        """:meth:`analyse` of an uploaded PNG/JPEG, prepared as the model's data are."""
+        raw = decode_upload(data, self.preprocess.stored_size, self.preprocess.channels)
+        return {"image": {"upload": True}, **self.analyse(raw, None)}
+
+    def analyse(self, raw: torch.Tensor, target: int | None) -> dict:
+        """One image, uint8 (C, S, S): the prediction, the ``STRONGEST`` feature maps of every conv
+        layer with their projections by every rule, and the occlusion maps of Fig. 7 for ``target``
+        (default: the predicted class)."""
+        x = self.preprocess.eval(raw[None])  # (1, C, H, W)
+        shown = _rgb(picture(self.preprocess, raw[None])[0])
+        classes = self.info.classes
+        with self.lock:
+            with torch.no_grad():
+                acts = activations(self.model, x, self.layers + [self.output])
+            probabilities = torch.softmax(acts[self.output][0], 0)
+            projected = {name: self._project_strongest(name, x, acts[name][0]) for name in self.layers}
+            target = int(probabilities.argmax()) if target is None else target
+            occluded = occlusion(self.model, x[0], target, layer=self.layers[-1])
+        top = probabilities.argsort(descending=True)[:5].tolist()
+        return {
+            "picture": _png(shown),
+            "prediction": [{"class": c, "name": classes[c], "probability": float(probabilities[c])} for c in top],
+            "probabilities": probabilities.tolist(),
+            "layers": [self._features(name, acts[name][0], *projected[name], shown) for name in self.layers],
+            "occlusion": self._occlusion(occluded, shown),
+        }
+
+    def _project_strongest(self, layer: str, x: torch.Tensor, maps: torch.Tensor) -> tuple[list, dict]:
+        """The ``STRONGEST`` maps of ``layer`` (C, h, w) by peak activation: their peak units
+        ``(c, y, x)`` and, per rule, the peaks projected from input ``x`` (1, C, H, W)."""
+        peaks, where = maps.flatten(1).max(1)
+        chosen = peaks.argsort(descending=True)[:STRONGEST].tolist()
+        units = [(c, *divmod(int(where[c]), maps.shape[2])) for c in chosen]
+        batch = x.expand(len(units), -1, -1, -1)
+        return units, {rule: Deconvnet(self.model).project(batch, layer, units, rule) for rule in RULES}
+
+    def _features(self, layer: str, maps: torch.Tensor, units: list, projections: dict, shown: np.ndarray) -> dict:
+        """One layer's strongest maps as PNGs: activation map, receptive field on the input, projections."""
+        steps, size = steps_to(self.model, layer), shown.shape[0]
+        features = []
+        for i, (c, y, x) in enumerate(units):
+            box = receptive_field(steps, y, x, size)
+            activation = maps[c].clamp(min=0)
+            features.append({
+                "feature": c, "value": float(maps[c, y, x]), "unit": [c, y, x], "box": list(box),
+                "activation": _png(_pixels(activation[None] / activation.max().clamp_min(1e-12))),
+                "input": _png(_outlined(shown, box)),
+                "projections": {rule: _png(_pixels(contrast_stretch(p[i:i + 1])[0]))
+                                for rule, p in projections.items()},
+            })
+        return {"layer": layer, "maps": maps.shape[0], "features": features}
+
+    def _occlusion(self, result, shown: np.ndarray) -> dict:
+        """Fig. 7's panels as PNGs: (a) the square where p(target) is lowest, (b) activity, (c) projection
+        with its receptive field, (d) p(target), (e) most probable label, with the numbers behind them."""
+        classes = self.info.classes
+        covered = shown.copy()
+        t, l = result.positions[int(result.probability.argmin())]
+        covered[t:t + result.size, l:l + result.size] = 128
+        labels = result.label.unique().tolist()
+        palette = _palette()
+        codes = palette[(result.label % len(palette)).numpy()]
+        projection = _rgb(contrast_stretch(result.projection[None])[0])
+        return {
+            "layer": result.layer, "feature": result.feature, "target": result.target,
+            "target_name": classes[result.target], "size": result.size, "stride": result.stride,
+            "grid": list(result.activity.shape),
+            "unoccluded": {"activity": result.clean_activity, "probability": result.clean_probability,
+                           "label": classes[result.clean_label]},
+            "covered": _png(covered),
+            "activity": _png(_colored(result.activity, float(result.activity.min()), float(result.activity.max()))),
+            "projection": _png(_outlined(projection, result.receptive_field)),
+            "probability": _png(_colored(result.probability, 0.0, 1.0)),
+            "label": _png(codes),
+            "legend": [{"class": k, "name": classes[k], "color": "#%02x%02x%02x" % tuple(palette[k % len(palette)])}
+                       for k in labels],
+            "activity_range": [float(result.activity.min()), float(result.activity.max())],
+        }
+
+
+# ----------------------------------------------------------------------------- the app
+
+def default_cache_dir() -> Path:
+    """Where top-k tables are cached: ``$XDG_CACHE_HOME/deconvnet/serve`` (default ``~/.cache``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deconvnet" / "serve"
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(viewer: Viewer) -> Starlette:
+    """The Starlette app over ``viewer``: the page, its static files and the JSON API.
+
+    ``GET /api/info``, ``GET /api/topk`` (progress), ``GET /api/topk/{layer}/{feature}`` (Fig. 2),
+    ``GET /api/images?offset=&count=`` (thumbnails), ``GET /api/images/{index}`` and
+    ``POST /api/upload`` (the image file as the body; one image's analysis). Errors are
+    ``{"error": message}`` with status 400 (bad input), 409 (top-k not ready) or 413 (too large).
+    """
+    def threaded(method):  # the model work runs in the thread pool, off the event loop
+        async def endpoint(request: Request) -> JSONResponse:
+            return JSONResponse(await run_in_threadpool(method, **request.path_params))
+        return endpoint
+
+    async def index(_request: Request) -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    async def images(request: Request) -> JSONResponse:
+        try:
+            offset, count = int(request.query_params.get("offset", 0)), int(request.query_params.get("count", 24))
+        except ValueError:
+            raise UserError("offset and count must be integers") from None
+        return JSONResponse(await run_in_threadpool(viewer.thumbnails, offset, count))
+
+    async def upload(request: Request) -> JSONResponse:
+        data = await read_upload(request)
+        return JSONResponse(await run_in_threadpool(viewer.upload, data))
+
+    async def status(_request: Request) -> JSONResponse:
+        return JSONResponse(viewer.topk.state)
+
+    async def user_error(_request: Request, e: UserError) -> JSONResponse:
+        return _error(400, str(e))
+
+    async def http_error(_request: Request, e: HTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail))
+
+    async def server_error(_request: Request, e: Exception) -> JSONResponse:
+        return _error(500, f"{type(e).__name__}: {e}")
+
+    routes = [
+        Route("/", index),
+        Route("/api/info", threaded(viewer.describe)),
+        Route("/api/topk", status),
+        Route("/api/topk/{layer}/{feature:int}", threaded(viewer.feature)),
+        Route("/api/images", images),
+        Route("/api/images/{index:int}", threaded(viewer.dataset_image)),
+        Route("/api/upload", upload, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC)),
+    ]
+    return Starlette(routes=routes, exception_handlers={UserError: user_error, HTTPException: http_error,
+                                                        Exception: server_error})
+
+
+def serve(checkpoint: str | Path, data: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          limit: int = 5000) -> None:
+    """Run the viewer until interrupted; the top-k pass over ``limit`` images starts at once."""
+    import uvicorn
+
+    viewer = Viewer(checkpoint, data, limit, default_cache_dir())
+    print(f"deconvnet serve: http://{host}:{port}/  ({viewer.info.config.name} on {viewer.data}; "
+          f"top-k over {viewer.topk.total} images runs in the background)", flush=True)
+    uvicorn.run(create_app(viewer), host=host, port=port, log_level="warning")

@@ -1,0 +1,255 @@
+"""Top-k activations per feature map over a dataset, and the Fig. 2 gallery built from them.
+
+Fig. 2 shows, for a random subset of feature maps in layers 1-5, the top 9 activations over the
+validation set, each projected to pixels separately by the deconvnet (Sec. 2.1) beside the input
+patch under its receptive field. As there, the k entries of a map come from k different images:
+each image offers its strongest position in that map. One streaming pass keeps a (maps, k) table
+per layer, so memory does not grow with the dataset; ties break by image index, so the table is
+the same however the data is split over ``torchrun`` processes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._analysis import eval_mode, picture, to_rgb
+from .data import Preprocess, Source, batches
+from .deconvnet import Deconvnet, contrast_stretch
+from .errors import UserError
+from .geometry import receptive_field, steps_to
+from .probe import apply_at
+from .runner import progress
+from .train import _world
+
+
+@dataclass
+class TopK:
+    """The ``k`` strongest activations of every feature map of one layer, best first.
+
+    ``values`` (C, k); ``images`` (C, k) dataset indices, -1 where the data had fewer than k images;
+    ``ys``, ``xs`` (C, k) positions in the layer's output; ``boxes`` (C, k, 4) their receptive fields
+    ``(top, left, bottom, right)`` (inclusive) in the model's input, clipped to it.
+    """
+
+    values: torch.Tensor
+    images: torch.Tensor
+    ys: torch.Tensor
+    xs: torch.Tensor
+    boxes: torch.Tensor | None = None
+
+
+def _merge(a: TopK, b: TopK, k: int) -> TopK:
+    """The best ``k`` of both tables per map: by value, then by smaller image index."""
+    values, images = torch.cat([a.values, b.values], 1), torch.cat([a.images, b.images], 1)
+    ys, xs = torch.cat([a.ys, b.ys], 1), torch.cat([a.xs, b.xs], 1)
+    order = images.argsort(dim=1, stable=True)
+    order = order.gather(1, values.gather(1, order).argsort(dim=1, descending=True, stable=True))[:, :k]
+    return TopK(values.gather(1, order), images.gather(1, order), ys.gather(1, order), xs.gather(1, order))
+
+
+def _empty(maps: int, k: int) -> TopK:
+    zeros = torch.zeros(maps, k, dtype=torch.long)
+    return TopK(torch.full((maps, k), -torch.inf), zeros - 1, zeros, zeros.clone())
+
+
+def _add_batch(table: TopK, a: torch.Tensor, indices: torch.Tensor, k: int) -> TopK:
+    """Merge each image's strongest position per map of ``a`` (B, C, H, W) into ``table``.
+
+    One read of ``a`` for the maxima; positions (the first maximum in raster order) only for the
+    entries that enter the table, found while ``a`` is still the layer's output.
+    """
+    b, c, _, width = a.shape
+    rows = torch.arange(b).expand(c, b)
+    batch = TopK(a.flatten(2).amax(2).T.float(), indices[None].expand(c, b), -1 - rows, -1 - rows)
+    t = _merge(table, batch, k)
+    maps, slots = (t.ys < 0).nonzero(as_tuple=True)  # entries from this batch: -1 - their row
+    flat = a[-1 - t.ys[maps, slots], maps].flatten(1).argmax(1)
+    t.ys[maps, slots], t.xs[maps, slots] = flat // width, flat % width
+    return t
+
+
+def _gather_ranks(table: TopK, k: int) -> TopK:
+    """Merge the tables of all ``torchrun`` processes; every process gets the same result."""
+    world = dist.get_world_size()
+    parts = []
+    for t in (table.values, table.images, table.ys, table.xs):
+        out = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(out, t.contiguous())
+        parts.append(out)
+    merged = _empty(table.values.shape[0], k)
+    for values, images, ys, xs in zip(*parts):
+        merged = _merge(merged, TopK(values, images, ys, xs), k)
+    return merged
+
+
+@torch.inference_mode()
+def top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
+          indices=None, batch_size: int = 256) -> dict[str, TopK]:
+    """One pass over ``source`` (or its ``indices``): the ``k`` strongest activations of every map.
+
+    Runs the model (in eval mode) up to the last of ``layers`` on the center crop of each image.
+    Under ``torchrun`` each process takes every world-th image and the tables are merged.
+    """
+    if k < 1:
+        raise UserError("k must be at least 1")
+    indices = torch.arange(len(source)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+    rank, world = _world()
+    mine = indices[rank::world]
+    tables: dict[str, TopK] = {}
+    with eval_mode(model), progress(total=len(mine), desc="top-k", unit="img") as bar:
+        for start, (raw, _) in zip(range(0, len(mine), batch_size), batches(source, mine, batch_size)):
+            batch = mine[start:start + len(raw)]
+
+            def update(name: str, a: torch.Tensor) -> None:
+                if a.dim() != 4:
+                    raise UserError(f"layer {name!r} has no feature maps (output shape {tuple(a.shape[1:])})")
+                tables[name] = _add_batch(tables[name] if name in tables else _empty(a.shape[1], k), a, batch, k)
+
+            apply_at(model, preprocess.eval(raw), layers, update)
+            bar.update(len(raw))
+    if world > 1:
+        tables = {name: _gather_ranks(t, k) for name, t in tables.items()}
+    size = preprocess.input_size
+    for name, t in tables.items():
+        steps = steps_to(model, name)
+        t.boxes = torch.tensor([[receptive_field(steps, y, x, size) for y, x in zip(ys, xs)]
+                                for ys, xs in zip(t.ys.tolist(), t.xs.tolist())], dtype=torch.long)
+    return tables
+
+
+# ----------------------------------------------------------------------------- the Fig. 2 gallery
+
+@dataclass
+class Gallery:
+    """Fig. 2 for one layer: for each chosen map, its top activations projected and the input patches.
+
+    ``projections`` and ``patches`` are (M, k, C, R, R) tiles of the receptive field's full size R:
+    the projection (raw values) and the input picture in [0, 1], placed where the clipped field sits;
+    the rest of a tile is NaN (outside the image).
+    """
+
+    layer: str
+    maps: list[int]
+    projections: torch.Tensor
+    patches: torch.Tensor
+
+
+def choose_maps(table: TopK, count: int, seed: int = 0) -> list[int]:
+    """A random (seeded) subset of ``count`` maps among those that fire on some image (Fig. 2)."""
+    alive = (table.values[:, 0] > 0).nonzero().flatten()
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(alive[torch.randperm(len(alive), generator=generator)[:count]].tolist())
+
+
+def gallery(model: nn.Module, source: Source, preprocess: Preprocess, layer: str, table: TopK,
+            maps: list[int]) -> Gallery:
+    """Project the top activations of ``maps`` in ``layer`` (one batched deconvnet pass) and cut the
+    input patch under each receptive field (Fig. 2)."""
+    entries = [(c, j) for c in maps for j in range(table.values.shape[1]) if table.images[c, j] >= 0]
+    wanted = sorted({int(table.images[c, j]) for c, j in entries})
+    raw = source.get(wanted)
+    row = {image: i for i, image in enumerate(wanted)}
+    which = torch.tensor([row[int(table.images[c, j])] for c, j in entries], dtype=torch.long)
+    units = [(c, int(table.ys[c, j]), int(table.xs[c, j])) for c, j in entries]
+    with eval_mode(model):
+        projections = Deconvnet(model).project(preprocess.eval(raw)[which], layer, units)
+    pictures = picture(preprocess, raw)[which]
+    steps = steps_to(model, layer)
+    top, _, bottom, _ = receptive_field(steps, 0, 0)
+    field = bottom - top + 1
+    k = table.values.shape[1]
+    shape = (len(maps), k, projections.shape[1], field, field)
+    tiles_p, tiles_x = torch.full(shape, torch.nan), torch.full(shape, torch.nan)
+    for n, (c, j) in enumerate(entries):
+        y0, x0, y1, x1 = table.boxes[c, j].tolist()
+        full_top, full_left, _, _ = receptive_field(steps, units[n][1], units[n][2])
+        dy, dx = y0 - full_top, x0 - full_left
+        m = maps.index(c)
+        tiles_p[m, j, :, dy:dy + y1 - y0 + 1, dx:dx + x1 - x0 + 1] = projections[n, :, y0:y1 + 1, x0:x1 + 1]
+        tiles_x[m, j, :, dy:dy + y1 - y0 + 1, dx:dx + x1 - x0 + 1] = pictures[n, :, y0:y1 + 1, x0:x1 + 1]
+    return Gallery(layer, list(maps), tiles_p, tiles_x)
+
+
+def _mosaic(tiles: torch.Tensor, stretch: bool) -> torch.Tensor:
+    """(k, C, R, R) tiles -> one (C, rows*R, cols*R) square-ish mosaic with 1 px white gaps."""
+    k, c, r, _ = tiles.shape
+    cols = math.ceil(math.sqrt(k))
+    rows = -(-k // cols)
+    out = torch.ones(c, rows * (r + 1) - 1, cols * (r + 1) - 1)
+    for j, tile in enumerate(tiles):
+        inside = ~tile.isnan()
+        if stretch and inside.any():  # each projection stretched over its own range, as in the paper
+            tile = torch.where(inside, tile, tile[inside].min())
+            tile = contrast_stretch(tile[None])[0]
+        tile = torch.where(inside, tile, torch.ones(()))
+        y, x = divmod(j, cols)
+        out[:, y * (r + 1):y * (r + 1) + r, x * (r + 1):x * (r + 1) + r] = tile
+    return out
+
+
+def draw_gallery(result: Gallery, path, title: str = "") -> None:
+    """One PNG: per map, its top-k projections (each contrast-stretched) beside the input patches."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(result.maps)
+    cols = min(3, n) or 1
+    rows = -(-n // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.3 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for m, (c, ax) in enumerate(zip(result.maps, axes.flat)):
+        proj = _mosaic(result.projections[m], stretch=True)
+        patch = _mosaic(result.patches[m], stretch=False)
+        gap = torch.ones(proj.shape[0], proj.shape[1], max(2, proj.shape[2] // 12))
+        ax.imshow(to_rgb(torch.cat([proj, gap, patch], 2)), cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_title(f"map {c}", fontsize=9)
+    fig.suptitle(title or f"{result.layer}: top activations projected (left), input patches (right)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def topk_findings(tables: dict[str, TopK], labels: torch.Tensor) -> dict:
+    """Fig. 2's reading in numbers: how often a map's top images share one class, per layer.
+
+    Layer 1 responds to edges found in every class, higher layers to object parts (Fig. 2), so a map's
+    top images should come from fewer classes higher up. ``class_purity``: over the maps that fire,
+    the mean share of a map's top images that carry its most common label.
+    """
+    purity = {}
+    for name, t in tables.items():
+        shares = []
+        for c in range(t.values.shape[0]):
+            images = t.images[c][t.images[c] >= 0]
+            if len(images) and t.values[c, 0] > 0:
+                shares.append(labels[images].bincount().max().item() / len(images))
+        purity[name] = sum(shares) / len(shares) if shares else None
+    first, last = next(iter(purity)), list(purity)[-1]
+    return {
+        "claim": f"a feature map's top images share a class more often in {last} than in {first} (Fig. 2)",
+        "paper": "layer 1: edges and colours; higher layers: object parts, whole objects",
+        "ours": {name: round(v, 3) for name, v in purity.items() if v is not None},
+        "class_purity": purity,
+        "held": None if None in (purity[first], purity[last]) else purity[last] > purity[first],
+    }
+
+
+def topk_to_json(tables: dict[str, TopK], galleries: dict[str, list[int]] | None = None) -> dict:
+    """Every map's entries: image index, value, position and receptive-field box; the gallery's maps."""
+    out = {}
+    for name, t in tables.items():
+        maps = []
+        for c in range(t.values.shape[0]):
+            maps.append({"map": c, "top": [
+                {"image": int(t.images[c, j]), "value": float(t.values[c, j]), "y": int(t.ys[c, j]),
+                 "x": int(t.xs[c, j]), "box": t.boxes[c, j].tolist()}
+                for j in range(t.values.shape[1]) if t.images[c, j] >= 0]})
+        out[name] = {"gallery_maps": (galleries or {}).get(name, []), "maps": maps}
+    return out

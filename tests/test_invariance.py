@@ -1,0 +1,99 @@
+"""Invariance (Fig. 5): distances and probabilities against direct computation and hand-made cases."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deconvnet import UserError, build_model
+from deconvnet.cli import main
+from deconvnet.data import preprocess_for
+from deconvnet.invariance import Invariance, invariance, invariance_findings, transform
+from deconvnet.probe import activations
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = build_model("zfnet-small", 10).eval()
+    pre = preprocess_for(28, 1, mean=torch.rand(1, 28, 28) * 0.3)
+    raw = (torch.rand(3, 1, 28, 28) * 255).to(torch.uint8)
+    return model, pre, raw, torch.tensor([1, 4, 7])
+
+
+def test_transforms_by_hand():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    down = transform(x, "translation", 1)
+    assert down[0, 0, 0].tolist() == [0, 0, 0, 0] and torch.equal(down[0, 0, 1:], x[0, 0, :3])
+    assert torch.equal(transform(x, "translation", -2)[0, 0], torch.cat([x[0, 0, 2:], torch.zeros(2, 4)]))
+    assert torch.equal(transform(x, "translation", 4), torch.zeros_like(x))
+    torch.testing.assert_close(transform(x, "rotation", 90), torch.rot90(x, -1, (2, 3)))  # clockwise on screen
+    assert torch.equal(transform(x, "scale", 1.0), x)
+    assert torch.equal(transform(x, "rotation", 0.0), x)
+    with pytest.raises(UserError, match="unknown transform"):
+        transform(x, "shear", 0.1)
+
+
+def test_zero_transform_is_zero_distance_and_clean_probability(setup):
+    model, pre, raw, labels = setup
+    amounts = {"translation": [-1.0, 0.0, 2.0], "scale": [1.0, 1.2], "rotation": [0.0, 30.0]}
+    result = invariance(model, raw, labels, pre, amounts=amounts)
+    assert result.layers == ["norm1", "relu7"]
+    for kind, at in (("translation", 1), ("scale", 0), ("rotation", 0)):
+        for layer in result.layers:
+            assert result.distance[kind][layer][:, at].abs().max() <= 1e-6 * result.norm[layer].max()
+            assert (result.distance[kind][layer][:, at + 1] > 0).all()
+        torch.testing.assert_close(result.probability[kind][:, at], result.clean_probability)
+
+
+def test_distances_and_probability_equal_direct_computation(setup):
+    model, pre, raw, labels = setup
+    result = invariance(model, raw, labels, pre, layers=["conv2", "fc6"],
+                        amounts={"translation": [3.0], "scale": [0.8], "rotation": [45.0]})
+    with torch.no_grad():
+        clean = activations(model, pre.eval(raw), ["conv2", "fc6", "fc8"])
+        for kind, amount in (("translation", 3.0), ("scale", 0.8), ("rotation", 45.0)):
+            moved = activations(model, pre.eval(transform(raw, kind, amount)), ["conv2", "fc6", "fc8"])
+            for layer in ("conv2", "fc6"):
+                expected = (moved[layer] - clean[layer]).flatten(1).norm(dim=1)
+                torch.testing.assert_close(result.distance[kind][layer][:, 0], expected, rtol=1e-5, atol=1e-5)
+            p = torch.softmax(moved["fc8"], 1)[torch.arange(3), labels]
+            torch.testing.assert_close(result.probability[kind][:, 0], p, rtol=1e-5, atol=1e-6)
+
+
+def test_findings_from_hand_made_curves():
+    # 2 images; shifts -2..2. Layer "a" jumps to 0.5 of its norm at 1 px, "b" grows linearly to 0.4.
+    d_a = torch.tensor([[5.0, 5.0, 0.0, 5.0, 5.0]] * 2)  # norm 10: relative 0.5, share of largest 1.0
+    d_b = torch.tensor([[4.0, 2.0, 0.0, 2.0, 4.0]] * 2)  # norm 10: relative 0.2, share 0.5
+    p_t = torch.tensor([[0.8, 0.9, 1.0, 0.9, 0.8]] * 2)  # mean drop 0.15
+    result = Invariance(
+        layers=["a", "b"], labels=torch.tensor([0, 1]),
+        amounts={"translation": [-2.0, -1.0, 0.0, 1.0, 2.0], "scale": [1.0, 1.5], "rotation": [0.0, 90.0]},
+        distance={"translation": {"a": d_a, "b": d_b}, "scale": {}, "rotation": {}},
+        probability={"translation": p_t, "scale": torch.tensor([[1.0, 0.9]] * 2),
+                     "rotation": torch.tensor([[1.0, 0.2]] * 2)},
+        clean_probability=torch.tensor([1.0, 1.0]), norm={"a": torch.tensor([10.0, 10.0]), "b": torch.tensor([10.0, 10.0])})
+    f = invariance_findings(result)
+    small = f["small_translation"]
+    assert small["shift_px"] == 1.0 and small["holds"]
+    assert small["relative_distance"] == pytest.approx({"a": 0.5, "b": 0.2})
+    assert small["share_of_largest_distance"] == pytest.approx({"a": 1.0, "b": 0.5})
+    stable = f["output_stability"]
+    assert stable["mean_drop_of_p_true"] == pytest.approx({"translation": 0.15, "scale": 0.1, "rotation": 0.8})
+    assert stable["holds"]
+
+
+def test_cli_invariance(tiny_checkpoint, tmp_path):
+    assert main(["invariance", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--index", "0,1",
+                 "--translations=-2,0,2", "--scales", "0.9,1,1.1", "--rotations", "0,90",
+                 "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "invariance.json").read_text())
+    assert (tmp_path / "invariance.png").stat().st_size > 0
+    assert record["labels"] == [9, 2] and record["layers"] == ["norm1", "relu7"]
+    sweep = record["sweeps"]["translation"]
+    assert sweep["amounts"] == [-2.0, 0.0, 2.0] and max(d[1] for d in sweep["distance"]["norm1"]) <= 1e-6
+    assert sweep["p_true"][0][1] == pytest.approx(record["p_true_untransformed"][0])
+    assert set(record["findings"]) == {"small_translation", "output_stability"}
+    assert main(["invariance", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
+                 "--layers", "nope,relu7", "--out", str(tmp_path)]) == 2

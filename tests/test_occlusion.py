@@ -1,0 +1,150 @@
+"""Occlusion sensitivity (Fig. 7): every map value equals a forward pass of the occluded image."""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from deconvnet import UserError, build_model
+from deconvnet.cli import main
+from deconvnet.models import Conv
+from deconvnet.occlusion import _direct, _incremental, _plan, occlusion
+from deconvnet.probe import activations
+
+
+def zfnet_like(size: int, ceil_mode: bool = True, **convs) -> nn.Module:
+    """A narrow random ZFNet (LRN, overlapping ceil-mode pools) at ``size`` px, quick to run."""
+    layers = {"conv1": Conv(8, 7, 2, 1), "conv2": Conv(12, 5, 2, 0), "conv3": Conv(16, 3, 1, 1),
+              "conv4": Conv(16, 3, 1, 1), "conv5": Conv(12, 3, 1, 1), **convs}
+    torch.manual_seed(0)
+    return build_model("zfnet", 6, 3, input_size=size, convs=layers, fc=(32, 32), init="kaiming",
+                       ceil_mode=ceil_mode).eval()
+
+
+@torch.no_grad()
+def direct(model, image, target, layer, feature, t, l, size, fill=0.0):
+    """The reference: one forward pass of the image with the square at (t, l)."""
+    x = image.clone()
+    x[:, t:t + size, l:l + size] = fill
+    a = activations(model, x[None], [layer, "fc8"])
+    p = torch.softmax(a["fc8"][0], 0)
+    return float(a[layer][0, feature].sum()), float(p[target]), int(p.argmax())
+
+
+def check_against_direct(model, image, size, stride, layer="conv5", fill=None, samples=8):
+    result = occlusion(model, image, size=size, stride=stride, layer=layer, fill=fill)
+    cells = torch.randperm(len(result.positions), generator=torch.Generator().manual_seed(1))[:samples].tolist()
+    cells += [0, len(result.positions) - 1]  # the corners, the last one cut by the border
+    for cell in cells:
+        t, l = result.positions[cell]
+        activity, p, label = direct(model, image, result.target, layer, result.feature, t, l, size,
+                                    0.0 if fill is None else fill)
+        assert abs(result.activity.flatten()[cell] - activity) <= 1e-5 * max(1.0, abs(activity))
+        assert abs(result.probability.flatten()[cell] - p) <= 1e-5
+        assert result.label.flatten()[cell] == label
+    return result
+
+
+def test_zfnet_small_equals_direct_forward():
+    torch.manual_seed(0)
+    model = build_model("zfnet-small", 10).eval()
+    result = check_against_direct(model, torch.randn(1, 28, 28), size=6, stride=4)
+    assert result.activity.shape == (7, 7)  # tops 0, 4, .., 24: the last square cut to 24..27
+
+
+@pytest.mark.parametrize("size, stride, fill", [(11, 5, None), (8, 6, 0.7)])
+def test_larger_zfnet_like_equals_direct_forward(size, stride, fill):
+    # 99 px: conv1 48 -> pool 24 (ceil: the last window half outside) -> conv2 10 -> pool 5 -> pool5 2
+    model = zfnet_like(99)
+    check_against_direct(model, torch.randn(3, 99, 99), size, stride, fill=fill)
+
+
+@pytest.mark.parametrize("layer", ["conv4", "relu5", "pool5"])
+def test_other_layers_and_floor_mode_pools_equal_direct_forward(layer):
+    model = zfnet_like(67, ceil_mode=False, conv1=Conv(8, 11, 4, 2), conv2=Conv(12, 5, 1, 2))  # AlexNet-like
+    check_against_direct(model, torch.randn(3, 67, 67), size=9, stride=7, layer=layer, samples=4)
+
+
+def test_in_place_relus_equal_direct_forward():
+    model = zfnet_like(64)
+    for name in ("relu1", "relu2", "relu3", "relu4", "relu5"):
+        setattr(model, name, nn.ReLU(inplace=True))
+    check_against_direct(model, torch.randn(3, 64, 64), size=10, stride=9, samples=3)
+
+
+def test_incremental_equals_non_incremental_everywhere():
+    model = zfnet_like(64)
+    image = torch.randn(3, 64, 64)
+    positions = [(t, l) for t in range(0, 64 - 10 + 6, 6) for l in range(0, 64 - 10 + 6, 6)]
+    with torch.no_grad():
+        fast = _incremental(model, _plan(model, "conv5"), image, positions, 10, torch.zeros(3), "conv5", 2)
+        slow = _direct(model, None, image, positions, 10, torch.zeros(3), "conv5", 2)
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-5)
+
+
+def test_nested_model_falls_back_to_forward_passes():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(
+        features=nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 4, 3, padding=1), relu=nn.ReLU(), pool=nn.MaxPool2d(2))),
+        flatten=nn.Flatten(), fc=nn.Linear(4 * 8 * 8, 3))).eval()
+    assert _plan(model, "features.conv") is None
+    image = torch.randn(1, 16, 16)
+    result = occlusion(model, image, size=4, stride=4, layer="features.conv")
+    x = image.clone()
+    x[:, 4:8, 8:12] = 0
+    cell = result.positions.index((4, 8))
+    expected = torch.softmax(model(x[None])[0], 0)[result.target]
+    assert abs(result.probability.flatten()[cell] - expected) <= 1e-6
+
+
+def test_train_mode_model_is_evaluated_with_dropout_off_and_restored():
+    model = zfnet_like(64)
+    image = torch.randn(3, 64, 64)
+    expected = occlusion(model, image, size=12, stride=12).probability
+    model.train()
+    got = occlusion(model, image, size=12, stride=12).probability
+    assert model.training
+    torch.testing.assert_close(got, expected)
+
+
+def test_projection_is_of_the_strongest_unit():
+    model = zfnet_like(64)
+    image = torch.randn(3, 64, 64)
+    result = occlusion(model, image, size=16, stride=16, layer="conv2")
+    maps = activations(model, image[None], "conv2")["conv2"][0]
+    c, y, x = result.unit
+    assert maps[c, y, x] == maps.max()
+    assert result.projection.shape == image.shape and result.projection.abs().sum() > 0
+    top, left, bottom, right = result.receptive_field
+    outside = torch.ones(64, 64, dtype=torch.bool)
+    outside[top:bottom + 1, left:right + 1] = False
+    assert outside.any() and result.projection[:, outside].abs().max() == 0  # nothing outside the unit's receptive field
+
+
+def test_bad_arguments_are_user_errors():
+    model = zfnet_like(64)
+    with pytest.raises(UserError, match="square size"):
+        occlusion(model, torch.randn(3, 64, 64), size=65)
+    with pytest.raises(UserError, match="no feature maps"):
+        occlusion(model, torch.randn(3, 64, 64), layer="fc6")
+    with pytest.raises(UserError, match="one image"):
+        occlusion(model, torch.randn(1, 3, 64, 64))
+
+
+def test_cli_occlude(tiny_checkpoint, tmp_path):
+    assert main(["occlude", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--index", "0,9",
+                 "--size", "8", "--stride", "4", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "occlusion.json").read_text())
+    assert (tmp_path / "occlusion-0.png").stat().st_size > 0 and (tmp_path / "occlusion-9.png").exists()
+    first = record["images"][0]
+    assert first["true_label"] == 9 and first["target"] == 9
+    assert first["grid"] == [6, 6]  # tops 0, 4, .., 20: the last square ends at the border
+    assert len(first["positions"]) == 36 and first["positions"][-1] == [20, 20]
+    findings = record["findings"]
+    assert findings["images_with_both"] >= 1 and 0 <= findings["p_square_on_object"] <= 1
+    assert findings["holds"] == (findings["p_square_on_object"] < findings["p_square_on_background"])
+    assert main(["occlude", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)]) == 2

@@ -1,0 +1,81 @@
+"""Transfer (Tables 4/5, Fig. 9): fold sampling, overlap removal by normalised correlation, the protocol."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deconvnet.checkpoint import load_checkpoint
+from deconvnet.cli import main
+from deconvnet.data import TensorSource, open_source
+from deconvnet.errors import UserError
+from deconvnet.features import mean_class_accuracy, per_class_folds
+from deconvnet.transfer import find_overlaps, plot, to_json, transfer
+
+
+def test_folds_give_n_per_class_disjoint_and_at_most_50_test():
+    labels = np.repeat(np.arange(4), [60, 80, 12, 100])
+    folds = per_class_folds(labels, 5, folds=5, seed=1)
+    assert len(folds) == 5
+    for split in folds:
+        assert np.bincount(labels[split.train], minlength=4).tolist() == [5, 5, 5, 5]
+        assert np.bincount(labels[split.test], minlength=4).tolist() == [50, 50, 7, 50]  # the rest, up to 50
+        assert not set(split.train) & set(split.test)
+    assert len({tuple(s.train) for s in folds}) == 5  # random folds differ
+    again = per_class_folds(labels, 5, folds=5, seed=1)
+    assert all((a.train == b.train).all() and (a.test == b.test).all() for a, b in zip(folds, again))
+
+
+def test_folds_leave_out_excluded_images_and_refuse_small_classes():
+    labels = np.repeat(np.arange(3), 20)
+    exclude = [0, 1, 25, 59]
+    for split in per_class_folds(labels, 3, folds=3, exclude=exclude):
+        assert not set(exclude) & (set(split.train) | set(split.test))
+        assert np.bincount(labels[split.test]).tolist() == [15, 16, 16]
+    with pytest.raises(UserError, match="at least 20"):
+        per_class_folds(labels, 19, exclude=[0])
+
+
+def test_mean_class_accuracy_weights_classes_equally():
+    y_true = [0] * 8 + [1] * 2
+    y_pred = [0] * 8 + [0, 1]  # 100% and 50%
+    assert mean_class_accuracy(y_true, y_pred) == pytest.approx(0.75)
+
+
+def test_overlap_finds_a_planted_duplicate():
+    g = torch.Generator().manual_seed(0)
+    reference = TensorSource("ref", torch.randint(0, 256, (300, 1, 28, 28), generator=g, dtype=torch.uint8),
+                             torch.zeros(300), ["a"], 28, 1)
+    images = torch.randint(0, 256, (20, 1, 28, 28), generator=g, dtype=torch.uint8)
+    images[7] = (reference.images[123].float() * 0.5 + 40).round().to(torch.uint8)  # darker copy: same image
+    target = TensorSource("target", images, torch.zeros(20), ["a"], 28, 1)
+    overlaps, nearest = find_overlaps(target, reference, batch_size=64)
+    assert [(o.target_index, o.reference_index) for o in overlaps] == [(7, 123)]
+    assert overlaps[0].correlation > 0.99
+    assert nearest.shape == (20,) and np.delete(nearest, 7).max() < 0.5
+    assert find_overlaps(target, reference, reference_limit=100)[0] == []  # the copy is beyond the limit
+
+
+def test_transfer_protocol_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
+    model, info = load_checkpoint(tiny_checkpoint)
+    target = open_source("digits", 28, 1)
+    result = transfer(model, info, target, per_class=(1, 3), folds=2, scratch_steps=3, seed=0)
+    assert result.layer == "relu7"
+    for scores in (result.pretrained, result.scratch):
+        assert set(scores) == {1, 3} and all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in scores.values())
+    assert np.mean(result.pretrained[3]) > 0.2  # fixed features + softmax beat chance (10%) on digits
+    body = to_json(result)
+    assert set(body["table"]) == {"pretrained + softmax", "from scratch"}
+    assert body["findings"][0]["claim"].startswith("a softmax on the fixed pretrained layers")
+    plot(result, tmp_path / "transfer.png")
+    assert "1/class" in result.table()
+
+
+def test_transfer_command(tiny_checkpoint, tmp_path):
+    out = tmp_path / "transfer"
+    code = main(["transfer", "--checkpoint", str(tiny_checkpoint), "--target", "digits", "--per-class", "2",
+                 "--folds", "1", "--scratch-steps", "2", "--out", str(out)])
+    assert code == 0
+    body = json.loads((out / "transfer.json").read_text())
+    assert body["overlap"]["removed"] == []  # digits do not occur in Fashion-MNIST
+    assert body["args"]["per_class"] == [2] and (out / "transfer.png").exists()
