@@ -34,17 +34,18 @@ browser:
 		echo "apt-get could not install chromium; the browser tests will be skipped"; \
 	fi
 
+# The whole paper on Fashion-MNIST: trains zfnet-small, runs every analysis, writes report/index.html.
+# Cached per step: rerunning (or rerunning after an interruption) redoes nothing finished.
 demo: setup
-	@if [ -f runs/demo/final.pt ]; then echo "runs/demo is trained (remove it to retrain)"; \
-	elif [ -f runs/demo/checkpoints/last.pt ]; then $(BIN)/deconvnet train --model zfnet-small --data fashion-mnist --out runs/demo --resume; \
-	else $(BIN)/deconvnet train --model zfnet-small --data fashion-mnist --out runs/demo; fi
-	$(BIN)/deconvnet evaluate --checkpoint runs/demo/final.pt --data fashion-mnist:test
+	$(BIN)/deconvnet reproduce --out report
 
 test: setup browser
 	$(BIN)/python -m pytest -q
 
+# Benchmarks print ratios against a baseline run in the same process; Captum is installed only here.
 bench: setup
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/pip install -q --no-deps captum
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs report

@@ -238,15 +238,15 @@ def cmd_topk(args) -> None:
     from .data import open_source
     from .runner import atomic_write_json
     from .topk import choose_maps, draw_gallery, gallery, top_k, topk_findings, topk_to_json
-    from .train import _init_distributed, _world
+    from .runner import init_distributed, world
 
     model, info = load_checkpoint(args.checkpoint)
     source = open_source(args.data, info.preprocess.stored_size, info.preprocess.channels)
     n = len(source) if args.limit is None else min(args.limit, len(source))
-    started = _init_distributed()
+    started = init_distributed()
     try:
         tables = top_k(model, source, info.preprocess, args.layers, k=args.k, indices=list(range(n)))
-        rank = _world()[0]
+        rank = world()[0]
     finally:
         if started:
             dist.destroy_process_group()
@@ -285,7 +285,8 @@ def cmd_project(args) -> None:
     a = activations(model, x, args.layer)[args.layer][0].detach()
     if a.dim() != 3:
         raise UserError(f"layer {args.layer!r} has no feature maps (output shape {tuple(a.shape)})")
-    unit = tuple(args.unit) if args.unit is not None else tuple(int(v) for v in torch.unravel_index(a.argmax(), a.shape))
+    strongest = tuple(int(v) for v in torch.unravel_index(a.argmax(), a.shape))
+    unit = tuple(args.unit) if args.unit is not None else strongest
     projection = Deconvnet(model).project(x, args.layer, [unit], rule=args.rule)[0]
     value = float(a[unit])
     box = receptive_field(steps_to(model, args.layer), unit[1], unit[2], info.preprocess.input_size)
@@ -473,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("invariance", help="feature and output changes under translation, scale, rotation (Fig. 5)")
     _add_image_args(p, 5)
     p.add_argument("--layers", type=_name_list, default=None, help="low,high layer (default: layers 1 and 7)")
-    p.add_argument("--translations", type=_float_list, default=None, help="vertical shifts in pixels, e.g. --translations=-4,0,4")
+    p.add_argument("--translations", type=_float_list, default=None,
+                   help="vertical shifts in pixels, e.g. --translations=-4,0,4")
     p.add_argument("--scales", type=_float_list, default=None, help="scale factors")
     p.add_argument("--rotations", type=_float_list, default=None, help="rotations in degrees")
     p.set_defaults(func=cmd_invariance)

@@ -110,6 +110,8 @@ def correspondence(model: nn.Module, images: torch.Tensor, parts: dict[str, list
     n, _, height, width = images.shape
     if n < 2:
         raise UserError("correspondence needs at least 2 images")
+    if "random" in parts:
+        raise UserError("'random' names the control; call the part something else")
     for name, boxes in parts.items():
         if len(boxes) != n:
             raise UserError(f"part {name!r} has {len(boxes)} boxes for {n} images")
@@ -124,7 +126,8 @@ def correspondence(model: nn.Module, images: torch.Tensor, parts: dict[str, list
     objects = objects or [(0, 0, height - 1, width - 1)] * n
     generator = torch.Generator().manual_seed(seed)
     sets = {name: [list(boxes)] for name, boxes in parts.items()}
-    sets["random"] = [random_boxes(boxes, objects, (height, width), generator) for _ in range(repeats) for boxes in parts.values()]
+    sets["random"] = [random_boxes(boxes, objects, (height, width), generator)
+                      for _ in range(repeats) for boxes in parts.values()]
     draws = [(name, boxes) for name, all_boxes in sets.items() for boxes in all_boxes]
     masked = torch.cat([images] + [mask_boxes(images, boxes, fill) for _, boxes in draws])
     f = features(model, masked, layers)

@@ -88,6 +88,8 @@ def invariance(model: nn.Module, raw: torch.Tensor, labels, preprocess: Preproce
     layers = list(layers) if layers else [layer_output(model, 1), layer_output(model, 7)]
     if None in layers:
         raise UserError("this model lacks layer 1 or 7; name the layers to compare")
+    if len(layers) != 2:
+        raise UserError(f"name two layers, a low and a high one; got {layers}")
     amounts = default_amounts(preprocess.input_size) if amounts is None else amounts
     unknown = set(amounts) - set(KINDS)
     if unknown:
@@ -109,7 +111,7 @@ def invariance(model: nn.Module, raw: torch.Tensor, labels, preprocess: Preproce
 
 
 def invariance_findings(result: Invariance) -> dict:
-    """The claims of Sec. 4.2 on Fig. 5, with the numbers behind them (means over images).
+    """The claims of Sec. 4 on Fig. 5, with the numbers behind them (means over images).
 
     1. Small translations change the low layer a lot, the high layer less: at the smallest shift, the
        distance relative to the feature vector's length, and the share of the largest distance reached.
@@ -118,8 +120,8 @@ def invariance_findings(result: Invariance) -> dict:
     """
     low, high = result.layers
     out = {}
-    if "translation" in result.amounts:
-        shifts = torch.tensor(result.amounts["translation"])
+    shifts = torch.tensor(result.amounts.get("translation", []))
+    if (shifts != 0).any():
         small = shifts.abs()[shifts != 0].min()
         at = (shifts.abs() == small).nonzero().flatten()
         rel = {name: float((result.distance["translation"][name][:, at].mean(1) / result.norm[name]).mean())
@@ -182,7 +184,8 @@ def draw_invariance(result: Invariance, path, classes: list[str] | None = None) 
             ax.set_title(f"{kind}: {title}", fontsize=10)
             ax.set_xlabel(units[kind])
         row[2].set_ylim(-0.02, 1.02)
-    axes[0, 2].legend(fontsize=7)
+    if len(result.labels) <= 10:
+        axes[0, 2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -23,7 +23,7 @@ from .errors import UserError
 from .geometry import receptive_field, steps_to
 from .probe import apply_at
 from .runner import progress
-from .train import _world
+from .runner import world
 
 
 @dataclass
@@ -74,10 +74,10 @@ def _add_batch(table: TopK, a: torch.Tensor, indices: torch.Tensor, k: int) -> T
 
 def _gather_ranks(table: TopK, k: int) -> TopK:
     """Merge the tables of all ``torchrun`` processes; every process gets the same result."""
-    world = dist.get_world_size()
+    size = dist.get_world_size()
     parts = []
     for t in (table.values, table.images, table.ys, table.xs):
-        out = [torch.empty_like(t) for _ in range(world)]
+        out = [torch.empty_like(t) for _ in range(size)]
         dist.all_gather(out, t.contiguous())
         parts.append(out)
     merged = _empty(table.values.shape[0], k)
@@ -97,8 +97,8 @@ def top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list
     if k < 1:
         raise UserError("k must be at least 1")
     indices = torch.arange(len(source)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
-    rank, world = _world()
-    mine = indices[rank::world]
+    rank, procs = world()
+    mine = indices[rank::procs]
     tables: dict[str, TopK] = {}
     with eval_mode(model), progress(total=len(mine), desc="top-k", unit="img") as bar:
         for start, (raw, _) in zip(range(0, len(mine), batch_size), batches(source, mine, batch_size)):
@@ -111,7 +111,7 @@ def top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list
 
             apply_at(model, preprocess.eval(raw), layers, update)
             bar.update(len(raw))
-    if world > 1:
+    if procs > 1:
         tables = {name: _gather_ranks(t, k) for name, t in tables.items()}
     size = preprocess.input_size
     for name, t in tables.items():

@@ -26,15 +26,15 @@ from .checkpoint import CheckpointInfo, read_checkpoint, save_checkpoint
 from .data import DataError, Preprocess, Source, mean_image, open_source, preprocess_for
 from .errors import UserError
 from .models import MODELS, build_model, model_config, renormalise_filters
-from .runner import atomic_write_json, atomic_write_text, progress
+from .runner import all_sum, atomic_write_json, atomic_write_text, init_distributed, progress, world
 
 PAPER_SNAPSHOTS = (1, 2, 5, 10, 20, 30, 40, 64)  # the epochs of Fig. 4
 
 RECIPES = {
     "paper": dict(lr=1e-2, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="plateau",
-                  init="paper", epochs=70),
-    "small": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
-                  init="kaiming", epochs=12),
+                  init="paper", dropout=0.5, epochs=70),
+    "small": dict(lr=0.08, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
+                  init="kaiming", dropout=0.0, epochs=15),
 }
 
 
@@ -85,30 +85,6 @@ class TrainConfig:
         return cfg
 
 
-# ----------------------------------------------------------------------------- distributed helpers
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _init_distributed() -> bool:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return True
-    return False
-
-
-def _all_sum(values: list[float]) -> list[float]:
-    if _world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -119,9 +95,9 @@ def evaluate(model: nn.Module, source: Source, preprocess: Preprocess, indices: 
     Under torchrun each process evaluates its share and the sums are all-reduced.
     """
     model.eval()
-    rank, world = _world()
+    rank, procs = world()
     indices = torch.arange(len(source)) if indices is None else torch.as_tensor(indices)
-    mine = indices[rank::world]
+    mine = indices[rank::procs]
     correct1 = correct5 = loss = 0.0
     k = min(5, len(source.classes))
     for start in progress(range(0, len(mine), batch_size), desc="evaluate", unit="batch"):
@@ -136,7 +112,7 @@ def evaluate(model: nn.Module, source: Source, preprocess: Preprocess, indices: 
         top = probs.topk(k, 1).indices
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(1).sum().item()
-    correct1, correct5, loss = _all_sum([correct1, correct5, loss])
+    correct1, correct5, loss = all_sum([correct1, correct5, loss])
     n = len(indices)
     return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss / n, "n": n}
 
@@ -183,7 +159,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     to an uninterrupted run.
     """
     out = Path(out)
-    started_group = _init_distributed()
+    started_group = init_distributed()
     try:
         return _train(cfg.resolved(), out, resume)
     finally:
@@ -192,9 +168,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
-    rank, world = _world()
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    rank, procs = world()
+    if cfg.batch_size % procs:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {procs} processes")
     last_path = out / "checkpoints" / "last.pt"
     state = None
     if resume:
@@ -229,7 +205,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
 
     model.to(memory_format=torch.channels_last)  # faster convs and pools on CPU
     net: nn.Module = model
-    if world > 1:
+    if procs > 1:
         net = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
@@ -270,8 +246,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
                        disable=None if rank == 0 else True)
         for s in range(step, len(batches)):
             which = torch.randint(0, 10, (len(batches[s]),), generator=augment)
-            idx = train_idx[batches[s]][rank::world]
-            x = preprocess.train(source.get(idx), which[rank::world]).contiguous(memory_format=torch.channels_last)
+            idx = train_idx[batches[s]][rank::procs]
+            x = preprocess.train(source.get(idx), which[rank::procs]).contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(net(x), source.labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -289,7 +265,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
         bar.close()
         train_seconds = time.time() - started
         images = (len(batches) - first_step) * cfg.batch_size
-        train_loss = _all_sum([total_loss.item() / len(batches)])[0] / world
+        train_loss = all_sum([total_loss.item() / len(batches)])[0] / procs
         val = evaluate(model, val_source, preprocess, val_idx)
         lr = optimizer.param_groups[0]["lr"]
         if cfg.schedule == "plateau":
@@ -308,8 +284,14 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
             save_checkpoint(out / "checkpoints" / f"epoch-{epoch}.pt", model, info)
         epoch, step = epoch + 1, 0
         save_state(epoch, 0)
+    if metrics:  # the paper's evaluation too: the softmax averaged over the 10 sub-crops (Sec. 3)
+        ten = evaluate(model, val_source, preprocess, val_idx, ten_crop=True)
+        info.accuracy.update(top1_10crop=ten["top1"], top5_10crop=ten["top5"])
     if rank == 0:
         save_checkpoint(out / "final.pt", model, info)
-    if world > 1:
+        if metrics:
+            print(f"final: val top-1 {info.accuracy['top1']:.4f} (center crop), "
+                  f"{info.accuracy['top1_10crop']:.4f} (10 crops)", flush=True)
+    if procs > 1:
         dist.barrier()
-    return metrics[-1] if metrics else {}
+    return {**metrics[-1], "val_top1_10crop": info.accuracy["top1_10crop"]} if metrics else {}

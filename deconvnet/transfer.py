@@ -81,14 +81,17 @@ def train_scratch(info: CheckpointInfo, source: Source, indices, steps: int, see
     """The checkpoint's architecture, freshly initialised, trained on ``source[indices]`` only (Sec. 5.2).
 
     Same recipe as the checkpoint's run (optimiser, schedule, 10-crop augmentation, RMS renormalisation),
-    for ``steps`` SGD steps with mini-batches of ``min(batch_size, len(indices))`` images.
+    for ``steps`` SGD steps with mini-batches of ``b = min(batch_size, len(indices))`` images and the
+    learning rate scaled by ``b / batch_size`` (the linear scaling rule; at the full rate a batch of 10
+    images collapses the model to one class).
     """
     indices = torch.as_tensor(indices, dtype=torch.long)
     saved = TrainConfig(**info.train_config) if info.train_config else TrainConfig(model=info.config.name)
+    saved = saved.resolved()
     batch = min(saved.batch_size, len(indices))
     per_epoch = max(1, len(indices) // batch)
     cfg = dataclasses.replace(saved, epochs=math.ceil(steps / per_epoch), batch_size=batch, seed=seed,
-                              limit=None, snapshots=None).resolved()
+                              lr=saved.lr * batch / saved.batch_size, limit=None, snapshots=None)
     torch.manual_seed(seed)
     config = dataclasses.replace(info.config, num_classes=len(source.classes))
     model = ConvNet(config).to(memory_format=torch.channels_last)  # faster on CPU, as in the trainer

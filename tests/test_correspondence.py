@@ -73,6 +73,8 @@ def test_boxes_from_the_object():
 def test_bad_boxes_are_user_errors():
     with pytest.raises(UserError, match="not inside"):
         correspondence(MODEL, IMAGES, {"x": [(0, 0, 2, 2)] * 3}, layers=["pixels"])
+    with pytest.raises(UserError, match="names the control"):
+        correspondence(MODEL, IMAGES, {"random": [(0, 0, 1, 1)] * 3}, layers=["pixels"])
     with pytest.raises(UserError, match="2 boxes for 3 images"):
         correspondence(MODEL, IMAGES, {"x": [(0, 0, 1, 1)] * 2}, layers=["pixels"])
 

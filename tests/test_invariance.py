@@ -73,7 +73,7 @@ def test_findings_from_hand_made_curves():
         distance={"translation": {"a": d_a, "b": d_b}, "scale": {}, "rotation": {}},
         probability={"translation": p_t, "scale": torch.tensor([[1.0, 0.9]] * 2),
                      "rotation": torch.tensor([[1.0, 0.2]] * 2)},
-        clean_probability=torch.tensor([1.0, 1.0]), norm={"a": torch.tensor([10.0, 10.0]), "b": torch.tensor([10.0, 10.0])})
+        clean_probability=torch.tensor([1.0, 1.0]), norm={"a": torch.full((2,), 10.0), "b": torch.full((2,), 10.0)})
     f = invariance_findings(result)
     small = f["small_translation"]
     assert small["shift_px"] == 1.0 and small["holds"]

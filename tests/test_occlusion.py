@@ -122,7 +122,7 @@ def test_projection_is_of_the_strongest_unit():
     top, left, bottom, right = result.receptive_field
     outside = torch.ones(64, 64, dtype=torch.bool)
     outside[top:bottom + 1, left:right + 1] = False
-    assert outside.any() and result.projection[:, outside].abs().max() == 0  # nothing outside the unit's receptive field
+    assert outside.any() and result.projection[:, outside].abs().max() == 0  # nothing outside its receptive field
 
 
 def test_bad_arguments_are_user_errors():

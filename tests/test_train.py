@@ -35,11 +35,12 @@ def test_run_writes_config_metrics_snapshots_and_final(tmp_path):
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     assert set(lines[0]) == {"epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "seconds",
                              "train_images_per_s"}
-    assert lines[-1] == metrics
+    assert {k: metrics[k] for k in lines[-1]} == lines[-1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-1.pt", "epoch-3.pt", "last.pt"]
     model, info = load_checkpoint(tmp_path / "final.pt")
     assert not model.training and info.classes[9] == "Ankle boot" and info.epoch == 3
     assert info.accuracy["top1"] == metrics["val_top1"] and info.accuracy["n"] == 256
+    assert info.accuracy["top1_10crop"] == metrics["val_top1_10crop"] and 0 < metrics["val_top1_10crop"] <= 1
     assert info.mean.shape == (1, 28, 28) and 0.2 < info.mean.mean().item() < 0.4
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
 
@@ -50,7 +51,8 @@ def test_paper_recipe_defaults(tmp_path):
         (1e-2, 0.9, 128, "plateau", "paper", True)
     assert cfg.snapshots == [1, 2, 5, 10, 20, 30, 40, 64, 70]
     small = TrainConfig(model="zfnet-small", epochs=6).resolved()
-    assert small.recipe == "small" and small.snapshots == [1, 2, 5, 6]
+    assert small.recipe == "small" and small.snapshots == [1, 2, 5, 6] and small.dropout == 0.0
+    assert cfg.dropout == 0.5
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):

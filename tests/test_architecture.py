@@ -1,0 +1,83 @@
+"""Architecture selection (Fig. 6): filter numbers on hand-made filters, and the comparison of runs."""
+import json
+
+import pytest
+import torch
+
+from deconvnet.architecture import band_energy, filter_metrics, findings, plot, summarise, to_json
+from deconvnet.checkpoint import CheckpointInfo, save_checkpoint
+from deconvnet.cli import main
+from deconvnet.data import open_source, preprocess_for
+from deconvnet.models import build_model
+
+
+def _filters(*rms_values: float) -> torch.Tensor:
+    """3x3 filters of the given RMS, each a different random pattern."""
+    w = torch.randn(len(rms_values), 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    w = w / w.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    return w * torch.tensor(rms_values).view(-1, 1, 1, 1)
+
+
+def test_a_dead_filter_counts_dead():
+    assert filter_metrics(_filters(1, 1, 1, 0))["dead"] == 0.25
+    assert filter_metrics(_filters(1, 1, 1, 0.05))["dead"] == 0.25  # below 10% of the median
+    assert filter_metrics(_filters(1, 0.8, 1.2, 0.5))["dead"] == 0.0
+
+
+def test_a_dominant_filter_gives_max_over_median():
+    m = filter_metrics(_filters(1, 1, 1, 1, 10))
+    assert m["dominance"] == pytest.approx(10.0, rel=1e-5)
+    assert filter_metrics(_filters(2, 2, 2))["dominance"] == pytest.approx(1.0, rel=1e-5)
+    assert m["rms"].tolist() == pytest.approx([1, 1, 1, 1, 10], rel=1e-5)
+
+
+def test_frequency_bands_of_pure_filters():
+    flat = torch.ones(1, 1, 3, 3)
+    checker = torch.tensor([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]]).view(1, 1, 3, 3)
+    x = torch.arange(12.0)
+    wave = torch.cos(2 * torch.pi * 0.25 * x).view(1, 1, 1, 12).expand(1, 1, 12, 12)  # 0.25 cycles/pixel
+    bands = torch.cat([band_energy(flat), band_energy(checker), band_energy(wave)])
+    assert bands.sum(1).tolist() == pytest.approx([1, 1, 1], abs=1e-5)
+    assert bands.argmax(1).tolist() == [0, 2, 1]  # low, high, mid
+    assert bands[1, 2] > 0.8  # the checkerboard is almost all high frequency
+    rgb = torch.cat([checker] * 3, 1)  # energy is summed over channels: same fractions
+    assert band_energy(rgb)[0].tolist() == pytest.approx(bands[1].tolist(), abs=1e-5)
+
+
+def _info(model, renorm: bool) -> CheckpointInfo:
+    pre = preprocess_for(28, 1)
+    return CheckpointInfo(model.config, [str(i) for i in range(10)], pre, {"top1": 0.5, "top5": 0.9},
+                          train_config={"renorm": renorm})
+
+
+def test_compare_runs_and_findings(tmp_path):
+    torch.manual_seed(0)
+    source = open_source("digits", 28, 1)
+    runs = []
+    for name, renorm in (("zfnet-small", True), ("alexnet-small", True), ("zfnet-small", False)):
+        model = build_model(name, 10).eval()
+        runs.append(summarise(model, _info(model, renorm), source, range(64), maps=4))
+    assert [r.label for r in runs] == ["zfnet-small", "alexnet-small", "zfnet-small (no renorm)"]
+    for r in runs:
+        assert r.filters.shape[0] == len(r.rms) and len(r.maps) == 4
+        assert r.projections.shape[0] == 4 and 0 <= r.aliasing <= 1
+        assert sum(r.metrics["bands"].values()) == pytest.approx(1, abs=1e-4)
+    claims = findings(runs)
+    assert len(claims) == 6 and all(isinstance(c["held"], bool) for c in claims)
+    assert claims[-1]["claim"].startswith("zfnet-small: RMS renormalisation")
+    json.dumps(to_json(runs))
+    plot(runs, tmp_path / "architecture.png")
+    assert (tmp_path / "architecture.png").stat().st_size > 0
+
+
+def test_compare_command(tmp_path):
+    paths = []
+    for name in ("zfnet-small", "alexnet-small"):
+        model = build_model(name, 10)
+        paths.append(tmp_path / f"{name}.pt")
+        save_checkpoint(paths[-1], model, _info(model, True))
+    out = tmp_path / "compare"
+    assert main(["compare", "--runs", ",".join(map(str, paths)), "--data", "digits", "--limit", "50",
+                 "--maps", "3", "--out", str(out)]) == 0
+    body = json.loads((out / "architecture.json").read_text())
+    assert [r["label"] for r in body["runs"]] == ["zfnet-small", "alexnet-small"] and len(body["findings"]) == 5

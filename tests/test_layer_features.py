@@ -1,0 +1,74 @@
+"""Per-layer features (Table 7): which module is layer n, feature sizes, classifiers, the table."""
+import json
+
+import numpy as np
+import pytest
+
+from deconvnet.checkpoint import load_checkpoint
+from deconvnet.cli import main
+from deconvnet.data import open_source
+from deconvnet.features import Split, feature_grid, feature_layers, fit_linear, layer_features
+from deconvnet.layer_features import layer_analysis, plot, to_json
+from deconvnet.models import build_model
+
+
+def test_layer_n_is_the_last_module_of_its_block():
+    full = build_model("zfnet-small", 10)
+    assert feature_layers(full) == {1: "norm1", 2: "norm2", 3: "relu3", 4: "relu4", 5: "pool5", 6: "relu6",
+                                    7: "relu7"}
+    ablated = build_model("zfnet-small", 10, convs={k: v for k, v in full.config.convs.items()
+                                                    if k not in ("conv3", "conv4")}, fc=(0, 0))
+    assert feature_layers(ablated) == {1: "norm1", 2: "norm2", 5: "pool5"}
+
+
+def test_feature_grid_is_the_top_conv_output_size():
+    assert feature_grid(build_model("zfnet-small", 10)) == 3  # pool5: 7 -> 3
+    assert feature_grid(build_model("alexnet-small", 10)) == 1  # pool5: 3 -> 1
+    assert feature_grid(build_model("zfnet", 10, fc=(8, 8))) == 6  # Fig. 3: pool5 is 6x6
+
+
+def test_per_layer_feature_dims(tiny_checkpoint):
+    model, info = load_checkpoint(tiny_checkpoint)
+    source = open_source("digits", 28, 1)
+    layers = feature_layers(model)
+    feats = layer_features(model, info.preprocess, source, range(7), list(layers.values()), feature_grid(model))
+    c = {k: v.out for k, v in model.config.convs.items()}
+    w6, w7 = model.config.fc
+    expected = {"norm1": c["conv1"] * 9, "norm2": c["conv2"] * 9, "relu3": c["conv3"] * 9,  # 14, 7 -> 3x3
+                "relu4": c["conv4"] * 9, "pool5": c["conv5"] * 9, "relu6": w6, "relu7": w7}
+    assert {name: f.shape for name, f in feats.items()} == {name: (7, d) for name, d in expected.items()}
+    assert all(f.dtype == np.float32 and np.isfinite(f).all() for f in feats.values())
+    assert not model.training
+
+
+@pytest.mark.parametrize("kind", ["svm", "softmax"])
+def test_linear_classifiers_separate_separable_features(kind):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    features = rng.normal(size=(60, 5)) * 0.1 + np.eye(3, 5)[labels] * 3
+    split = Split(np.arange(0, 60, 2), np.arange(1, 60, 2))
+    assert fit_linear(kind, features, labels, split) == 1.0
+    with pytest.raises(ValueError):
+        fit_linear("tree", features, labels, split)
+
+
+def test_layer_table_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
+    model, info = load_checkpoint(tiny_checkpoint)
+    result = layer_analysis(model, info.preprocess, open_source("digits", 28, 1), per_class=(2,), folds=2,
+                            exclude=[0, 1])
+    assert set(result.scores) == {(k, 2, n) for k in ("svm", "softmax") for n in range(1, 8)}
+    assert all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in result.scores.values())
+    body = to_json(result)
+    assert body["table"]["svm (1)"]["dim"] == model.config.convs["conv1"].out * 9
+    assert body["excluded_overlaps"] == [0, 1]
+    assert [f["claim"].split(":")[0] for f in body["findings"]] == ["svm, 2/class", "softmax, 2/class"]
+    plot(result, tmp_path / "layers.png")
+    assert "softmax (7)" in result.table()
+
+
+def test_layers_command(tiny_checkpoint, tmp_path):
+    out = tmp_path / "layers"
+    assert main(["layers", "--checkpoint", str(tiny_checkpoint), "--per-class", "3", "--folds", "1",
+                 "--out", str(out)]) == 0
+    body = json.loads((out / "layers.json").read_text())
+    assert len(body["table"]) == 14 and (out / "layers.png").exists()

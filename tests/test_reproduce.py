@@ -1,0 +1,81 @@
+"""`deconvnet reproduce --quick` end to end: killed mid-way, rerun without redoing finished steps,
+and the report opened in headless Chromium with every section and image loaded."""
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deconvnet.report import OFFLINE, SECTIONS
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Run reproduce --quick, SIGKILL it when the 4th step starts, rerun; returns (dir, rerun stdout)."""
+    out = tmp_path_factory.mktemp("report")
+    command = [sys.executable, "-m", "deconvnet.cli", "reproduce", "--quick", "--out", str(out)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in first.stdout:
+        if line.startswith("[4/"):
+            first.send_signal(signal.SIGKILL)
+            break
+    first.wait()
+    assert first.returncode == -signal.SIGKILL, "reproduce ended before it could be killed"
+    assert not (out / "index.html").exists()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    return out, rerun.stdout
+
+
+def test_rerun_skips_finished_steps(report):
+    out, stdout = report
+    status = dict(re.findall(r"^\[\d+/\d+\] (\S+)\s+(cached|running)", stdout, re.M))
+    assert status["train"] == status["fig2"] == status["fig4"] == "cached"
+    assert status["fig5"] == "running" and status["table7"] == "running"
+    assert len(status) == 13
+    records = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/step.json")}
+    assert set(records) == set(status)
+
+
+def test_every_section_has_real_numbers(report):
+    out, _ = report
+    page = (out / "index.html").read_text()
+    for label, _title, step, json_name, _paper in SECTIONS:
+        assert f">{label}: " in page, label
+        if label in OFFLINE:
+            continue
+        if json_name:
+            result = json.loads((out / step / json_name).read_text())
+            assert result.get("findings"), f"{label}: no findings in {json_name}"
+    assert page.count("<img") >= 10
+    assert "did not hold" in page or "held" in page
+    train = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert f"{100 * train[-1]['val_top1']:.2f}%" in page
+
+
+def test_report_loads_in_headless_chromium(report, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (`make test` installs it when run as root with apt-get)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    out, _ = report
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto((out / "index.html").as_uri())
+        page.wait_for_load_state("load")
+        sections = page.eval_on_selector_all("section h2", "nodes => nodes.map(n => n.textContent)")
+        images = page.eval_on_selector_all("img", "nodes => nodes.map(n => n.complete && n.naturalWidth > 0)")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+        browser.close()
+    assert [s.split(":")[0] for s in sections] == [s[0] for s in SECTIONS] + ["Run"]
+    assert images and all(images)
