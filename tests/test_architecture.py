@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from deconvnet.architecture import band_energy, filter_metrics, findings, plot, summarise, to_json
+from deconvnet.architecture import aliased_energy, band_energy, filter_metrics, findings, plot, summarise, to_json
 from deconvnet.checkpoint import CheckpointInfo, save_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import open_source, preprocess_for
@@ -44,6 +44,15 @@ def test_frequency_bands_of_pure_filters():
     assert band_energy(rgb)[0].tolist() == pytest.approx(bands[1].tolist(), abs=1e-5)
 
 
+def test_aliased_energy_of_a_strided_filter():
+    checker = torch.tensor([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]]).view(1, 1, 3, 3)
+    flat = torch.ones(1, 1, 5, 5)
+    assert aliased_energy(checker, 1) == 0.0  # sampling every pixel folds nothing back
+    assert aliased_energy(checker, 2) > 0.9  # all its energy is above 0.25 cycles/pixel
+    assert aliased_energy(flat, 2) < 0.2  # a 5x5 box: only its side lobes
+    assert aliased_energy(flat, 4) > aliased_energy(flat, 2) > 0  # a larger stride folds back more
+
+
 def _info(model, renorm: bool) -> CheckpointInfo:
     pre = preprocess_for(28, 1)
     return CheckpointInfo(model.config, [str(i) for i in range(10)], pre, {"top1": 0.5, "top5": 0.9},
@@ -60,10 +69,11 @@ def test_compare_runs_and_findings(tmp_path):
     assert [r.label for r in runs] == ["zfnet-small", "alexnet-small", "zfnet-small (no renorm)"]
     for r in runs:
         assert r.filters.shape[0] == len(r.rms) and len(r.maps) == 4
-        assert r.projections.shape[0] == 4 and 0 <= r.aliasing <= 1
+        assert r.projections.shape[0] == 4 and 0 <= r.layer2_high <= 1
         assert sum(r.metrics["bands"].values()) == pytest.approx(1, abs=1e-4)
     claims = findings(runs)
-    assert len(claims) == 6 and all(isinstance(c["held"], bool) for c in claims)
+    assert runs[0].aliasing == 0.0 and runs[1].aliasing > 0  # conv1 stride 1 vs 2
+    assert len(claims) == 7 and all(isinstance(c["held"], bool) for c in claims)
     assert claims[-1]["claim"].startswith("zfnet-small: RMS renormalisation")
     json.dumps(to_json(runs))
     plot(runs, tmp_path / "architecture.png")
@@ -80,4 +90,4 @@ def test_compare_command(tmp_path):
     assert main(["compare", "--runs", ",".join(map(str, paths)), "--data", "digits", "--limit", "50",
                  "--maps", "3", "--out", str(out)]) == 0
     body = json.loads((out / "architecture.json").read_text())
-    assert [r["label"] for r in body["runs"]] == ["zfnet-small", "alexnet-small"] and len(body["findings"]) == 5
+    assert [r["label"] for r in body["runs"]] == ["zfnet-small", "alexnet-small"] and len(body["findings"]) == 6
