@@ -117,8 +117,14 @@ def evolution(snapshots: list[tuple[int, torch.nn.Module]], preprocess: Preproce
 
 
 def load_snapshots(run: str | Path) -> tuple[list[tuple[int, torch.nn.Module]], object]:
-    """``([(epoch, model)], info of the last snapshot)`` for a training run directory."""
+    """``([(epoch, model)], info of the last one)`` for a training run directory: its snapshots, and
+    ``final.pt`` too when its epoch is later than the last snapshot's."""
     loaded = [(epoch, load_checkpoint(path)) for epoch, path in snapshot_paths(run)]
+    final = Path(run) / "final.pt"
+    if final.is_file():
+        model, info = load_checkpoint(final)
+        if info.epoch is not None and info.epoch > loaded[-1][0]:
+            loaded.append((info.epoch, (model, info)))
     return [(epoch, model) for epoch, (model, _) in loaded], loaded[-1][1][1]
 
 

@@ -21,15 +21,15 @@ from .runner import atomic_write_json
 # Budgets: "quick" is what the tests run end to end (minutes); "default" is `make demo`
 # (<= 30 minutes with set-up on 2 CPU cores); "full" the longer schedules behind --full.
 BUDGETS = {
-    "quick": dict(train=["--limit", "2000", "--epochs", "2", "--snapshots", "1,2"],
+    "quick": dict(train=["--limit", "1000", "--epochs", "2", "--snapshots", "1,2"],
                   topk=["--limit", "500", "--maps", "4"],
                   evolution=["--limit", "300", "--maps", "3"],
-                  arch_train=["--limit", "2000", "--epochs", "1"],
+                  arch_train=["--limit", "1000", "--epochs", "1"],
                   compare=["--limit", "300", "--maps", "8"],
                   occlude=["--index", "0,1"],
                   invariance=["--index", "0,1,2"],
                   correspond=["--repeats", "2"],
-                  ablate=["--limit", "1000", "--epochs", "1"],
+                  ablate=["--limit", "500", "--epochs", "1"],
                   transfer=["--per-class", "1,5", "--folds", "2", "--scratch-steps", "30"],
                   layers=["--per-class", "5", "--folds", "2"]),
     "default": dict(train=[],

@@ -223,6 +223,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
         torch.set_rng_state(state["torch_rng"])
         metrics, epoch, step = state["metrics"], state["epoch"], state["step"]
         preprocess.mean = payload["mean"]
+        info.accuracy, info.epoch = payload.get("accuracy") or {}, payload.get("epoch")
     elif rank == 0:
         atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
 

@@ -29,6 +29,7 @@ from .train import TrainConfig, _epoch_batches, _make_scheduler
 PER_CLASS = (1, 2, 3, 5, 10, 15, 30)  # Fig. 9 down to one shot, and the 15/30 of Table 4
 OVERLAP_THRESHOLD = 0.99  # normalised correlation from which two images count as the same
 THUMBNAIL = 32  # images are compared in grey, larger ones shrunk to 32x32
+SCRATCH_BATCH = 32  # mini-batch of the from-scratch baseline
 
 
 # ----------------------------------------------------------------------------- overlap (Sec. 5.2)
@@ -81,14 +82,14 @@ def train_scratch(info: CheckpointInfo, source: Source, indices, steps: int, see
     """The checkpoint's architecture, freshly initialised, trained on ``source[indices]`` only (Sec. 5.2).
 
     Same recipe as the checkpoint's run (optimiser, schedule, 10-crop augmentation, RMS renormalisation),
-    for ``steps`` SGD steps with mini-batches of ``b = min(batch_size, len(indices))`` images and the
-    learning rate scaled by ``b / batch_size`` (the linear scaling rule; at the full rate a batch of 10
-    images collapses the model to one class).
+    for ``steps`` SGD steps with mini-batches of ``b = min(SCRATCH_BATCH, len(indices))`` images and the
+    learning rate scaled by ``b / batch_size`` (the linear scaling rule). A few hundred images make only
+    a couple of full batches per epoch, and at the full rate the model often collapses to one class.
     """
     indices = torch.as_tensor(indices, dtype=torch.long)
     saved = TrainConfig(**info.train_config) if info.train_config else TrainConfig(model=info.config.name)
     saved = saved.resolved()
-    batch = min(saved.batch_size, len(indices))
+    batch = min(SCRATCH_BATCH, saved.batch_size, len(indices))
     per_epoch = max(1, len(indices) // batch)
     cfg = dataclasses.replace(saved, epochs=math.ceil(steps / per_epoch), batch_size=batch, seed=seed,
                               lr=saved.lr * batch / saved.batch_size, limit=None, snapshots=None)
