@@ -309,7 +309,7 @@ def cmd_ablate(args) -> None:
     from .train import TrainConfig
 
     base = TrainConfig(model=args.model, data=args.data, epochs=args.epochs, limit=args.limit, seed=args.seed,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, lr=args.lr)
     result = ablate(base, args.out, args.variants)
     out = Path(args.out)
     plot(result, out / "ablation.png")
@@ -522,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per variant (default: the recipe's)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (demo: 10000)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the recipe's; short budgets need less, demo 0.02)")
     p.add_argument("--variants", type=_name_list, default=None, help="a subset of the variants (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="directory: one run per variant, ablation.png + ablation.json")
