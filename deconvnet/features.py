@@ -8,10 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import LinearSVC
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 from ._analysis import eval_mode
@@ -120,6 +116,11 @@ def fit_linear(kind: str, features: np.ndarray, labels, split: Split, seed: int 
     ``kind``: ``"softmax"`` (multinomial logistic regression, the new top layer of Sec. 5.2) or
     ``"svm"`` (linear SVM, one-vs-rest, Table 7). Features are standardised on the training images.
     """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+    from threadpoolctl import threadpool_limits
+
     labels = np.asarray(labels)
     scaler = StandardScaler().fit(features[split.train])
     x_train, x_test = scaler.transform(features[split.train]), scaler.transform(features[split.test])

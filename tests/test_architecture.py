@@ -65,10 +65,15 @@ def test_compare_runs_and_findings(tmp_path):
     runs = []
     for name, renorm in (("zfnet-small", True), ("alexnet-small", True), ("zfnet-small", False)):
         model = build_model(name, 10).eval()
+        with torch.no_grad():  # a filter that can never fire: no weights, negative bias
+            model.conv1.weight[0] = 0
+            model.conv1.bias[0] = -1
         runs.append(summarise(model, _info(model, renorm), source, range(64), maps=4))
     assert [r.label for r in runs] == ["zfnet-small", "alexnet-small", "zfnet-small (no renorm)"]
     for r in runs:
         assert r.filters.shape[0] == len(r.rms) and len(r.maps) == 4
+        assert r.metrics["silent"] == pytest.approx(1 / len(r.rms))  # the planted one (random filters fire)
+        assert r.metrics["dead"] == pytest.approx(1 / len(r.rms))  # and its RMS is 0
         assert r.projections.shape[0] == 4 and 0 <= r.layer2_high <= 1
         assert sum(r.metrics["bands"].values()) == pytest.approx(1, abs=1e-4)
     claims = findings(runs)
