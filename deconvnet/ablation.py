@@ -6,9 +6,9 @@ top-1 and test top-5 error like Table 3. Runs live in ``OUT/<variant>/``: a fini
 an interrupted one resumed.
 
 Budgets (zfnet-small on Fashion-MNIST, 2 CPU cores): the demo budget ``--limit 10000 --epochs 2
---lr 0.02`` takes about 6-10 minutes for the nine variants (the widened ones cost 2-3x the baseline);
+--lr 0.02`` took 11 minutes for the nine variants on busy cores (the widened ones cost 2-3x the baseline);
 at the small recipe's peak rate of 0.08 such short runs leave some variants stuck at chance. The full
-budget (60k images, the recipe's 15 epochs and rate) takes about 1.5 hours.
+budget (60k images, the recipe's 15 epochs and rate) takes about 1.5 hours by estimate (not run).
 """
 from __future__ import annotations
 
@@ -89,9 +89,9 @@ def _run_variant(cfg: TrainConfig, run: Path) -> None:
 
 
 def _errors(cfg: TrainConfig, run: Path) -> dict:
-    """Train and test error of a finished run (cached in ``run/errors.json``)."""
+    """Train and test error of a finished run (cached in ``run/errors.json`` until final.pt changes)."""
     cached = run / "errors.json"
-    if cached.exists():
+    if cached.exists() and cached.stat().st_mtime_ns >= (run / "final.pt").stat().st_mtime_ns:
         return json.loads(cached.read_text())
     model, info = load_checkpoint(run / "final.pt")
     source = open_source(cfg.data, info.preprocess.stored_size, info.preprocess.channels)

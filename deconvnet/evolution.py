@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from ._analysis import to_rgb
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointInfo, load_checkpoint
 from .data import Preprocess, Source
 from .errors import UserError
 from .features import feature_layers
+from .runner import progress
 from .topk import _mosaic, choose_maps, gallery, top_k
 
 STABLE_CORRELATION = 0.9
@@ -97,7 +98,7 @@ def evolution(snapshots: list[tuple[int, torch.nn.Module]], preprocess: Preproce
     names = {n: name for n, name in feature_layers(snapshots[-1][1]).items() if n <= 5}
     per_snapshot = []  # [(tables, {layer: Gallery})]
     chosen: dict[int, list[int]] = {}
-    for epoch, model in reversed(snapshots):  # the last first: it picks the maps
+    for _, model in progress(snapshots[::-1], desc="snapshots", unit="ckpt"):  # the last first: it picks the maps
         tables = top_k(model, source, preprocess, list(names.values()), k=1, indices=indices)
         if not chosen:
             chosen = {n: choose_maps(tables[name], maps, seed) for n, name in names.items()}
@@ -111,12 +112,12 @@ def evolution(snapshots: list[tuple[int, torch.nn.Module]], preprocess: Preproce
         projections = torch.stack([g[n].projections[:, 0] for _, g in per_snapshot], 1)  # (M, S, C, R, R)
         correlation = np.array([[_correlation(p[s], p[s + 1]) for s in range(len(epochs) - 1)] for p in projections])
         stable = [stable_from(epochs, images[m], correlation[m]) for m in range(len(chosen[n]))]
-        layers[n] = LayerEvolution(name, chosen[n], images, values, projections, correlation.reshape(len(chosen[n]), -1),
-                                   stable)
+        correlation = correlation.reshape(len(chosen[n]), len(epochs) - 1)  # (M, S-1), also when M = 0
+        layers[n] = LayerEvolution(name, chosen[n], images, values, projections, correlation, stable)
     return EvolutionResult(epochs, layers)
 
 
-def load_snapshots(run: str | Path) -> tuple[list[tuple[int, torch.nn.Module]], object]:
+def load_snapshots(run: str | Path) -> tuple[list[tuple[int, torch.nn.Module]], CheckpointInfo]:
     """``([(epoch, model)], info of the last one)`` for a training run directory: its snapshots, and
     ``final.pt`` too when its epoch is later than the last snapshot's."""
     loaded = [(epoch, load_checkpoint(path)) for epoch, path in snapshot_paths(run)]

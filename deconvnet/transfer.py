@@ -78,7 +78,8 @@ def find_overlaps(target: Source, reference: Source, reference_limit: int | None
 
 # ----------------------------------------------------------------------------- from scratch
 
-def train_scratch(info: CheckpointInfo, source: Source, indices, steps: int, seed: int = 0) -> tuple[ConvNet, Preprocess]:
+def train_scratch(info: CheckpointInfo, source: Source, indices, steps: int,
+                  seed: int = 0) -> tuple[ConvNet, Preprocess]:
     """The checkpoint's architecture, freshly initialised, trained on ``source[indices]`` only (Sec. 5.2).
 
     Same recipe as the checkpoint's run (optimiser, schedule, 10-crop augmentation, RMS renormalisation),
@@ -121,7 +122,8 @@ def train_scratch(info: CheckpointInfo, source: Source, indices, steps: int, see
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, preprocess: Preprocess, source: Source, indices, batch_size: int = 500) -> np.ndarray:
+def predict(model: torch.nn.Module, preprocess: Preprocess, source: Source, indices,
+            batch_size: int = 500) -> np.ndarray:
     """Predicted class of each image ``source[indices]`` (center crop)."""
     indices = torch.as_tensor(indices, dtype=torch.long)
     with eval_mode(model):
@@ -228,7 +230,9 @@ def plot(result: TransferResult, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, scores in (("pretrained layers 1-7 + new softmax", result.pretrained), ("from scratch", result.scratch)):
+    curves = (("pretrained layers 1-7 + new softmax", result.pretrained),
+              (f"from scratch ({result.scratch_steps} steps)", result.scratch))
+    for name, scores in curves:
         ax.errorbar(result.per_class, [100 * np.mean(scores[n]) for n in result.per_class],
                     yerr=[100 * np.std(scores[n]) for n in result.per_class], marker="o", capsize=3, label=name)
     ax.axhline(100 / len(result.classes), color="grey", linestyle=":", label="chance")

@@ -67,10 +67,10 @@ def test_ablate_trains_reuses_and_resumes(tmp_path):
     final = tmp_path / "baseline" / "final.pt"
     stamp = final.stat().st_mtime_ns
     (tmp_path / "no-6-7" / "final.pt").unlink()  # "interrupted" after its last epoch: resumed from last.pt
-    (tmp_path / "no-6-7" / "errors.json").unlink()
     again = ablate(base, tmp_path, ["baseline", "no-6-7"])
     assert final.stat().st_mtime_ns == stamp  # finished: not retrained
-    assert (tmp_path / "no-6-7" / "final.pt").exists()
+    errors = tmp_path / "no-6-7" / "errors.json"
+    assert errors.stat().st_mtime_ns >= (tmp_path / "no-6-7" / "final.pt").stat().st_mtime_ns  # re-measured
     assert again.rows["no-6-7"]["test_top1"] == pytest.approx(result.rows["no-6-7"]["test_top1"])
 
     body = to_json(again)
