@@ -24,7 +24,7 @@ from .data import Preprocess, Source
 from .errors import UserError
 from .features import feature_layers
 from .runner import progress
-from .topk import _mosaic, choose_maps, gallery, top_k
+from .topk import mosaic, choose_maps, gallery, top_k
 
 STABLE_CORRELATION = 0.9
 
@@ -168,7 +168,7 @@ def plot_layer(result: EvolutionResult, n: int, path: str | Path) -> None:
     for m, c in enumerate(layer.maps):
         for s, epoch in enumerate(result.epochs):
             ax = axes[m, s]
-            ax.imshow(to_rgb(_mosaic(layer.projections[m, s][None], stretch=True)), cmap="gray", vmin=0, vmax=1,
+            ax.imshow(to_rgb(mosaic(layer.projections[m, s][None], stretch=True)), cmap="gray", vmin=0, vmax=1,
                       interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])

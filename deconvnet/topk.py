@@ -174,7 +174,7 @@ def gallery(model: nn.Module, source: Source, preprocess: Preprocess, layer: str
     return Gallery(layer, list(maps), tiles_p, tiles_x)
 
 
-def _mosaic(tiles: torch.Tensor, stretch: bool) -> torch.Tensor:
+def mosaic(tiles: torch.Tensor, stretch: bool) -> torch.Tensor:
     """(k, C, R, R) tiles -> one (C, rows*R, cols*R) square-ish mosaic with 1 px white gaps."""
     k, c, r, _ = tiles.shape
     cols = math.ceil(math.sqrt(k))
@@ -204,8 +204,8 @@ def draw_gallery(result: Gallery, path, title: str = "") -> None:
     for ax in axes.flat:
         ax.axis("off")
     for m, (c, ax) in enumerate(zip(result.maps, axes.flat)):
-        proj = _mosaic(result.projections[m], stretch=True)
-        patch = _mosaic(result.patches[m], stretch=False)
+        proj = mosaic(result.projections[m], stretch=True)
+        patch = mosaic(result.patches[m], stretch=False)
         gap = torch.ones(proj.shape[0], proj.shape[1], max(2, proj.shape[2] // 12))
         ax.imshow(to_rgb(torch.cat([proj, gap, patch], 2)), cmap="gray", vmin=0, vmax=1,
                   interpolation="nearest")
