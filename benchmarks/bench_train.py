@@ -23,7 +23,7 @@ from deconvnet.data import open_source  # noqa: E402
 from deconvnet.train import TrainConfig, train  # noqa: E402
 
 
-def bare_loop(model_name: str, steps: int, batch_size: int) -> float:
+def bare_loop(model_name: str, steps: int, batch_size: int, precision: str) -> float:
     """Images per second of a plain SGD loop over preloaded, normalised Fashion-MNIST."""
     torch.manual_seed(0)
     source = open_source("fashion-mnist")
@@ -39,17 +39,18 @@ def bare_loop(model_name: str, steps: int, batch_size: int) -> float:
     for s in range(steps):
         idx = perm[s * batch_size:(s + 1) * batch_size]
         x = x_all[idx].contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(x), y_all[idx])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = F.cross_entropy(model(x), y_all[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return n / (time.perf_counter() - start)
 
 
-def trainer(model_name: str, steps: int, batch_size: int) -> float:
+def trainer(model_name: str, steps: int, batch_size: int, precision: str) -> float:
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(model=model_name, epochs=1, limit=steps * batch_size, batch_size=batch_size,
-                          checkpoint_every=200)
+                          checkpoint_every=200, precision=precision, device="cpu", final_ten_crop=False)
         train(cfg, out)
         return json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[-1])["train_images_per_s"]
 
@@ -60,13 +61,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="both loops use it; auto = the trainer's default on this CPU")
     args = parser.parse_args()
+    precision = TrainConfig(precision=args.precision, device="cpu").resolved().precision
     bare, ours = [], []
     for _ in range(args.rounds):  # alternate so drift in machine load hits both alike
-        bare.append(bare_loop(args.model, args.steps, args.batch_size))
-        ours.append(trainer(args.model, args.steps, args.batch_size))
+        bare.append(bare_loop(args.model, args.steps, args.batch_size, precision))
+        ours.append(trainer(args.model, args.steps, args.batch_size, precision))
     b, o = max(bare), max(ours)
-    print(f"{args.model}, batch {args.batch_size}, {args.steps} steps, {torch.get_num_threads()} threads")
+    print(f"{args.model}, batch {args.batch_size}, {args.steps} steps, {precision}, {torch.get_num_threads()} threads")
     print(f"bare PyTorch loop : {b:8.1f} images/s  (rounds: {', '.join(f'{v:.0f}' for v in bare)})")
     print(f"deconvnet trainer : {o:8.1f} images/s  (rounds: {', '.join(f'{v:.0f}' for v in ours)})")
     print(f"ratio trainer/bare: {o / b:.3f}  (bar: >= 0.9)")

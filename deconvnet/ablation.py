@@ -22,7 +22,7 @@ from .data import open_source
 from .errors import UserError
 from .models import ModelConfig, model_config
 from .runner import atomic_write_json, progress
-from .train import TrainConfig, _val_split, evaluate, train
+from .train import TrainConfig, split_indices, evaluate, train
 
 # Table 3's rows, in the paper's words, for a model of the ZFNet family.
 LABELS = {
@@ -95,7 +95,7 @@ def _errors(cfg: TrainConfig, run: Path) -> dict:
         return json.loads(cached.read_text())
     model, info = load_checkpoint(run / "final.pt")
     source = open_source(cfg.data, info.preprocess.stored_size, info.preprocess.channels)
-    _, train_idx, _ = _val_split(cfg.resolved(), source)
+    _, train_idx, _ = split_indices(cfg.resolved(), source)
     on_train = evaluate(model, source, info.preprocess, train_idx)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     row = {"train_top1": 100 * (1 - on_train["top1"]), "test_top1": 100 * (1 - last["val_top1"]),
@@ -118,7 +118,7 @@ def ablate(base: TrainConfig, out: str | Path, variants: list[str] | None = None
     changes = variant_changes(model_config(base.model))
     result = AblationResult(base.model, base.data, base.epochs, base.limit)
     for name in progress(names, desc="ablation", unit="variant"):
-        cfg = dataclasses.replace(base, model_changes=changes[name])
+        cfg = dataclasses.replace(base, model_changes=changes[name], final_ten_crop=False)  # Table 3: center crop
         _run_variant(cfg, out / name)
         result.rows[name] = _errors(cfg, out / name)
     return result

@@ -21,6 +21,7 @@ from torch import nn
 
 from ._analysis import features, to_rgb
 from .errors import UserError
+from .features import layer_output
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right), inclusive pixel coordinates
 
@@ -118,8 +119,6 @@ def correspondence(model: nn.Module, images: torch.Tensor, parts: dict[str, list
         for t, l, b, r in boxes:
             if not (0 <= t <= b < height and 0 <= l <= r < width):
                 raise UserError(f"part {name!r}: box {(t, l, b, r)} is not inside the {height}x{width} image")
-    from .features import layer_output  # here, not at the top: that module imports scikit-learn
-
     layers = list(layers) if layers else [layer_output(model, 5), layer_output(model, 7)]
     if None in layers:
         raise UserError("this model lacks layer 5 or 7; name the layers to compare")

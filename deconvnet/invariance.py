@@ -19,6 +19,7 @@ from torch import nn
 from ._analysis import features, output_layer
 from .data import Preprocess
 from .errors import UserError
+from .features import layer_output
 
 KINDS = ("translation", "scale", "rotation")
 IDENTITY = {"translation": 0.0, "scale": 1.0, "rotation": 0.0}
@@ -83,8 +84,6 @@ def invariance(model: nn.Module, raw: torch.Tensor, labels, preprocess: Preproce
         layers: the low and high layer, default the outputs of layers 1 and 7 (``norm1``, ``relu7``).
         amounts: per kind in ``KINDS``, the amounts to sweep; default :func:`default_amounts`.
     """
-    from .features import layer_output  # here, not at the top: that module imports scikit-learn
-
     layers = list(layers) if layers else [layer_output(model, 1), layer_output(model, 7)]
     if None in layers:
         raise UserError("this model lacks layer 1 or 7; name the layers to compare")

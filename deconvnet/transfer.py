@@ -22,9 +22,9 @@ from .checkpoint import CheckpointInfo
 from .data import Preprocess, Source, mean_image, preprocess_for
 from .features import (feature_grid, fit_linear, layer_features, layer_output, mean_class_accuracy,
                        per_class_folds)
-from .models import ConvNet, renormalise_filters
+from .models import ConvNet
 from .runner import progress
-from .train import TrainConfig, _epoch_batches, _make_scheduler
+from .train import TrainConfig, epoch_batches, make_optimizer, make_scheduler, sgd_step
 
 PER_CLASS = (1, 2, 3, 5, 10, 15, 30)  # Fig. 9 down to one shot, and the 15/30 of Table 4
 OVERLAP_THRESHOLD = 0.99  # normalised correlation from which two images count as the same
@@ -99,24 +99,16 @@ def train_scratch(info: CheckpointInfo, source: Source, indices, steps: int,
     model = ConvNet(config).to(memory_format=torch.channels_last)  # faster on CPU, as in the trainer
     preprocess = preprocess_for(config.input_size, config.in_channels)
     preprocess.mean = mean_image(source, preprocess, indices)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
-    scheduler = _make_scheduler(cfg, optimizer, per_epoch)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, per_epoch)
     crops = torch.Generator().manual_seed(seed + 1)
     images, labels = source.get(indices), source.labels[indices]  # the whole (small) training set
     model.train()
     for epoch in range(1, cfg.epochs + 1):
-        for b in _epoch_batches(len(indices), cfg.batch_size, cfg.seed, epoch):
+        for b in epoch_batches(len(indices), cfg.batch_size, cfg.seed, epoch):
             x = preprocess.train(images[b], torch.randint(0, 10, (len(b),), generator=crops))
             x = x.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), labels[b])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if cfg.schedule == "onecycle":
-                scheduler.step()
-            if cfg.renorm:
-                renormalise_filters(model, cfg.renorm_radius)
+            sgd_step(cfg, model, optimizer, scheduler, x, labels[b])
     model.eval()
     return model, preprocess
 

@@ -22,6 +22,7 @@ def run(capsys, *argv):
     (["train"], "the following arguments are required: --out"),
     (["evaluate", "--checkpoint", "/no/such.pt", "--data", "digits"], "checkpoint not found"),
     (["frobnicate"], "invalid choice"),
+    (["train", "--precision", "fp8", "--out", "x"], "invalid choice: 'fp8'"),
 ])
 def test_user_mistakes_are_one_line_exit_2(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -52,3 +53,11 @@ def test_evaluate_prints_json_and_checks_classes(capsys, tmp_path):
     assert code == 0 and json.loads(out)["n"] == 100
     code, _, err = run(capsys, "evaluate", "--checkpoint", str(tmp_path / "final.pt"), "--data", "fashion-mnist:test")
     assert code == 2 and "classes" in err
+
+
+def test_cuda_device_without_cuda_is_a_user_error(capsys, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(capsys, "train", "--device", "cuda", "--limit", "64", "--out", str(tmp_path / "r"))
+    assert code == 2 and "sees no CUDA device" in err and err.count("\n") == 1
