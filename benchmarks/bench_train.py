@@ -32,7 +32,7 @@ def bare_loop(model_name: str, steps: int, batch_size: int, precision: str) -> f
     x_all -= x_all.mean(0)
     y_all = source.labels[:n]
     model = build_model(model_name, num_classes=10, init="kaiming").to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
     model.train()
     perm = torch.randperm(n)
     start = time.perf_counter()

@@ -5,10 +5,9 @@ A variant is a set of :class:`~deconvnet.models.ModelConfig` changes handed to t
 top-1 and test top-5 error like Table 3. Runs live in ``OUT/<variant>/``: a finished one is reused,
 an interrupted one resumed.
 
-Budgets (zfnet-small on Fashion-MNIST, 2 CPU cores): the demo budget ``--limit 10000 --epochs 2
---lr 0.02`` took 11 minutes for the nine variants on busy cores (the widened ones cost 2-3x the baseline);
-at the small recipe's peak rate of 0.08 such short runs leave some variants stuck at chance. The full
-budget (60k images, the recipe's 15 epochs and rate) takes about 1.5 hours by estimate (not run).
+Budgets: the demo's ``--limit 10000 --epochs 2 --lr 0.02`` (timed in README); at the small recipe's
+peak rate of 0.08 such short runs leave some variants stuck at chance. The widened variants cost
+2-3x the baseline. Each variant is judged on the center crop (no final 10-crop evaluation).
 """
 from __future__ import annotations
 

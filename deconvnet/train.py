@@ -3,8 +3,10 @@
 Paper recipe (``recipe="paper"``, the default for ``zfnet`` and ``alexnet``): SGD, batch 128,
 lr 1e-2, momentum 0.9, dropout 0.5 in fc6/fc7, weights N(0, 1e-2) and biases 0, lr divided by 10
 when the validation error plateaus, and every conv filter renormalised to RMS <= 0.1 after each step.
-The small models default to ``recipe="small"``, tuned to reach >= 92% on Fashion-MNIST within ten
-minutes on 2 CPU cores (see README): He init, a one-cycle schedule, Nesterov momentum, weight decay.
+The small models default to ``recipe="small"``, tuned to reach 92% on Fashion-MNIST within ten
+minutes on 2 CPU cores (see README): He init, a one-cycle schedule, Nesterov momentum, weight decay,
+no dropout, 30 epochs. Where the hardware computes bf16 natively the convs run under bf16 autocast
+(``precision="auto"``), about twice as fast on CPU; weights, optimizer and evaluation stay fp32.
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ PAPER_SNAPSHOTS = (1, 2, 5, 10, 20, 30, 40, 64)  # the epochs of Fig. 4
 RECIPES = {
     "paper": dict(lr=1e-2, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="plateau",
                   init="paper", dropout=0.5, label_smoothing=0.0, epochs=70),
-    "small": dict(lr=0.08, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
-                  init="kaiming", dropout=0.0, label_smoothing=0.0, epochs=15),
+    "small": dict(lr=0.08, momentum=0.9, nesterov=True, weight_decay=1e-4, schedule="onecycle",
+                  init="kaiming", dropout=0.0, label_smoothing=0.0, epochs=30),
 }
 
 

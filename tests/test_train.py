@@ -53,6 +53,8 @@ def test_paper_recipe_defaults(tmp_path):
     small = TrainConfig(model="zfnet-small", epochs=6).resolved()
     assert small.recipe == "small" and small.snapshots == [1, 2, 5, 6] and small.dropout == 0.0
     assert cfg.dropout == 0.5
+    default = TrainConfig().resolved()  # the demo's 92% budget (README)
+    assert (default.epochs, default.lr, default.weight_decay, default.dropout) == (30, 0.08, 1e-4, 0.0)
 
 
 def test_precision_auto_is_bf16_only_where_native():
