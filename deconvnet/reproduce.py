@@ -136,10 +136,13 @@ def run_step(step: Step, root: Path, budget: str, position: str) -> dict:
     estimate = ESTIMATES.get(budget, {}).get(step.name)
     print(f"{position} {step.name:<14} running" + (f", estimated {_fmt(estimate)}" if estimate else ""), flush=True)
     argv = _absolute(step.argv, root)
-    if step.argv[0] == "train" and (out / "checkpoints" / "last.pt").exists():
+    started_marker = out / "started.json"  # the key of the run that was interrupted here, if any
+    same_run = started_marker.is_file() and json.loads(started_marker.read_text()).get("key") == key
+    if same_run and step.argv[0] == "train" and (out / "checkpoints" / "last.pt").exists():
         argv.append("--resume")  # an interrupted training run continues where it stopped
-    elif step.argv[0] != "ablate" and out.exists():  # ablate resumes its variants by itself
-        shutil.rmtree(out)
+    elif out.exists() and not (same_run and step.argv[0] == "ablate"):  # ablate resumes its variants itself
+        shutil.rmtree(out)  # outputs of another command (a changed budget) or of an unfinished analysis
+    atomic_write_json(started_marker, {"key": key})
     started = time.time()
     code = main(argv)
     if code != 0:

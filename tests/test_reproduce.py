@@ -79,3 +79,28 @@ def test_report_loads_in_headless_chromium(report, tmp_path):
         browser.close()
     assert [s.split(":")[0] for s in sections] == [s[0] for s in SECTIONS] + ["Run"]
     assert images and all(images)
+
+
+def test_a_changed_step_starts_afresh_an_interrupted_one_resumes(tmp_path, capsys):
+    """A budget change must not --resume the old run (its arguments differ); an interruption must."""
+    from deconvnet.reproduce import Step, run_step
+
+    def step(epochs):
+        return Step("t", ["train", "--model", "zfnet-small", "--data", "digits", "--limit", "64",
+                          "--batch-size", "32", "--epochs", str(epochs), "--no-ten-crop", "--out", "t"])
+
+    def interrupt():  # what a kill after the last checkpoint leaves: no final.pt, no step.json
+        (tmp_path / "t" / "final.pt").unlink()
+        (tmp_path / "t" / "step.json").unlink()
+
+    run_step(step(1), tmp_path, "quick", "[1/1]")
+    interrupt()
+    run_step(step(2), tmp_path, "quick", "[1/1]")  # another budget: trains afresh, 2 epochs
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["epochs"] == 2
+    first = (tmp_path / "t" / "metrics.jsonl").read_text()
+    interrupt()
+    record = run_step(step(2), tmp_path, "quick", "[1/1]")  # same budget: resumes, nothing to redo
+    assert (tmp_path / "t" / "metrics.jsonl").read_text() == first and record["seconds"] < 30
+    capsys.readouterr()
+    run_step(step(2), tmp_path, "quick", "[1/1]")
+    assert "cached" in capsys.readouterr().out
