@@ -56,9 +56,10 @@ BUDGETS = {
                  layers=[]),
 }
 
-ESTIMATES = {  # seconds on 2 CPU cores, per budget (shown before each step)
-    "quick": {}, "default": {"train": 480, "fig6-alexnet": 60, "fig6-zfnet": 60, "fig6-norenorm": 60,
-                             "table3": 150, "tables4-5": 120, "table7": 60},
+ESTIMATES = {  # seconds on 2 CPU cores (measured, `make demo` on this project's 2-core machine)
+    "quick": {},
+    "default": {"train": 500, "fig2": 5, "fig4": 12, "fig6-zfnet": 50, "fig6-alexnet": 20, "fig6-norenorm": 50,
+                "table3": 250, "tables4-5": 110, "table7": 25},
     "full": {},
 }
 
