@@ -9,6 +9,7 @@ import base64
 import html
 import json
 import platform
+import re
 from pathlib import Path
 
 from .checkpoint import read_checkpoint
@@ -158,9 +159,12 @@ def _read_fig5(r: dict) -> str:
 
 
 def _read_fig6(r: dict) -> str:
-    claims = {c["claim"].split(": ", 1)[1].split(" (")[0]: c for c in r["findings"]}
-    held = [k for k, c in claims.items() if c["held"]]
-    missed = [k for k, c in claims.items() if not c["held"]]
+    def short(c: dict) -> str:  # "pair: claim (how measured)" -> "claim [our values]"
+        claim = re.sub(r"\s*\([^()]*\)$", "", c["claim"].split(": ", 1)[-1])
+        return f"{claim} [{_value(c['ours'])}]"
+
+    held = [short(c) for c in r["findings"] if c["held"]]
+    missed = [short(c) for c in r["findings"] if not c["held"]]
     return (f"Held at this scale: {'; '.join(held) or 'none'}. "
             f"Not held: {'; '.join(missed) or 'none'} (28 px images and 3x3 kernels leave little room for the "
             "frequency effects the paper saw at 224 px).")

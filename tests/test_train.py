@@ -144,7 +144,8 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert double.returncode == 0, double.stderr
     a, b = weights(tmp_path / "one" / "final.pt"), weights(tmp_path / "two" / "final.pt")
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=5e-5), k  # float summation order; a wrong
+        # gradient average (a sum over processes, or one shard only) moves the weights far more
     one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text())
     two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text())
     assert one["val_top1"] == pytest.approx(two["val_top1"], abs=1 / 256)
