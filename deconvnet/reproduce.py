@@ -151,6 +151,7 @@ def run_step(step: Step, root: Path, budget: str, position: str) -> dict:
     record = {"key": key, "command": "deconvnet " + " ".join(step.argv), "seconds": round(time.time() - started, 1),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_json(marker, record)
+    started_marker.unlink()
     print(f"{position} {step.name:<14} done in {_fmt(record['seconds'])}", flush=True)
     return record
 

@@ -89,11 +89,14 @@ def test_a_changed_step_starts_afresh_an_interrupted_one_resumes(tmp_path, capsy
         return Step("t", ["train", "--model", "zfnet-small", "--data", "digits", "--limit", "64",
                           "--batch-size", "32", "--epochs", str(epochs), "--no-ten-crop", "--out", "t"])
 
-    def interrupt():  # what a kill after the last checkpoint leaves: no final.pt, no step.json
+    def interrupt():  # what a kill after the last checkpoint leaves: started.json, no final.pt or step.json
+        key = json.loads((tmp_path / "t" / "step.json").read_text())["key"]
+        (tmp_path / "t" / "started.json").write_text(json.dumps({"key": key}))
         (tmp_path / "t" / "final.pt").unlink()
         (tmp_path / "t" / "step.json").unlink()
 
     run_step(step(1), tmp_path, "quick", "[1/1]")
+    assert not (tmp_path / "t" / "started.json").exists()  # only an unfinished step keeps it
     interrupt()
     run_step(step(2), tmp_path, "quick", "[1/1]")  # another budget: trains afresh, 2 epochs
     assert json.loads((tmp_path / "t" / "config.json").read_text())["epochs"] == 2
