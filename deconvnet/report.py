@@ -194,15 +194,18 @@ def _read_table1(r: dict) -> str:
 def _read_table3(r: dict) -> str:
     claims = r["findings"]
     depth = next((c for c in claims if c["claim"].startswith("depth")), None)
-    first = (f"Extra test top-1 error over the baseline: {', '.join(f'{k} {v:+.1f}' for k, v in depth['ours'].items())} "
-             f"(paper: {depth['paper'].split(': ', 1)[-1]})." if depth else "")
+    first = ""
+    if depth:
+        extra = ", ".join(f"{k} {v:+.1f}" for k, v in depth["ours"].items())
+        first = f"Extra test top-1 error over the baseline: {extra} (paper: {depth['paper'].split(': ', 1)[-1]})."
     held = sum(_held(c) for c in claims)
     return f"{first} {held} of the {len(claims)} claims of Table 3 held at this short budget (see the table)."
 
 
 def _read_transfer(r: dict) -> str:
     claim = r["findings"][0]
-    cells = ", ".join(f"{k.split('_')[0]}: {v['pretrained']:.1f} vs {v['scratch']:.1f}" for k, v in claim["ours"].items())
+    cells = ", ".join(f"{k.split('_')[0]}: {v['pretrained']:.1f} vs {v['scratch']:.1f}"
+                      for k, v in claim["ours"].items())
     return (f"Mean per-class accuracy (%), pretrained + softmax vs from scratch, by images per class: {cells}. "
             + ("Pretrained features win at small N, as in the paper." if claim["held"] else
                "Pretrained features do not win at every small N here: Fashion-MNIST features transfer only "

@@ -1,5 +1,6 @@
 """`deconvnet reproduce --quick` end to end: killed mid-way, rerun without redoing finished steps,
 and the report opened in headless Chromium with every section and image loaded."""
+import html
 import json
 import re
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deconvnet.report import OFFLINE, SECTIONS
+from deconvnet.report import OFFLINE, READINGS, SECTIONS
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -55,6 +56,8 @@ def test_every_section_has_real_numbers(report):
         if json_name:
             result = json.loads((out / step / json_name).read_text())
             assert result.get("findings"), f"{label}: no findings in {json_name}"
+            if label in READINGS:  # each section's reading is written from its own numbers
+                assert html.escape(READINGS[label](result)) in page, label
     assert page.count("<img") >= 10
     assert "did not hold" in page or "held" in page
     train = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
