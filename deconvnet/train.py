@@ -174,8 +174,10 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.SGD:
 
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     if cfg.schedule == "onecycle":
+        # At least 8 steps: OneCycleLR divides by zero when its warm-up phase is under one step (a tiny
+        # --limit); such a run then simply stops before the schedule's end.
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25)
+            optimizer, max_lr=cfg.lr, total_steps=max(8, cfg.epochs * steps_per_epoch), pct_start=0.25)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.1, patience=cfg.plateau_patience)
 
@@ -275,6 +277,10 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
         info.accuracy, info.epoch = payload.get("accuracy") or {}, payload.get("epoch")
     elif rank == 0:
         atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
+    if rank == 0:
+        print(f"{'resuming' if state else 'training'} {cfg.model} on {cfg.data} ({len(train_idx)} images): "
+              f"{cfg.epochs} epochs, {cfg.recipe} recipe, {cfg.precision} on {cfg.device}"
+              + (f" x {procs} processes" if procs > 1 else ""), flush=True)
 
     def save_state(next_epoch: int, next_step: int) -> None:
         if rank == 0:

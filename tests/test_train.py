@@ -57,6 +57,12 @@ def test_paper_recipe_defaults(tmp_path):
     assert (default.epochs, default.lr, default.weight_decay, default.dropout) == (30, 0.08, 1e-4, 0.0)
 
 
+def test_a_run_of_four_steps_trains(tmp_path):
+    """OneCycleLR divides by zero when 25% of the run is exactly one step; the trainer guards it."""
+    metrics = train(TrainConfig(limit=64, batch_size=16, epochs=1, final_ten_crop=False), tmp_path)
+    assert metrics["epoch"] == 1 and metrics["train_loss"] > 0
+
+
 def test_precision_auto_is_bf16_only_where_native():
     native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert TrainConfig(device="cpu").resolved().precision == ("bf16" if native else "fp32")
