@@ -86,8 +86,20 @@ class TrainConfig:
             raise UserError("--epochs and --batch-size must be positive")
         if cfg.val is None and cfg.data in ("fashion-mnist", "fashion-mnist:train"):
             cfg.val = "fashion-mnist:test"
+        if cfg.lr <= 0 or cfg.weight_decay < 0 or not 0 <= cfg.momentum < 1:
+            raise UserError("--lr must be positive, weight decay >= 0 and momentum in [0, 1)")
+        if not 0 <= cfg.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+        if cfg.checkpoint_every < 0:
+            raise UserError("--checkpoint-every must be >= 0 (0: only at epoch ends)")
+        if cfg.snapshots is not None and any(not 1 <= e <= cfg.epochs for e in cfg.snapshots):
+            raise UserError(f"--snapshots must be epochs between 1 and {cfg.epochs}, got {cfg.snapshots}")
         if cfg.device == "auto":
             cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            torch.device(cfg.device)
+        except RuntimeError:
+            raise UserError(f"unknown device {cfg.device!r}; use auto, cpu, cuda or cuda:N") from None
         if cfg.precision == "auto":
             cfg.precision = "bf16" if _native_bf16(cfg.device) else "fp32"
         if cfg.precision not in ("bf16", "fp32"):

@@ -23,6 +23,10 @@ def run(capsys, *argv):
     (["evaluate", "--checkpoint", "/no/such.pt", "--data", "digits"], "checkpoint not found"),
     (["frobnicate"], "invalid choice"),
     (["train", "--precision", "fp8", "--out", "x"], "invalid choice: 'fp8'"),
+    (["train", "--label-smoothing", "2", "--out", "x"], "--label-smoothing must be in [0, 1)"),
+    (["train", "--lr", "-1", "--out", "x"], "--lr must be positive"),
+    (["train", "--device", "tpu", "--out", "x"], "unknown device 'tpu'"),
+    (["train", "--epochs", "3", "--snapshots", "0,9", "--out", "x"], "--snapshots must be epochs between 1 and 3"),
 ])
 def test_user_mistakes_are_one_line_exit_2(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
