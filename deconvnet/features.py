@@ -85,6 +85,9 @@ def per_class_folds(labels, n_train: int, folds: int = 5, n_test: int = 50, seed
     ``exclude`` lists indices never used (overlap with the pretraining set). Every class needs at
     least ``n_train + 1`` usable images.
     """
+    if n_train < 1 or folds < 1 or n_test < 1:
+        raise UserError(f"need at least 1 training image per class, 1 fold and 1 test image per class; "
+                        f"got --per-class {n_train}, --folds {folds}, {n_test} test images")
     labels = np.asarray(labels)
     usable = np.setdiff1d(np.arange(len(labels)), np.asarray(list(exclude), dtype=np.int64))
     by_class = [usable[labels[usable] == c] for c in np.unique(labels)]

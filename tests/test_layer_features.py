@@ -7,7 +7,8 @@ import pytest
 from deconvnet.checkpoint import load_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import open_source
-from deconvnet.features import Split, feature_grid, feature_layers, fit_linear, layer_features
+from deconvnet.errors import UserError
+from deconvnet.features import Split, feature_grid, feature_layers, fit_linear, layer_features, per_class_folds
 from deconvnet.layer_features import layer_analysis, plot, to_json
 from deconvnet.models import build_model
 
@@ -72,3 +73,9 @@ def test_layers_command(tiny_checkpoint, tmp_path):
                  "--out", str(out)]) == 0
     body = json.loads((out / "layers.json").read_text())
     assert len(body["table"]) == 14 and (out / "layers.png").exists()
+
+
+@pytest.mark.parametrize("n_train, folds", [(0, 5), (-3, 5), (1, 0)])
+def test_per_class_folds_rejects_empty_protocols(n_train, folds):
+    with pytest.raises(UserError, match="at least 1 training image per class, 1 fold"):
+        per_class_folds(np.repeat(np.arange(3), 10), n_train, folds)
