@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,6 +16,16 @@ from .errors import UserError
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage + error by default)
         raise UserError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -58,9 +69,12 @@ def _check_classes(data_classes: list[str], model_classes: list[str], spec: str)
 
 def _float_list(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = [math.nan]
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return values
 
 
 def _name_list(text: str) -> list[str]:
@@ -444,12 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--recipe", choices=["paper", "small"], default=None,
                    help="'paper' = Sec. 3 exactly (default for zfnet/alexnet); 'small' = tuned for 28 px")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--dropout", type=float, default=None, help="dropout in fc6/fc7 (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images (quick runs)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images (quick runs)")
     p.add_argument("--snapshots", type=_int_list, default=None,
                    help="epochs to keep checkpoints of (default: 1,2,5,10,20,30,40,64 and the last)")
     p.add_argument("--no-renorm", action="store_true", help="turn off the RMS renormalisation (Fig. 6a)")
@@ -467,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="top-1/top-5 accuracy of a checkpoint, as JSON")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=_positive_int, default=None)
     p.add_argument("--ten-crop", action="store_true", help="average the softmax over the 10 crops (Sec. 3)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -492,12 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_args(p, 5)
     p.add_argument("--class", dest="class_name", default=None,
                    help="take the first --count images of this class from --data (e.g. Sneaker)")
-    p.add_argument("--count", type=int, default=5, help="number of images (default 5)")
+    p.add_argument("--count", type=_positive_int, default=5, help="number of images (default 5)")
     p.add_argument("--parts", default=None, help='JSON file: {"part": [top, left, bottom, right] or one per image}')
     p.add_argument("--part", type=_named_box, action="append", default=None, metavar="NAME=T,L,B,R",
                    help="a part's box in every image (repeatable)")
     p.add_argument("--layers", type=_name_list, default=None, help="layers (default: layers 5 and 7)")
-    p.add_argument("--repeats", type=int, default=5, help="random draws per part size for the control")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="random draws per part size for the control")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_correspond)
 
@@ -506,8 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data spec, e.g. fashion-mnist:test")
     p.add_argument("--layers", type=_name_list, default=["conv1", "conv2", "conv3", "conv4", "conv5"])
     p.add_argument("--k", type=int, default=9, help="activations kept per feature map (default 9, Fig. 2)")
-    p.add_argument("--maps", type=int, default=9, help="feature maps drawn per layer, chosen at random")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--maps", type=_positive_int, default=9, help="feature maps drawn per layer, chosen at random")
+    p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice of maps")
     p.add_argument("--out", required=True, help="output directory (gallery-LAYER.png + topk.json)")
     p.set_defaults(func=cmd_topk)
@@ -527,9 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="train Table 3's variants (removed / resized layers) and compare errors")
     p.add_argument("--model", default="zfnet-small", help="the model the variants change")
     p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per variant (default: the recipe's)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images (demo: 10000)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs per variant (default: the recipe's)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images (demo: 20000)")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: the recipe's; short budgets need less, demo 0.02)")
     p.add_argument("--variants", type=_name_list, default=None, help="a subset of the variants (default: all)")
@@ -540,8 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="layer-1 filters and layer-2 projections of several runs (Fig. 6)")
     p.add_argument("--runs", type=_name_list, required=True, help="run directories or checkpoints, comma-separated")
     p.add_argument("--data", default=None, help="images for the layer-2 projections (default: each run's test data)")
-    p.add_argument("--limit", type=int, default=1000, help="search the first N images for the strongest activations")
-    p.add_argument("--maps", type=int, default=16, help="layer-2 maps projected, chosen at random")
+    p.add_argument("--limit", type=_positive_int, default=1000, help="search the first N images for the strongest activations")
+    p.add_argument("--maps", type=_positive_int, default=16, help="layer-2 maps projected, chosen at random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (architecture.png + architecture.json)")
     p.set_defaults(func=cmd_compare)
@@ -549,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transfer", help="fixed pretrained layers 1-7 + a new softmax vs training from scratch "
                                         "(Tables 4/5, Fig. 9)")
     _add_target_args(p, "1,2,3,5,10,15,30")
-    p.add_argument("--scratch-steps", type=int, default=300,
+    p.add_argument("--scratch-steps", type=_positive_int, default=300,
                    help="SGD steps of each from-scratch training (default 300; demo 100)")
     p.add_argument("--out", required=True, help="output directory (transfer.png + transfer.json)")
     p.set_defaults(func=cmd_transfer)
@@ -562,8 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evolution", help="strongest activations projected at each training snapshot (Fig. 4)")
     p.add_argument("--run", required=True, help="training run directory with checkpoints/epoch-K.pt")
     p.add_argument("--data", default=None, help="images searched (default: the run's training data)")
-    p.add_argument("--limit", type=int, default=2000, help="search the first N images (default 2000)")
-    p.add_argument("--maps", type=int, default=5, help="feature maps per layer, chosen at random")
+    p.add_argument("--limit", type=_positive_int, default=2000, help="search the first N images (default 2000)")
+    p.add_argument("--maps", type=_positive_int, default=5, help="feature maps per layer, chosen at random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (evolution-layerN.png, evolution.png/json)")
     p.set_defaults(func=cmd_evolution)
@@ -573,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data set shown (default: the checkpoint's validation data)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--limit", type=int, default=5000, help="top-k over the first N images (default 5000)")
+    p.add_argument("--limit", type=_positive_int, default=5000, help="top-k over the first N images (default 5000)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("reproduce", help="run the whole paper (cached steps) and write DIR/index.html")

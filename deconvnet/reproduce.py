@@ -172,6 +172,10 @@ def reproduce(out: str | Path = "report", quick: bool = False, data: str = "fash
     """Run every step (cached) and write ``out/index.html``; returns its path."""
     from .report import write_report
 
+    from .models import MODELS
+
+    if model not in MODELS:
+        raise UserError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     budget = "quick" if quick else "full" if full else "default"
