@@ -144,6 +144,16 @@ def _run_record(args) -> dict:
     return {k: v for k, v in vars(args).items() if k != "func"}
 
 
+def _write_findings(args, out: Path, name: str, body: dict, table: str | None = None, **summary) -> None:
+    """Write ``out/name`` (the command's arguments + ``body``), print ``table`` and a one-line JSON summary."""
+    from .runner import atomic_write_json
+
+    atomic_write_json(out / name, {"args": _run_record(args), **body})
+    if table is not None:
+        print(table)
+    print(json.dumps({"out": str(out), **summary, "findings": body["findings"]}))
+
+
 def cmd_occlude(args) -> None:
     from ._analysis import foreground, picture
     from .checkpoint import load_checkpoint
@@ -321,7 +331,6 @@ def _checkpoint_path(run: str) -> Path:
 
 def cmd_ablate(args) -> None:
     from .ablation import ablate, plot, to_json
-    from .runner import atomic_write_json
     from .train import TrainConfig
 
     base = TrainConfig(model=args.model, data=args.data, epochs=args.epochs, limit=args.limit, seed=args.seed,
@@ -329,17 +338,13 @@ def cmd_ablate(args) -> None:
     result = ablate(base, args.out, args.variants)
     out = Path(args.out)
     plot(result, out / "ablation.png")
-    body = to_json(result)
-    atomic_write_json(out / "ablation.json", {"args": _run_record(args), **body})
-    print(result.table())
-    print(json.dumps({"out": str(out), "findings": body["findings"]}))
+    _write_findings(args, out, "ablation.json", to_json(result), result.table())
 
 
 def cmd_compare(args) -> None:
     from .architecture import plot, summarise, to_json
     from .checkpoint import load_checkpoint
     from .data import open_source
-    from .runner import atomic_write_json
 
     summaries = []
     for run in args.runs:
@@ -351,9 +356,7 @@ def cmd_compare(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(summaries, out / "architecture.png")
-    body = to_json(summaries)
-    atomic_write_json(out / "architecture.json", {"args": _run_record(args), **body})
-    print(json.dumps({"out": str(out), "findings": body["findings"]}))
+    _write_findings(args, out, "architecture.json", to_json(summaries))
 
 
 def _add_target_args(p: argparse.ArgumentParser, per_class: str) -> None:
@@ -385,7 +388,6 @@ def _target_and_overlaps(args, info):
 
 def cmd_transfer(args) -> None:
     from .checkpoint import load_checkpoint
-    from .runner import atomic_write_json
     from .transfer import plot, to_json, transfer
 
     model, info = load_checkpoint(args.checkpoint)
@@ -395,16 +397,12 @@ def cmd_transfer(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / "transfer.png")
-    body = to_json(result)
-    atomic_write_json(out / "transfer.json", {"args": _run_record(args), **body})
-    print(result.table())
-    print(json.dumps({"out": str(out), "overlaps_removed": len(overlaps), "findings": body["findings"]}))
+    _write_findings(args, out, "transfer.json", to_json(result), result.table(), overlaps_removed=len(overlaps))
 
 
 def cmd_layers(args) -> None:
     from .checkpoint import load_checkpoint
     from .layer_features import layer_analysis, plot, to_json
-    from .runner import atomic_write_json
 
     model, info = load_checkpoint(args.checkpoint)
     target, overlaps, _ = _target_and_overlaps(args, info)
@@ -413,16 +411,12 @@ def cmd_layers(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / "layers.png")
-    body = to_json(result)
-    atomic_write_json(out / "layers.json", {"args": _run_record(args), **body})
-    print(result.table())
-    print(json.dumps({"out": str(out), "findings": body["findings"]}))
+    _write_findings(args, out, "layers.json", to_json(result), result.table())
 
 
 def cmd_evolution(args) -> None:
     from .data import open_source
     from .evolution import evolution, load_snapshots, plot_layer, plot_summary, to_json
-    from .runner import atomic_write_json
 
     snapshots, info = load_snapshots(args.run)
     spec = args.data or info.train_config.get("data") or "fashion-mnist"
@@ -434,9 +428,7 @@ def cmd_evolution(args) -> None:
     for n in result.layers:
         plot_layer(result, n, out / f"evolution-layer{n}.png")
     plot_summary(result, out / "evolution.png")
-    body = to_json(result)
-    atomic_write_json(out / "evolution.json", {"args": _run_record(args), "data": spec, **body})
-    print(json.dumps({"out": str(out), "epochs": result.epochs, "findings": body["findings"]}))
+    _write_findings(args, out, "evolution.json", {"data": spec, **to_json(result)}, epochs=result.epochs)
 
 
 def cmd_serve(args) -> None:

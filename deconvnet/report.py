@@ -111,17 +111,6 @@ def _findings_table(claims: list[dict]) -> str:
             f"{rows}</table>")
 
 
-def _reading(claims: list[dict]) -> str:
-    if not claims:
-        return ""
-    held = [c for c in claims if _held(c)]
-    first = claims[0]
-    verdict = "held" if _held(first) else "did not hold"
-    return (f"<p class=reading>{len(held)} of {len(claims)} of the paper's claims held at this scale. "
-            f"The first, “{html.escape(str(first['claim']))}”, {verdict} (ours: "
-            f"{html.escape(_value(first.get('ours', '')))}).</p>")
-
-
 # Two sentences per section, written from its JSON: what we measured, then how it compares with the paper.
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
@@ -266,8 +255,8 @@ def write_report(root: Path, steps, records: dict, budget: str, argv: list[str])
         else:
             result = json.loads((root / step / json_name).read_text())
             claims = _claims(result.get("findings", []))
-            reading = READINGS[label](result) if claims and label in READINGS else ""
-            parts.append(f"<p class=reading>{html.escape(reading)}</p>" if reading else _reading(claims))
+            if claims:
+                parts.append(f"<p class=reading>{html.escape(READINGS[label](result))}</p>")
             parts.extend(_img(p) for p in sorted((root / step).glob("*.png")))
             if claims:
                 parts.append(_findings_table(claims))
