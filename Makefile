@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TORCH := torch==2.13.0
+TORCHVISION := torchvision==0.28.0
 
 .PHONY: setup browser demo test bench clean
 
@@ -15,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test,serve]'
+	# torchvision's real model classes for the tests (not a dependency): --no-deps keeps torch 2.13.0
+	$(BIN)/pip install -q --no-deps $(TORCHVISION)
 	touch $(STAMP)
 
 # Debian's Fashion-MNIST when apt-get is usable; otherwise the loader downloads and checks the files.
