@@ -1,12 +1,17 @@
 """The probe: run a model up to named layers and capture their outputs (Sec. 2.1 needs them).
 
 Layers are addressed by module name, for our models (``conv1`` .. ``fc8``) and torchvision-style
-ones (``features.10``) alike. The forward pass stops right after the last requested layer, so layers
-above it never run. Hooks are removed in ``finally``.
+ones (``features.10``, ``layer3.1``) alike. A module called several times in one forward pass has
+one name per call, as torchvision's feature extraction names them: ``layer3.1.relu`` (first call),
+``layer3.1.relu_1``, ``layer3.1.relu_2``. A module whose own name is ``foo_1`` wins over the
+call-suffix reading. The forward pass stops right after the last requested layer, so layers above
+it never run. Hooks are removed in ``finally``.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -15,19 +20,45 @@ from torch import nn
 from .errors import UserError
 
 
+@dataclass(frozen=True)
+class LayerCall:
+    """One call of a module in a forward pass: its per-call ``name``, the ``module``, its class name
+    ``type`` and its output ``shape`` without the batch dimension."""
+
+    name: str
+    module: nn.Module
+    type: str
+    shape: tuple
+
+
 def layer_names(model: nn.Module) -> list[str]:
     """Names of the leaf modules in registration order (the order a sequential model runs them)."""
     return [name for name, m in model.named_modules() if name and not list(m.children())]
 
 
-def find_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name``, or a one-line :class:`UserError` listing the valid names."""
+def call_name(name: str, call: int) -> str:
+    """The per-call name of call number ``call`` (0 = first) of the module ``name``."""
+    return name if call == 0 else f"{name}_{call}"
+
+
+def resolve(model: nn.Module, name: str) -> tuple[nn.Module, int]:
+    """``(module, call)`` for a per-call layer name (``call`` 0 = the first call), or a one-line
+    :class:`UserError` listing the valid names."""
     modules = dict(model.named_modules())
-    if not name or name not in modules:
-        names = layer_names(model)
-        shown = ", ".join(names[:30]) + (" ..." if len(names) > 30 else "")
-        raise UserError(f"unknown layer {name!r}; this model has: {shown}")
-    return modules[name]
+    if name and name in modules:
+        return modules[name], 0
+    match = re.fullmatch(r"(.+)_(\d+)", name or "")
+    if match and match.group(1) in modules and int(match.group(2)) >= 1 and not match.group(2).startswith("0"):
+        return modules[match.group(1)], int(match.group(2))
+    names = layer_names(model)
+    shown = ", ".join(names[:30]) + (" ..." if len(names) > 30 else "")
+    raise UserError(f"unknown layer {name!r}; this model has: {shown} (per-call names: see `deconvnet inspect`)")
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule a (per-call) layer name refers to, or a one-line :class:`UserError` listing the
+    valid names."""
+    return resolve(model, name)[0]
 
 
 class _Stop(Exception):
@@ -45,29 +76,68 @@ def hooks(handles: list):
         handles.clear()
 
 
-def apply_at(model: nn.Module, x: torch.Tensor, layers: list[str] | str,
-             fn: Callable[[str, torch.Tensor], Any]) -> dict:
-    """``{name: fn(name, output)}`` for the named ``layers``, each called as the forward pass leaves
-    that layer (before a later in-place op can touch its output); runs no layer above the last."""
-    layers = [layers] if isinstance(layers, str) else list(layers)
-    modules = {name: find_module(model, name) for name in layers}
-    results: dict = {}
+def module_calls(model: nn.Module, on_output: Callable[[str, nn.Module, Any], Any]) -> list:
+    """Forward hooks on every submodule that call ``on_output(per-call name, module, output)`` as
+    each call returns (a non-None return value replaces the output). Returns the handles; use
+    with :func:`hooks`. The call counters start at zero for each forward pass the hooks see."""
+    counts: dict[int, int] = {}
 
-    def make_hook(name):
-        def hook(_module, _inputs, output):
-            results[name] = fn(name, output)
-            if len(results) == len(modules):
-                raise _Stop
+    def make_hook(name: str):
+        def hook(module, _inputs, output):
+            call = counts.get(id(module), 0)
+            counts[id(module)] = call + 1
+            return on_output(call_name(name, call), module, output)
         return hook
 
-    with hooks([m.register_forward_hook(make_hook(n)) for n, m in modules.items()]):
+    return [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
+
+
+@torch.no_grad()
+def layer_calls(model: nn.Module, x: torch.Tensor) -> list[LayerCall]:
+    """Every module call of one forward pass on ``x`` whose output is a tensor, leaves and containers
+    (``layer2``, ``features``) alike, in the order their outputs are produced (no grad)."""
+    calls: list[LayerCall] = []
+
+    def record(name, module, output):
+        if isinstance(output, torch.Tensor):
+            calls.append(LayerCall(name, module, type(module).__name__, tuple(output.shape[1:])))
+
+    with hooks(module_calls(model, record)):
+        model(x)
+    return calls
+
+
+def apply_at(model: nn.Module, x: torch.Tensor, layers: list[str] | str,
+             fn: Callable[[str, torch.Tensor], Any]) -> dict:
+    """``{name: fn(name, output)}`` for the named ``layers`` (per-call names), each called as the
+    forward pass leaves that call (before a later in-place op can touch its output); runs no layer
+    above the last."""
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    wanted: dict[tuple[int, int], list[str]] = {}  # (id(module), call) -> requested names
+    modules: dict[int, nn.Module] = {}
+    for name in layers:
+        module, call = resolve(model, name)
+        wanted.setdefault((id(module), call), []).append(name)
+        modules[id(module)] = module
+    results: dict = {}
+    counts: dict[int, int] = {}
+
+    def hook(module, _inputs, output):
+        call = counts.get(id(module), 0)
+        counts[id(module)] = call + 1
+        for name in wanted.get((id(module), call), []):
+            results[name] = fn(name, output)
+        if len(results) == len(set(layers)):
+            raise _Stop
+
+    with hooks([m.register_forward_hook(hook) for m in modules.values()]):
         try:
             model(x)
         except _Stop:
             pass
     missing = [n for n in layers if n not in results]
     if missing:
-        raise UserError(f"layer(s) {missing} did not run in the forward pass")
+        raise UserError(f"layer(s) {missing} did not run in the forward pass (see `deconvnet inspect`)")
     return results
 
 
@@ -77,4 +147,3 @@ def activations(model: nn.Module, x: torch.Tensor, layers: list[str] | str) -> d
     Captured tensors are clones, so a following ``ReLU(inplace=True)`` cannot change them.
     """
     return apply_at(model, x, layers, lambda _name, output: output.clone())
-
