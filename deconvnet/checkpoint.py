@@ -74,8 +74,9 @@ def load_checkpoint(path: str | Path) -> tuple[ConvNet, CheckpointInfo]:
     model.load_state_dict(payload["state_dict"])
     model.eval()
     pre = payload["preprocess"]
+    std = torch.tensor(pre["std"]).reshape(-1, 1, 1) if pre.get("std") else None
     preprocess = Preprocess(pre["input_size"], pre["stored_size"], pre["channels"], payload["mean"],
-                            pre["scale"], pre["pad"])
+                            pre["scale"], pre["pad"], std)
     info = CheckpointInfo(config, payload["classes"], preprocess, payload.get("accuracy") or {},
                           payload.get("epoch"), payload.get("train_config") or {})
     return model, info

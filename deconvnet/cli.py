@@ -49,15 +49,17 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .checkpoint import load_checkpoint
-    from .data import open_source
     from .train import evaluate
 
-    model, info = load_checkpoint(args.checkpoint)
-    source = open_source(args.data, info.preprocess.stored_size, info.preprocess.channels)
-    _check_classes(source.classes, info.classes, args.data)
+    subject = _subject(args)
+    source = subject.open_data(args.data)
+    if subject.info is not None:
+        _check_classes(source.classes, subject.classes, args.data)
+    elif list(source.classes) != list(subject.classes):
+        raise UserError(f"{args.data} has classes {source.classes[:5]}... but the model's classes are "
+                        f"{subject.classes[:5]}...; give --classes FILE naming the model's outputs in order")
     indices = None if args.limit is None else list(range(min(args.limit, len(source))))
-    result = evaluate(model, source, info.preprocess, indices, ten_crop=args.ten_crop)
+    result = evaluate(subject.model, source, subject.preprocess, indices, ten_crop=args.ten_crop)
     print(json.dumps({"top1": result["top1"], "top5": result["top5"], "n": result["n"]}))
 
 
@@ -98,9 +100,62 @@ def _class_index(text: str, classes: list[str]) -> int:
     raise UserError(f"unknown class {text!r}; this checkpoint has: {', '.join(classes)}")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model under study: ``--model SPEC`` (or ``--checkpoint``) and, for models not trained by
+    ``deconvnet train``, its weights, class names and preprocessing (see :mod:`deconvnet.subject`)."""
+    g = p.add_argument_group("model under study")
+    g.add_argument("--model", dest="model_spec", metavar="SPEC", default=None,
+                   help="a deconvnet checkpoint (.pt or run directory), torchvision:NAME, "
+                        "package.module:CALLABLE or path/to/file.py:CALLABLE")
+    g.add_argument("--checkpoint", default=None, metavar="CKPT", help="a deconvnet checkpoint (same as --model CKPT)")
+    g.add_argument("--weights", default=None, metavar="FILE",
+                   help="state_dict file (or a dict holding one under state_dict/model); module. prefixes stripped")
+    g.add_argument("--classes", default=None, metavar="FILE",
+                   help="class names: one per line, a JSON list, or ImageNet's {\"0\": [\"n01440764\", \"tench\"]} index")
+    g.add_argument("--preprocess", default=None, choices=["imagenet", "unit"],
+                   help="imagenet (default): short side 256, center crop 224, ImageNet mean/std; "
+                        "unit: [0, 1] pixels at the input size")
+    g.add_argument("--input-size", type=_positive_int, default=None, help="the model's input size (default 224)")
+    g.add_argument("--mean", type=_float_list, default=None, help="per-channel mean on [0, 1] pixels, e.g. 0.5,0.5,0.5")
+    g.add_argument("--std", type=_float_list, default=None, help="per-channel std on [0, 1] pixels")
+
+
+def _subject(args):
+    """The model under study named by ``--model``/``--checkpoint`` and its options."""
+    from .subject import load_subject
+
+    spec, checkpoint = getattr(args, "model_spec", None), getattr(args, "checkpoint", None)
+    if spec and checkpoint:
+        raise UserError("give --model SPEC or --checkpoint CKPT, not both")
+    if not spec and not checkpoint:
+        raise UserError("give the model: --model SPEC (a checkpoint, torchvision:NAME or module:CALLABLE)")
+    return load_subject(spec or checkpoint, weights=args.weights, classes=args.classes,
+                        preprocess=args.preprocess, input_size=args.input_size, mean=args.mean, std=args.std)
+
+
+def _default_layers(subject, given: list[str] | None, numbers: list[int] | None = None) -> list[str]:
+    """``given``, or the model's defaults: its stages, or the paper's layers ``numbers`` (Fig. 3) where the
+    model has them. For models that are not ours, the choice is said on stderr."""
+    if given:
+        return given
+    if numbers is None:
+        chosen = list(subject.stages)
+    else:
+        chosen = [subject.layer_numbers.get(n) or (subject.stages[-1] if n <= 5 and subject.stages else None)
+                  for n in numbers]
+        if None in chosen:
+            raise UserError(f"this model has no default for layer(s) {numbers}; name them (deconvnet inspect lists them)")
+    if not chosen:
+        raise UserError("found no default layers in this model; name them (deconvnet inspect lists them)")
+    if subject.info is None:
+        print(f"deconvnet: layers chosen for {subject.spec}: {', '.join(chosen)} "
+              f"(override with --layer/--layers; `deconvnet inspect` lists all)", file=sys.stderr)
+    return chosen
+
+
 def _add_image_args(p: argparse.ArgumentParser, count: int) -> None:
-    """``--checkpoint`` and the image selection of the per-image commands (see :func:`_select_images`)."""
-    p.add_argument("--checkpoint", required=True)
+    """The model and the image selection of the per-image commands (see :func:`_select_images`)."""
+    _add_model_args(p)
     p.add_argument("--image", nargs="+", metavar="PATH", default=None, help="PNG/JPEG image file(s)")
     p.add_argument("--data", default=None, help="data spec to take images from, e.g. fashion-mnist:test")
     p.add_argument("--index", type=_int_list, default=None,
@@ -108,35 +163,40 @@ def _add_image_args(p: argparse.ArgumentParser, count: int) -> None:
     p.add_argument("--out", required=True, help="output directory (PNG + JSON)")
 
 
-def _select_images(args, info, count: int = 1, label: int | None = None):
-    """The images named by ``--image PATH...`` or ``--data SPEC --index I,J``, at the checkpoint's stored
-    size: ``(raw uint8 (N, C, S, S), labels (int, or None for files), names)``. Without ``--index``,
-    the first ``count`` images of ``--data`` (of class ``label`` when given)."""
-    import torch
-
-    from .data import load_image, open_source
-
-    pre = info.preprocess
+def _select_images(args, subject, count: int = 1, label: int | None = None):
+    """The images named by ``--image PATH...`` or ``--data SPEC --index I,J``, at the model's stored
+    size: ``(raw uint8 (N, C, S, S), labels, names)``. Labels are the model's class indices, None for
+    image files and for data classes the model does not have. Without ``--index``, the first ``count``
+    images of ``--data`` (of model class ``label`` when given)."""
     if args.image and args.data:
         raise UserError("give either --image or --data, not both")
     if args.image:
         if args.index is not None:
             raise UserError("--index selects images in --data; it does not apply to --image")
-        raw = torch.stack([load_image(path, pre.stored_size, pre.channels) for path in args.image])
+        raw = subject.load_images(args.image)
         return raw, [None] * len(raw), [Path(path).stem for path in args.image]
     if not args.data:
         raise UserError("give --image PATH or --data SPEC (with --index I)")
-    source = open_source(args.data, pre.stored_size, pre.channels)
-    _check_classes(source.classes, info.classes, args.data)
+    source = subject.open_data(args.data)
+    to_model = _data_labels(subject, source, args.data)
     if args.index is not None:
         indices = args.index
     else:
-        pool = range(len(source)) if label is None else (source.labels == label).nonzero().flatten().tolist()
+        pool = range(len(source)) if label is None else [i for i, y in enumerate(source.labels.tolist())
+                                                            if to_model[y] == label]
         indices = list(pool[:count])
     bad = [i for i in indices if not 0 <= i < len(source)]
     if bad or not indices:
         raise UserError(f"--index {bad or indices} is outside {args.data}'s {len(source)} images")
-    return source.get(indices), source.labels[indices].tolist(), [str(i) for i in indices]
+    return source.get(indices), [to_model[y] for y in source.labels[indices].tolist()], [str(i) for i in indices]
+
+
+def _data_labels(subject, source, spec: str) -> list[int | None]:
+    """For each class of ``source``, the model's class index (by name), None where the model lacks it.
+    Our checkpoints must be given data with their own classes."""
+    if subject.info is not None:
+        _check_classes(source.classes, subject.classes, spec)
+    return subject.class_index(source.classes)
 
 
 def _run_record(args) -> dict:
@@ -155,25 +215,27 @@ def _write_findings(args, out: Path, name: str, body: dict, table: str | None = 
 
 
 def cmd_occlude(args) -> None:
-    from ._analysis import foreground, picture
-    from .checkpoint import load_checkpoint
+    from ._analysis import foreground
     from .occlusion import draw_occlusion, occlusion, occlusion_findings, occlusion_to_json
     from .runner import atomic_write_json
 
-    model, info = load_checkpoint(args.checkpoint)
-    raw, labels, names = _select_images(args, info)
-    pictures, out = picture(info.preprocess, raw), Path(args.out)
+    subject = _subject(args)
+    layer = args.layer or _default_layers(subject, None)[-1]
+    raw, labels, names = _select_images(args, subject)
+    pictures, out = subject.pictures(raw), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for x, label, name, pic in zip(info.preprocess.eval(raw), labels, names, pictures):
-        target = _class_index(args.target, info.classes) if args.target is not None else label
-        result = occlusion(model, x, target, size=args.size, stride=args.stride, layer=args.layer)
-        draw_occlusion(result, out / f"occlusion-{name}.png", pic, info.classes)
+    for x, label, name, pic in zip(subject.prepare(raw), labels, names, pictures):
+        target = _class_index(args.target, subject.classes) if args.target is not None else label
+        result = occlusion(subject.model, x, target, size=args.size, stride=args.stride, layer=layer)
+        draw_occlusion(result, out / f"occlusion-{name}.png", pic, subject.classes)
         results.append(result)
-    findings = occlusion_findings(results, list(foreground(pictures)))
+    # object masks by threshold hold for Fashion-MNIST's black backgrounds, not for photos
+    objects = list(foreground(pictures)) if subject.info is not None else []
+    findings = occlusion_findings(results, objects)
     atomic_write_json(out / "occlusion.json", {
-        "args": _run_record(args), "findings": findings,
-        "images": [{"name": n, "true_label": l, **occlusion_to_json(r, info.classes)}
+        "args": _run_record(args), "model": subject.describe(), "findings": findings,
+        "images": [{"name": n, "true_label": l, **occlusion_to_json(r, subject.classes)}
                    for n, l, r in zip(names, labels, results)]})
     print(json.dumps({"out": str(out), "findings": {k: v for k, v in findings.items() if k != "per_image"}}))
 
@@ -181,26 +243,28 @@ def cmd_occlude(args) -> None:
 def cmd_invariance(args) -> None:
     import torch
 
-    from .checkpoint import load_checkpoint
     from .invariance import default_amounts, draw_invariance, invariance, invariance_findings, invariance_to_json
     from .runner import atomic_write_json
 
-    model, info = load_checkpoint(args.checkpoint)
-    raw, labels, names = _select_images(args, info, count=5)
-    if None in labels:  # image files: the true label is the model's answer on the untransformed image
+    subject = _subject(args)
+    layers = _default_layers(subject, args.layers, [1, 7])
+    raw, labels, names = _select_images(args, subject, count=5)
+    if None in labels:  # files or unknown classes: the true label is the model's answer on the untransformed image
         with torch.no_grad():
-            labels = model(info.preprocess.eval(raw)).argmax(1).tolist()
-    amounts = default_amounts(info.preprocess.input_size)
+            predicted = subject.model(subject.prepare(raw)).argmax(1).tolist()
+        labels = [p if y is None else y for y, p in zip(labels, predicted)]
+    amounts = default_amounts(subject.preprocess.input_size)
     for kind, values in (("translation", args.translations), ("scale", args.scales), ("rotation", args.rotations)):
         if values is not None:
             amounts[kind] = values
-    result = invariance(model, raw, labels, info.preprocess, layers=args.layers, amounts=amounts)
+    result = invariance(subject.model, raw, labels, subject.preprocess, layers=layers, amounts=amounts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    draw_invariance(result, out / "invariance.png", info.classes)
+    draw_invariance(result, out / "invariance.png", subject.classes)
     findings = invariance_findings(result)
-    atomic_write_json(out / "invariance.json", {"args": _run_record(args), "images": names, "findings": findings,
-                                                **invariance_to_json(result, info.classes)})
+    atomic_write_json(out / "invariance.json", {"args": _run_record(args), "model": subject.describe(),
+                                                "images": names, "findings": findings,
+                                                **invariance_to_json(result, subject.classes)})
     print(json.dumps({"out": str(out), "findings": findings}))
 
 
@@ -232,26 +296,30 @@ def _parts(args, class_name: str | None, n: int, frames: list) -> dict:
 
 
 def cmd_correspond(args) -> None:
-    from ._analysis import foreground, picture
-    from .checkpoint import load_checkpoint
+    from ._analysis import foreground
     from .correspondence import (correspondence, correspondence_findings, correspondence_to_json,
                                  draw_correspondence, object_box)
     from .runner import atomic_write_json
 
-    model, info = load_checkpoint(args.checkpoint)
-    label = _class_index(args.class_name, info.classes) if args.class_name else None
-    raw, labels, names = _select_images(args, info, count=args.count, label=label)
-    pictures = picture(info.preprocess, raw)
-    frames = [object_box(m) for m in foreground(pictures)]
+    subject = _subject(args)
+    layers = _default_layers(subject, args.layers, [5, 7])
+    label = _class_index(args.class_name, subject.classes) if args.class_name else None
+    raw, labels, names = _select_images(args, subject, count=args.count, label=label)
+    pictures = subject.pictures(raw)
+    if subject.info is not None:  # objects on Fashion-MNIST's black background
+        frames = [object_box(m) for m in foreground(pictures)]
+    else:  # photos: the random control boxes go anywhere in the image
+        frames = [(0, 0, pictures.shape[2] - 1, pictures.shape[3] - 1)] * len(raw)
     parts = _parts(args, args.class_name, len(raw), frames)
-    result = correspondence(model, info.preprocess.eval(raw), parts, objects=frames, layers=args.layers,
+    result = correspondence(subject.model, subject.prepare(raw), parts, objects=frames, layers=layers,
                             repeats=args.repeats, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     draw_correspondence(result, pictures, out / "correspondence.png")
     findings = correspondence_findings(result)
     body = correspondence_to_json(result)
-    atomic_write_json(out / "correspondence.json", {"args": _run_record(args), "images": names, "labels": labels,
+    atomic_write_json(out / "correspondence.json", {"args": _run_record(args), "model": subject.describe(),
+                                                    "images": names, "labels": labels,
                                                     "objects": [list(f) for f in frames], "findings": findings,
                                                     **body})
     print(json.dumps({"out": str(out), "table": body["table"], "findings": findings}))
@@ -260,18 +328,17 @@ def cmd_correspond(args) -> None:
 def cmd_topk(args) -> None:
     import torch.distributed as dist
 
-    from .checkpoint import load_checkpoint
-    from .data import open_source
-    from .runner import atomic_write_json
+    from .runner import atomic_write_json, init_distributed, world
     from .topk import choose_maps, draw_gallery, gallery, top_k, topk_findings, topk_to_json
-    from .runner import init_distributed, world
 
-    model, info = load_checkpoint(args.checkpoint)
-    source = open_source(args.data, info.preprocess.stored_size, info.preprocess.channels)
+    subject = _subject(args)
+    model, pre = subject.model, subject.preprocess
+    layers = _default_layers(subject, args.layers)
+    source = subject.open_data(args.data)
     n = len(source) if args.limit is None else min(args.limit, len(source))
     started = init_distributed()
     try:
-        tables = top_k(model, source, info.preprocess, args.layers, k=args.k, indices=list(range(n)))
+        tables = top_k(model, source, pre, layers, k=args.k, indices=list(range(n)))
         rank = world()[0]
     finally:
         if started:
@@ -283,31 +350,58 @@ def cmd_topk(args) -> None:
     chosen = {}
     for name, table in tables.items():
         chosen[name] = choose_maps(table, args.maps, args.seed)
-        draw_gallery(gallery(model, source, info.preprocess, name, table, chosen[name]), out / f"gallery-{name}.png",
+        draw_gallery(gallery(model, source, pre, name, table, chosen[name]), out / f"gallery-{name}.png",
                      f"{name}: top {args.k} of {n} images of {args.data}, projected (left) and input patches (right)")
     findings = topk_findings(tables, source.labels)
-    atomic_write_json(out / "topk.json", {"args": _run_record(args), "images": n, "k": args.k,
+    atomic_write_json(out / "topk.json", {"args": _run_record(args), "model": subject.describe(), "images": n, "k": args.k,
                                           "findings": findings, "layers": topk_to_json(tables, chosen)})
     print(json.dumps({"out": str(out), "images": n, "gallery_maps": chosen, "class_purity": findings["ours"]}))
+
+
+def cmd_atlas(args) -> None:
+    import torch.distributed as dist
+
+    from .atlas import build_atlas
+    from .runner import init_distributed, world
+
+    subject = _subject(args)
+    layers = _default_layers(subject, args.layers)
+    source = subject.open_data(args.data)
+    n = len(source) if args.limit is None else min(args.limit, len(source))
+    about = {"model": subject.spec, "architecture": subject.name, "data": f"{args.data}, first {n} of {len(source)} images"}
+    if subject.weights:
+        about["weights"] = subject.weights
+    if subject.info is not None and subject.info.accuracy:
+        acc = subject.info.accuracy
+        about["accuracy"] = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in acc.items())
+    started = init_distributed()
+    try:
+        summary = build_atlas(subject.model, source, subject.preprocess, layers, args.out, k=args.k,
+                              indices=list(range(n)), about=about)
+        rank = world()[0]
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps({**summary, "index": str(Path(args.out) / "index.html")}))
 
 
 def cmd_project(args) -> None:
     import torch
 
-    from ._analysis import picture
-    from .checkpoint import load_checkpoint
     from .deconvnet import Deconvnet, draw_projection
     from .geometry import receptive_field, steps_to
     from .probe import activations
     from .runner import atomic_write_json
 
-    model, info = load_checkpoint(args.checkpoint)
-    raw, _, names = _select_images(args, info)
+    subject = _subject(args)
+    model, info = subject.model, subject
+    raw, _, names = _select_images(args, subject)
     if len(raw) != 1:
         raise UserError("project takes one image: one --image PATH or one --index I")
     if args.unit is not None and len(args.unit) != 3:
         raise UserError(f"--unit is channel,y,x; got {args.unit}")
-    x = info.preprocess.eval(raw)
+    x = subject.prepare(raw)
     a = activations(model, x, args.layer)[args.layer][0].detach()
     if a.dim() != 3:
         raise UserError(f"layer {args.layer!r} has no feature maps (output shape {tuple(a.shape)})")
@@ -316,10 +410,11 @@ def cmd_project(args) -> None:
     projection = Deconvnet(model).project(x, args.layer, [unit], rule=args.rule)[0]
     value = float(a[unit])
     box = receptive_field(steps_to(model, args.layer), unit[1], unit[2], info.preprocess.input_size)
-    draw_projection(picture(info.preprocess, raw)[0], projection, box, args.out,
+    draw_projection(subject.pictures(raw)[0], projection, box, args.out,
                     f"image {names[0]}: {args.layer} unit {unit} = {value:.3g}, rule {args.rule}")
     record = {"out": str(args.out), "layer": args.layer, "unit": list(unit), "value": value, "box": list(box)}
-    atomic_write_json(Path(args.out).with_suffix(".json"), {"args": _run_record(args), **record})
+    atomic_write_json(Path(args.out).with_suffix(".json"), {"args": _run_record(args), "model": subject.describe(),
+                                                            **record})
     print(json.dumps(record))
 
 
@@ -361,7 +456,7 @@ def cmd_compare(args) -> None:
 
 def _add_target_args(p: argparse.ArgumentParser, per_class: str) -> None:
     """The transfer protocol's arguments (Sec. 5.2), shared by ``transfer`` and ``layers``."""
-    p.add_argument("--checkpoint", required=True)
+    _add_model_args(p)
     p.add_argument("--target", default="digits", help="target data: digits or folder:PATH (e.g. Caltech-101)")
     p.add_argument("--per-class", type=_int_list, default=_int_list(per_class),
                    help=f"training images per class (default {per_class})")
@@ -371,27 +466,36 @@ def _add_target_args(p: argparse.ArgumentParser, per_class: str) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _target_and_overlaps(args, info):
-    """The target set at the model's size, and its images found in the pretraining data (Sec. 5.2)."""
-    from .data import open_source
+def _target_and_overlaps(args, subject):
+    """The target set at the model's size, and its images found in the pretraining data (Sec. 5.2).
+    A model that is not ours is checked against ``--pretrain-data`` only when it is given."""
     from .transfer import find_overlaps
 
-    target = open_source(args.target, info.preprocess.stored_size, info.preprocess.channels)
-    spec = args.pretrain_data or info.train_config.get("data")
+    target = subject.open_data(args.target)
+    info = subject.info
+    spec = args.pretrain_data or (info.train_config.get("data") if info else None)
+    if not spec and info is None:
+        print("deconvnet: no --pretrain-data given, so no target image is checked against the model's "
+              "training data (Sec. 5.2)", file=sys.stderr)
+        return target, [], None
     if not spec:
         raise UserError("the checkpoint does not say what it was trained on; give --pretrain-data SPEC")
-    reference = open_source(spec, info.preprocess.stored_size, info.preprocess.channels)
-    limit = None if args.pretrain_data else info.train_config.get("limit")
+    reference = subject.open_data(spec)
+    limit = None if args.pretrain_data or info is None else info.train_config.get("limit")
     overlaps, nearest = find_overlaps(target, reference, limit)
     return target, overlaps, nearest
 
 
 def cmd_transfer(args) -> None:
-    from .checkpoint import load_checkpoint
     from .transfer import plot, to_json, transfer
 
-    model, info = load_checkpoint(args.checkpoint)
-    target, overlaps, nearest = _target_and_overlaps(args, info)
+    subject = _subject(args)
+    if subject.info is None:
+        raise UserError("transfer compares with the same architecture trained from scratch, which needs a "
+                        "deconvnet checkpoint; for your model, `deconvnet layers --model ... --target SPEC` "
+                        "gives Table 7's per-layer linear probes")
+    model, info = subject.model, subject.info
+    target, overlaps, nearest = _target_and_overlaps(args, subject)
     result = transfer(model, info, target, args.per_class, args.folds, scratch_steps=args.scratch_steps,
                       overlaps=overlaps, nearest=nearest, seed=args.seed)
     out = Path(args.out)
@@ -401,13 +505,18 @@ def cmd_transfer(args) -> None:
 
 
 def cmd_layers(args) -> None:
-    from .checkpoint import load_checkpoint
     from .layer_features import layer_analysis, plot, to_json
 
-    model, info = load_checkpoint(args.checkpoint)
-    target, overlaps, _ = _target_and_overlaps(args, info)
-    result = layer_analysis(model, info.preprocess, target, args.per_class, args.folds,
-                            exclude=[o.target_index for o in overlaps], seed=args.seed)
+    subject = _subject(args)
+    target, overlaps, _ = _target_and_overlaps(args, subject)
+    layers = grid = None
+    if subject.info is None:  # the stages and the penultimate layer stand for layers 1..7
+        _default_layers(subject, None, sorted(subject.layer_numbers))
+        layers = dict(subject.layer_numbers)
+        shapes = {c.name: c.shape for c in subject.calls()}
+        grid = min(shapes[name][-1] for name in layers.values() if len(shapes[name]) == 3)
+    result = layer_analysis(subject.model, subject.preprocess, target, args.per_class, args.folds,
+                            exclude=[o.target_index for o in overlaps], seed=args.seed, layers=layers, grid=grid)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / "layers.png")
@@ -431,12 +540,50 @@ def cmd_evolution(args) -> None:
     _write_findings(args, out, "evolution.json", {"data": spec, **to_json(result)}, epochs=result.epochs)
 
 
+def cmd_inspect(args) -> None:
+    from . import geometry
+
+    subject = _subject(args)
+    calls = subject.calls()
+    size = (subject.preprocess.input_size, subject.preprocess.input_size)
+    rows = []
+    for c in calls:
+        field = geometry.layer_field(subject.model, c.name, size) if len(c.shape) == 3 and hasattr(geometry, "layer_field") else None
+        rows.append({"name": c.name, "type": c.type, "shape": list(c.shape),
+                     "field": list(field) if field else None,
+                     "default": c.name in subject.stages or c.name == subject.penultimate})
+    if args.json:
+        print(json.dumps({"model": subject.describe(), "layers": rows}, indent=1))
+        return
+    pre = subject.preprocess
+    print(f"{subject.spec}: input {pre.channels}x{pre.input_size}x{pre.input_size}, {len(subject.classes)} classes, "
+          f"{len(rows)} layers (* = default: {', '.join(subject.stages)}"
+          f"{'; penultimate ' + subject.penultimate if subject.penultimate else ''})")
+    width = max(len(r["name"]) for r in rows) + 2
+    kind = max(len(r["type"]) for r in rows) + 2
+    print(f"  {'layer':<{width}}{'type':<{kind}}{'output':<18}receptive field (size, stride)")
+    for r in rows:
+        field = "-" if r["field"] is None else _field_text(r["field"])
+        shape = "x".join(str(v) for v in r["shape"])
+        print(f"{'*' if r['default'] else ' '} {r['name']:<{width}}{r['type']:<{kind}}{shape:<18}{field}")
+
+
+def _field_text(field) -> str:
+    """(size, stride) with per-axis values shown once when square."""
+    size, stride = field
+    size = size if isinstance(size, int) else ("x".join(map(str, size)) if len(set(size)) > 1 else size[0])
+    stride = stride if isinstance(stride, int) else ("x".join(map(str, stride)) if len(set(stride)) > 1 else stride[0])
+    return f"{size} px, stride {stride}"
+
+
 def cmd_serve(args) -> None:
     try:
         from .serve import serve
     except ImportError as e:
         raise UserError(f"serve needs the 'serve' extra ({e.name} is missing): pip install -e '.[serve]'") from None
-    serve(args.checkpoint, args.data, host=args.host, port=args.port, limit=args.limit)
+    subject = _subject(args)
+    serve(subject, args.data, host=args.host, port=args.port, limit=args.limit,
+          layers=_default_layers(subject, args.layers))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -470,8 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast where the CPU/GPU computes bf16 natively (~2x faster), else fp32")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="top-1/top-5 accuracy of a checkpoint, as JSON")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("evaluate", help="top-1/top-5 accuracy of a model on labelled data, as JSON")
+    _add_model_args(p)
     p.add_argument("--data", required=True)
     p.add_argument("--limit", type=_positive_int, default=None)
     p.add_argument("--ten-crop", action="store_true", help="average the softmax over the 10 crops (Sec. 3)")
@@ -482,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="class to map p() of (name or number; default: the label)")
     p.add_argument("--size", type=int, default=None, help="square side in pixels (default 35/224 of the image)")
     p.add_argument("--stride", type=int, default=None, help="square step in pixels (default 14/224 of the image)")
-    p.add_argument("--layer", default="conv5", help="layer whose strongest feature map is followed (b, c)")
+    p.add_argument("--layer", default=None,
+                   help="layer whose strongest feature map is followed (b, c); default conv5 or the model's top stage")
     p.set_defaults(func=cmd_occlude)
 
     p = sub.add_parser("invariance", help="feature and output changes under translation, scale, rotation (Fig. 5)")
@@ -508,9 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_correspond)
 
     p = sub.add_parser("topk", help="top-k activations per feature map over a dataset and the Fig. 2 gallery")
-    p.add_argument("--checkpoint", required=True)
+    _add_model_args(p)
     p.add_argument("--data", required=True, help="data spec, e.g. fashion-mnist:test")
-    p.add_argument("--layers", type=_name_list, default=["conv1", "conv2", "conv3", "conv4", "conv5"])
+    p.add_argument("--layers", type=_name_list, default=None,
+                   help="comma-separated layers (default: conv1..conv5, or the model's stages; see inspect)")
     p.add_argument("--k", type=int, default=9, help="activations kept per feature map (default 9, Fig. 2)")
     p.add_argument("--maps", type=_positive_int, default=9, help="feature maps drawn per layer, chosen at random")
     p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images")
@@ -518,12 +667,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (gallery-LAYER.png + topk.json)")
     p.set_defaults(func=cmd_topk)
 
+    p = sub.add_parser("atlas", help="Fig. 2 for every feature map: a static site, LAYER.html#MAP per map")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="data spec, e.g. fashion-mnist:test")
+    p.add_argument("--layers", type=_name_list, default=None,
+                   help="comma-separated layers (default: conv1..conv5, or the model's stages; see inspect)")
+    p.add_argument("--k", type=_positive_int, default=9, help="activations shown per feature map (default 9, Fig. 2)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images")
+    p.add_argument("--out", required=True, help="output directory (index.html, LAYER.html, LAYER/MAP.png); "
+                                                "a rerun resumes or reuses it")
+    p.set_defaults(func=cmd_atlas)
+
     p = sub.add_parser("project", help="project one activation to pixels with the deconvnet (Sec. 2.1)")
-    p.add_argument("--checkpoint", required=True)
+    _add_model_args(p)
     p.add_argument("--image", nargs=1, metavar="PATH", default=None, help="a PNG/JPEG image")
     p.add_argument("--data", default=None, help="data spec to take the image from, with --index")
     p.add_argument("--index", type=_int_list, default=None, help="image index in --data (default 0)")
-    p.add_argument("--layer", required=True, help="module name, e.g. conv5")
+    p.add_argument("--layer", required=True, help="layer name, e.g. conv5 or layer3.1.relu_1 (see inspect)")
     p.add_argument("--unit", type=_int_list, default=None,
                    help="channel,y,x in the layer's output (default: the layer's strongest activation)")
     p.add_argument("--rule", choices=["deconvnet", "guided", "gradient"], default="deconvnet")
@@ -574,9 +734,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (evolution-layerN.png, evolution.png/json)")
     p.set_defaults(func=cmd_evolution)
 
-    p = sub.add_parser("serve", help="the interactive viewer: a local web app over a checkpoint and a data set")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("inspect", help="list every layer a command accepts: type, output shape, receptive field")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("serve", help="the interactive viewer: a local web app over a model and a data set")
+    _add_model_args(p)
     p.add_argument("--data", default=None, help="data set shown (default: the checkpoint's validation data)")
+    p.add_argument("--layers", type=_name_list, default=None, help="layers shown (default: conv1..conv5 or the model's stages)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--limit", type=_positive_int, default=5000, help="top-k over the first N images (default 5000)")

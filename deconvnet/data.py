@@ -243,20 +243,26 @@ def open_source(spec: str, size: int = 28, channels: int = 1) -> Source:
 class Preprocess:
     """uint8 images at the stored size -> the model's input space (Sec. 3).
 
-    ``x / 255 * scale - mean``, then a crop of ``input_size``: the paper's 10 sub-crops
-    (4 corners + center, each optionally flipped) of the stored image padded by ``pad``.
+    ``(x / 255 * scale - mean) / std``, then a crop of ``input_size``: the paper's 10 sub-crops
+    (4 corners + center, each optionally flipped) of the stored image padded by ``pad``. ``mean`` is
+    the paper's per-pixel mean image (C, S, S) or a per-channel mean (C, 1, 1) as torchvision models
+    use with ``std`` (C, 1, 1).
     """
 
     input_size: int
     stored_size: int
     channels: int
-    mean: torch.Tensor  # (C, stored_size, stored_size), in scaled units
+    mean: torch.Tensor  # (C, stored_size, stored_size) or (C, 1, 1), in scaled units
     scale: float = 1.0
     pad: int = 0
+    std: torch.Tensor | None = None  # (C, 1, 1) per-channel divisor, in scaled units; None: 1
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) uint8 -> float, scaled, mean subtracted, padded by ``pad`` (with the mean, i.e. 0)."""
+        """(B, C, S, S) uint8 -> float, scaled, mean subtracted, divided by ``std``, padded by ``pad``
+        (with the mean, i.e. 0)."""
         x = x.float() * (self.scale / 255.0) - self.mean
+        if self.std is not None:
+            x = x / self.std
         return F.pad(x, (self.pad,) * 4) if self.pad else x
 
     def crop(self, x: torch.Tensor, which: int) -> torch.Tensor:
@@ -286,8 +292,13 @@ class Preprocess:
         return torch.stack([self.crop(x, w) for w in range(10)])
 
     def to_dict(self) -> dict:
-        return {"input_size": self.input_size, "stored_size": self.stored_size, "channels": self.channels,
-                "scale": self.scale, "pad": self.pad}
+        d = {"input_size": self.input_size, "stored_size": self.stored_size, "channels": self.channels,
+             "scale": self.scale, "pad": self.pad}
+        if self.mean.shape[-1] == 1:  # per channel: small enough to state
+            d["mean"] = self.mean.flatten().tolist()
+        if self.std is not None:
+            d["std"] = self.std.flatten().tolist()
+        return d
 
 
 def preprocess_for(input_size: int, channels: int, mean: torch.Tensor | None = None) -> Preprocess:

@@ -54,16 +54,19 @@ class LayerResult:
 
 
 def layer_analysis(model: nn.Module, preprocess: Preprocess, target: Source, per_class=PER_CLASS,
-                   folds: int = 5, n_test: int = 50, exclude=(), seed: int = 0) -> LayerResult:
+                   folds: int = 5, n_test: int = 50, exclude=(), seed: int = 0,
+                   layers: dict[int, str] | None = None, grid: int | None = None) -> LayerResult:
     """Table 7: a linear SVM and a softmax on the features of every layer 1..7 the model has.
 
     ``exclude`` holds target indices never used (images found in the pretraining set, Sec. 5.2).
+    ``layers`` (layer number -> name) and ``grid`` (the spatial size maps are max-pooled to) default
+    to our models' Fig. 3 layers and their top conv output; give both for other models.
     """
-    layers = feature_layers(model)
+    layers = feature_layers(model) if layers is None else layers
+    grid = feature_grid(model) if grid is None else grid
     labels = target.labels.numpy()
     splits = {n: per_class_folds(labels, n, folds, n_test, seed, exclude) for n in per_class}
-    feats = layer_features(model, preprocess, target, np.arange(len(labels)), list(layers.values()),
-                           feature_grid(model))
+    feats = layer_features(model, preprocess, target, np.arange(len(labels)), list(layers.values()), grid)
     result = LayerResult(target.name, layers, list(per_class), folds,
                          {n: int(feats[name].shape[1]) for n, name in layers.items()},
                          excluded=sorted(int(i) for i in exclude))

@@ -1,4 +1,4 @@
-"""The interactive viewer (``deconvnet serve``): a local web app over a checkpoint and a data set.
+"""The interactive viewer (``deconvnet serve``): a local web app over a model under study and a data set.
 
 In the browser a person picks a layer and a feature map and sees its top-9 activations over the data
 set projected to pixels beside the input patches (Fig. 2); or picks a data set image, or uploads a
@@ -8,7 +8,7 @@ by uvicorn; the front end is plain HTML/JS/CSS under ``deconvnet/static`` (no bu
 travel as base64 PNG data URLs inside the JSON answers.
 
 Concurrency: requests share one model behind a lock (a projection attaches hooks to it). The top-k
-pass runs once per (checkpoint, data, limit) in a background thread on its own copy of the model;
+pass runs once per (model, weights, data, limit, layers) in a background thread on its own copy of the model;
 its tables are cached in memory and, written atomically, on disk. Uploads are read into memory only,
 never past the size limit, and decoded with Pillow; nothing the user sends names a file.
 """
@@ -36,15 +36,15 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from torch import nn
 
-from ._analysis import output_layer, picture
-from .checkpoint import load_checkpoint
-from .data import Source, load_image, open_source
+from ._analysis import output_layer
+from .data import Source, load_image
 from .deconvnet import RULES, Deconvnet, contrast_stretch
 from .errors import UserError
 from .geometry import receptive_field, steps_to
 from .occlusion import occlusion
 from .probe import activations
 from .runner import atomic_torch_save
+from .subject import Subject
 from .topk import TopK, gallery, top_k
 
 STATIC = Path(__file__).parent / "static"
@@ -214,42 +214,53 @@ class TopKJob:
 # ----------------------------------------------------------------------------- the viewer
 
 class Viewer:
-    """What the app serves: a checkpoint's model, a data set, the top-k job and the analyses.
+    """What the app serves: the model under study, a data set, the top-k job and the analyses.
 
     Every use of ``model`` holds ``lock``: projections attach hooks to its modules, so two requests
     must not run it at once.
     """
 
-    def __init__(self, checkpoint: str | Path, data: str | None, limit: int, cache_dir: Path):
+    def __init__(self, subject: Subject, data: str | None, limit: int, cache_dir: Path,
+                 layers: list[str] | None = None):
         if limit < 1:
             raise UserError(f"--limit must be at least 1, got {limit}")
-        self.model, self.info = load_checkpoint(checkpoint)
-        self.checkpoint = Path(checkpoint)
-        self.data = data or self.info.accuracy.get("data")
+        self.subject, self.model = subject, subject.model
+        self.data = data or (subject.info.accuracy.get("data") if subject.info else None)
         if not self.data:
-            raise UserError("the checkpoint names no validation data; give --data SPEC")
-        pre = self.preprocess = self.info.preprocess
-        self.source = open_source(self.data, pre.stored_size, pre.channels)
-        self.layers = [name for name, m in self.model.named_modules() if isinstance(m, nn.Conv2d)]
+            raise UserError("give --data SPEC (folder:PATH, ...): the data set whose top activations are shown")
+        pre = self.preprocess = subject.preprocess
+        self.source = subject.open_data(self.data)
+        self.layers = list(layers or subject.stages)
         if not self.layers:
-            raise UserError("the model has no conv layers to show")
+            raise UserError("the model has no spatial layers to show; name them with --layers")
+        shapes = {c.name: c.shape for c in subject.calls()}
+        unknown = [name for name in self.layers if name not in shapes]
+        if unknown:
+            raise UserError(f"unknown layer(s) {unknown}; `deconvnet inspect` lists this model's layers")
+        flat = [name for name in self.layers if len(shapes[name]) != 3]
+        if flat:
+            raise UserError(f"layer(s) {flat} have no feature maps; the viewer shows spatial layers")
+        self.maps = {name: shapes[name][0] for name in self.layers}
         self.output = output_layer(self.model)
-        self.labelled = list(self.source.classes) == list(self.info.classes)  # data labels are model classes
+        self.labelled = list(self.source.classes) == list(subject.classes)  # data labels are model classes
         self.lock = threading.Lock()
         self._galleries: dict[tuple[str, int], dict] = {}
         n = min(limit, len(self.source))
-        key = json.dumps([file_digest(checkpoint), self.data, n, K, self.layers])
+        origin = subject.info and Path(subject.spec)
+        digests = [file_digest(f) for f in (origin, subject.weights) if f and Path(f).is_file()]
+        key = json.dumps([subject.spec, digests, self.data, n, K, self.layers])
         cache = cache_dir / f"topk-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
         self.topk = TopKJob(self.model, self.source, pre, self.layers, n, cache)
         self.topk.thread.start()
 
     def describe(self) -> dict:
         """What the page needs to draw its controls."""
-        modules = dict(self.model.named_modules())
+        subject = self.subject
         return {
-            "checkpoint": self.checkpoint.name, "model": self.info.config.name, "classes": self.info.classes,
+            "checkpoint": Path(subject.spec).name if subject.info else subject.spec, "model": subject.name,
+            "classes": subject.classes,
             "data": self.data, "data_images": len(self.source), "topk_images": self.topk.total, "k": K,
-            "layers": [{"name": name, "maps": modules[name].out_channels} for name in self.layers],
+            "layers": [{"name": name, "maps": self.maps[name]} for name in self.layers],
             "rules": list(RULES), "max_upload": MAX_UPLOAD,
         }
 
@@ -311,9 +322,9 @@ class Viewer:
         """One image, uint8 (C, S, S): the prediction, the ``STRONGEST`` feature maps of every conv
         layer with their projections by every rule, and the occlusion maps of Fig. 7 for ``target``
         (default: the predicted class)."""
-        x = self.preprocess.eval(raw[None])  # (1, C, H, W)
-        shown = _rgb(picture(self.preprocess, raw[None])[0])
-        classes = self.info.classes
+        x = self.subject.prepare(raw[None])  # (1, C, H, W)
+        shown = _rgb(self.subject.pictures(raw[None])[0])
+        classes = self.subject.classes
         with self.lock:
             with torch.no_grad():
                 acts = activations(self.model, x, self.layers + [self.output])
@@ -337,7 +348,13 @@ class Viewer:
         chosen = peaks.argsort(descending=True)[:STRONGEST].tolist()
         units = [(c, *divmod(int(where[c]), maps.shape[2])) for c in chosen]
         batch = x.expand(len(units), -1, -1, -1)
-        return units, {rule: Deconvnet(self.model).project(batch, layer, units, rule) for rule in RULES}
+        projections = {}
+        for rule in RULES:
+            try:
+                projections[rule] = Deconvnet(self.model).project(batch, layer, units, rule)
+            except UserError as e:  # e.g. an activation the rule has no definition for: say so in the page
+                projections[rule] = str(e)
+        return units, projections
 
     def _features(self, layer: str, maps: torch.Tensor, units: list, projections: dict, shown: np.ndarray) -> dict:
         """One layer's strongest maps as PNGs: activation map, receptive field on the input, projections."""
@@ -350,15 +367,16 @@ class Viewer:
                 "feature": c, "value": float(maps[c, y, x]), "unit": [c, y, x], "box": list(box),
                 "activation": _png(_pixels(activation[None] / activation.max().clamp_min(1e-12))),
                 "input": _png(_outlined(shown, box)),
-                "projections": {rule: _png(_pixels(contrast_stretch(p[i:i + 1])[0]))
-                                for rule, p in projections.items()},
+                "projections": {rule: _png(_pixels(contrast_stretch(p[i:i + 1])[0])) if not isinstance(p, str)
+                                else None for rule, p in projections.items()},
+                "errors": {rule: p for rule, p in projections.items() if isinstance(p, str)},
             })
         return {"layer": layer, "maps": maps.shape[0], "features": features}
 
     def _occlusion(self, result, shown: np.ndarray) -> dict:
         """Fig. 7's panels as PNGs: (a) the square where p(target) is lowest, (b) activity, (c) projection
         with its receptive field, (d) p(target), (e) most probable label, with the numbers behind them."""
-        classes = self.info.classes
+        classes = self.subject.classes
         covered = shown.copy()
         t, l = result.positions[int(result.probability.argmin())]
         covered[t:t + result.size, l:l + result.size] = 128
@@ -447,12 +465,12 @@ def create_app(viewer: Viewer) -> Starlette:
                                                         Exception: server_error})
 
 
-def serve(checkpoint: str | Path, data: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          limit: int = 5000) -> None:
+def serve(subject: Subject, data: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          limit: int = 5000, layers: list[str] | None = None) -> None:
     """Run the viewer until interrupted; the top-k pass over ``limit`` images starts at once."""
     import uvicorn
 
-    viewer = Viewer(checkpoint, data, limit, default_cache_dir())
-    print(f"deconvnet serve: http://{host}:{port}/  ({viewer.info.config.name} on {viewer.data}; "
+    viewer = Viewer(subject, data, limit, default_cache_dir(), layers)
+    print(f"deconvnet serve: http://{host}:{port}/  ({subject.name} on {viewer.data}; "
           f"top-k over {viewer.topk.total} images runs in the background)", flush=True)
     uvicorn.run(create_app(viewer), host=host, port=port, log_level="warning")

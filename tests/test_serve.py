@@ -25,6 +25,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="the 'serve' extra is not instal
 from deconvnet.data import load_image  # noqa: E402
 from deconvnet.probe import activations  # noqa: E402
 from deconvnet.serve import K, STRONGEST, Viewer, create_app  # noqa: E402
+from deconvnet.subject import from_checkpoint  # noqa: E402
 from deconvnet.topk import top_k  # noqa: E402
 
 DATA, LIMIT = "fashion-mnist:test", 300
@@ -47,7 +48,7 @@ def one_torch_thread():
 def server(tiny_checkpoint, tmp_path_factory):
     """The app over the tiny checkpoint, served by uvicorn on a free port in a background thread."""
     cache = tmp_path_factory.mktemp("serve-cache")
-    viewer = Viewer(tiny_checkpoint, DATA, LIMIT, cache)
+    viewer = Viewer(from_checkpoint(tiny_checkpoint), DATA, LIMIT, cache)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     uv = uvicorn.Server(uvicorn.Config(create_app(viewer), log_level="warning"))
@@ -146,7 +147,7 @@ def test_analysis_matches_direct_evaluation(server):
     raw = viewer.source.get([5])[0]
     expected = expected_probabilities(viewer, raw)
     assert np.allclose(result["probabilities"], expected.numpy(), atol=1e-5)
-    assert result["prediction"][0]["name"] == viewer.info.classes[int(expected.argmax())]
+    assert result["prediction"][0]["name"] == viewer.subject.classes[int(expected.argmax())]
     assert result["image"]["label"] == viewer.source.classes[int(viewer.source.labels[5])]
     with torch.no_grad():
         acts = activations(viewer.model, viewer.preprocess.eval(raw[None]), viewer.layers)
@@ -207,11 +208,11 @@ def test_topk_is_computed_once_and_cached_on_disk(server, tiny_checkpoint):
     files = list(server["cache"].glob("topk-*.pt"))
     assert len(files) == 1 and not list(server["cache"].glob(".*.tmp"))  # written atomically
 
-    again = Viewer(tiny_checkpoint, DATA, LIMIT, server["cache"])  # same checkpoint, data and limit
+    again = Viewer(from_checkpoint(tiny_checkpoint), DATA, LIMIT, server["cache"])  # same checkpoint, data and limit
     again.topk.thread.join(30)
     assert again.topk.source.read == 0  # read from the cache, no image went through the model
     assert torch.equal(again.topk.tables["conv5"].images, viewer.topk.tables["conv5"].images)
-    other = Viewer(tiny_checkpoint, DATA, LIMIT - 100, server["cache"])  # another limit: another key
+    other = Viewer(from_checkpoint(tiny_checkpoint), DATA, LIMIT - 100, server["cache"])  # another limit: another key
     other.topk.thread.join(30)
     assert other.topk.source.read == LIMIT - 100 and len(list(server["cache"].glob("topk-*.pt"))) == 2
 

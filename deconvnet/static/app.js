@@ -142,7 +142,8 @@ function drawAnalysis(result, caption) {
         el("div", {className: "title", textContent: `map ${f.feature}: ${f.value.toFixed(3)}`}),
         el("div", {className: "row"},
           figure(f.activation, "activation"), figure(f.input, "field"),
-          ...info.rules.map((rule) => figure(f.projections[rule], rule))));
+          ...info.rules.map((rule) => f.projections[rule] ? figure(f.projections[rule], rule)
+            : el("figure", {title: f.errors[rule]}, el("figcaption", {className: "error", textContent: `${rule}: not defined here`})))));
       card.addEventListener("click", () => pickFeature(layer.layer, f.feature));
       return card;
     })))));

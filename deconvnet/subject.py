@@ -1,0 +1,413 @@
+"""The model under study: the network, how to turn a user's image into its input (and back into pixels
+to draw), its class names and the layers an analysis uses by default.
+
+Every analysis, command, the viewer and the report take one. It is made from a *model spec*:
+
+- a checkpoint written by ``deconvnet train`` (a ``.pt`` file or a run directory): it carries
+  everything, the paper's mean-image preprocessing (Sec. 3) included;
+- ``torchvision:NAME``: any constructor in ``torchvision.models``, built with ``weights=None``;
+- ``package.module:CALLABLE`` or ``path/to/file.py:CALLABLE``: a function or class returning an
+  ``nn.Module``;
+
+plus, for the last two, a weights file (a state_dict, or a dict holding one under ``state_dict`` or
+``model``; ``module.`` prefixes from DataParallel are stripped), a class-name file and the
+preprocessing (``imagenet``: short side 256, center crop 224, per-channel mean/std).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import FORMAT, CheckpointInfo, load_checkpoint, read_checkpoint
+from .data import Preprocess, Source, load_image, open_source
+from .errors import UserError
+from .features import feature_layers
+from .models import CONV_NAMES
+from .probe import LayerCall, layer_calls
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESSING = ("imagenet", "unit")
+_DROPOUT = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout, nn.Identity, nn.Flatten)
+
+
+@dataclass
+class Subject:
+    """The model under study (see the module docstring).
+
+    ``stages``: the spatial layers shown by default, bottom to top (``conv1`` .. ``conv5`` for our
+    models; for others the output of each resolution stage, e.g. ResNet's ``relu``, ``layer1`` ..
+    ``layer4``). ``layer_numbers``: the paper's "layer n" (1..7) for the analyses that name layers by
+    number (Fig. 5, Table 1, Table 7): ours as in Fig. 3; for others the stages numbered from 1 and
+    the penultimate layer as 7. ``info``: the checkpoint's record, for our checkpoints only.
+    """
+
+    model: nn.Module
+    preprocess: Preprocess
+    classes: list[str]
+    spec: str
+    stages: list[str]
+    layer_numbers: dict[int, str]
+    weights: str | None = None
+    info: CheckpointInfo | None = None
+    chosen: list[str] = field(default_factory=list)  # how the defaults were chosen, said once by the CLI
+
+    @property
+    def name(self) -> str:
+        """A short name for titles: the architecture of our checkpoints, else the spec."""
+        return self.info.config.name if self.info else self.spec
+
+    @property
+    def penultimate(self) -> str | None:
+        return self.layer_numbers.get(7)
+
+    def prepare(self, raw: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, C, S, S) at the stored size -> the model's input (center crop)."""
+        return self.preprocess.eval(raw)
+
+    def pictures(self, raw: torch.Tensor) -> torch.Tensor:
+        """uint8 images at the stored size -> float (N, C, H, W) in [0, 1], cropped like the model's
+        input: the user's own pixels, to draw under an overlay."""
+        from ._analysis import picture
+
+        return picture(self.preprocess, raw)
+
+    def open_data(self, spec: str) -> Source:
+        """A data spec (``folder:PATH``, ``fashion-mnist:test``, ...) at this model's stored size."""
+        return open_source(spec, self.preprocess.stored_size, self.preprocess.channels)
+
+    def load_images(self, paths: list[str]) -> torch.Tensor:
+        """PNG/JPEG files -> uint8 (N, C, S, S) at the stored size, or a one-line error naming the file."""
+        raw = []
+        for path in paths:
+            if not Path(path).is_file():
+                raise UserError(f"image not found: {path}")
+            try:
+                raw.append(load_image(path, self.preprocess.stored_size, self.preprocess.channels))
+            except Exception as e:  # noqa: BLE001 - any decode failure is the user's file
+                raise UserError(f"cannot read image {path}: {e}") from None
+        return torch.stack(raw)
+
+    def class_index(self, labels: list[str]) -> list[int | None]:
+        """Data labels (class names of a data source) -> this model's class indices, None where unknown."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        return [index.get(name) for name in labels]
+
+    def describe(self) -> dict:
+        """Provenance for JSON outputs and pages."""
+        return {"model": self.spec, "weights": self.weights, "name": self.name,
+                "input": [self.preprocess.channels, self.preprocess.input_size, self.preprocess.input_size],
+                "preprocess": self.preprocess.to_dict(), "classes": len(self.classes),
+                "stages": self.stages, "layer_numbers": {str(k): v for k, v in self.layer_numbers.items()}}
+
+    def calls(self) -> list[LayerCall]:
+        """Every layer a command accepts, in the order the forward pass produces them, at the input size."""
+        return layer_calls(self.model, self.example())
+
+    def example(self) -> torch.Tensor:
+        """One all-zeros input at the model's input size (the mean image after preprocessing)."""
+        size = self.preprocess.input_size
+        return torch.zeros(1, self.preprocess.channels, size, size)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_subject(spec: str, weights: str | None = None, classes: str | None = None,
+                 preprocess: str | None = None, input_size: int | None = None,
+                 mean: list[float] | None = None, std: list[float] | None = None) -> Subject:
+    """The model under study from a model spec (see the module docstring); one-line :class:`UserError`
+    for every user mistake: unknown names, modules that do not import, weights that do not fit, a class
+    list of the wrong length, a model that cannot take the input size."""
+    path = Path(spec)
+    if path.is_dir() or (path.is_file() and _is_our_checkpoint(path)):
+        if weights or classes or preprocess or input_size or mean or std:
+            raise UserError(f"{spec} is a deconvnet checkpoint: it carries its weights, classes and "
+                            "preprocessing; --weights/--classes/--preprocess/--input-size/--mean/--std do not apply")
+        return from_checkpoint(path / "final.pt" if path.is_dir() else path)
+    if path.is_file() or (path.suffix in (".pt", ".pth", ".ckpt") and ":" not in spec):
+        try:
+            read_checkpoint(path)  # says why it is not one: missing, unreadable, or another kind of file
+        except UserError as e:
+            raise UserError(f"{e}; for a weights file give the architecture with --model torchvision:NAME or "
+                            f"module:CALLABLE and the file with --weights") from None
+    model = _build(spec)
+    if weights:
+        load_weights(model, weights)
+    model.eval()
+    pre = _preprocess(model, spec, preprocess, input_size, mean, std)
+    outputs = _outputs(model, pre, spec)
+    names = read_classes(classes, outputs) if classes else [str(i) for i in range(outputs)]
+    subject = Subject(model, pre, names, spec, [], {}, weights=weights)
+    subject.stages, subject.layer_numbers, subject.chosen = default_layers(subject.calls(), model)
+    return subject
+
+
+def from_checkpoint(path: str | Path) -> Subject:
+    """Our checkpoint as the model under study: conv1..conv5 and the paper's layer numbers (Fig. 3)."""
+    model, info = load_checkpoint(path)
+    modules = dict(model.named_modules())
+    stages = [name for name in CONV_NAMES if name in modules]
+    return Subject(model, info.preprocess, list(info.classes), str(path), stages, feature_layers(model), info=info)
+
+
+def _is_our_checkpoint(path: Path) -> bool:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not readable as our checkpoint; the caller says what it is
+        return False
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def _build(spec: str) -> nn.Module:
+    """``torchvision:NAME``, ``package.module:CALLABLE`` or ``file.py:CALLABLE`` -> the built module."""
+    if ":" not in spec:
+        raise UserError(f"unknown model spec {spec!r}; give a deconvnet checkpoint (.pt or run directory), "
+                        "torchvision:NAME, package.module:CALLABLE or path/to/file.py:CALLABLE")
+    where, _, attr = spec.rpartition(":")
+    if where == "torchvision":
+        return _torchvision(attr)
+    if not where or not attr:
+        raise UserError(f"model spec {spec!r}: give MODULE:CALLABLE, e.g. mypackage.nets:build or nets.py:Net")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        module = _import_file(where)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as e:  # noqa: BLE001 - the user's module: say why it does not import
+            raise UserError(f"cannot import {where!r} (from --model {spec}): {type(e).__name__}: {e}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"{where} has no attribute {attr!r} (from --model {spec})")
+        obj = getattr(obj, part)
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise UserError(f"{spec}: {attr} is not callable; give a function or class returning an nn.Module")
+    try:
+        model = obj()
+    except Exception as e:  # noqa: BLE001 - the user's callable failed
+        raise UserError(f"{spec}: calling {attr}() failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{spec}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import_file(path: str):
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"model file not found: {path}")
+    name = f"deconvnet_user_{abs(hash(str(file.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(file.resolve().parent))  # so the file can import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's file: say why it does not run
+        raise UserError(f"cannot import {path}: {type(e).__name__}: {e}") from None
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def import_torchvision():
+    """``torchvision``, or a one-line error saying how to install it (it is not a dependency)."""
+    try:
+        import torchvision
+    except ModuleNotFoundError:
+        raise UserError(f"torchvision: specs need torchvision, which is not installed: "
+                        f"pip install torchvision (the release matching torch {torch.__version__.split('+')[0]})") from None
+    except Exception as e:  # noqa: BLE001 - installed but broken (e.g. built for another torch)
+        raise UserError(f"torchvision is installed but does not import ({type(e).__name__}: {e}); install "
+                        f"the release matching torch {torch.__version__.split('+')[0]}") from None
+    return torchvision
+
+
+def _torchvision(name: str) -> nn.Module:
+    tv = import_torchvision()
+    available = tv.models.list_models(module=tv.models)
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; see torchvision.models.list_models()"
+        raise UserError(f"torchvision has no model {name!r}{hint}")
+    return tv.models.get_model(name, weights=None)
+
+
+# ----------------------------------------------------------------------------- weights, classes
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a weights file into ``model``: a state_dict, or a dict holding one under ``state_dict`` or
+    ``model``; ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes stripped. A
+    one-line error names the first missing, unexpected and mis-shaped keys and their counts."""
+    if not Path(path).is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem
+        raise UserError(f"{path} is not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no state_dict (a dict of tensors, or one under 'state_dict' or 'model')")
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", shaped)):
+        if keys:
+            problems.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+    if problems:
+        raise UserError(f"{path} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def read_classes(path: str, outputs: int | None = None) -> list[str]:
+    """Class names from a file: one per line, a JSON list, or ImageNet's ``{"0": ["n01440764",
+    "tench"], ...}`` index; checked against the model's number of ``outputs`` when given."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"classes file not found: {path}")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    names: list[str]
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, list):
+        names = [str(v) for v in data]
+    elif isinstance(data, dict):
+        try:
+            items = sorted(data.items(), key=lambda kv: int(kv[0]))
+        except ValueError:
+            raise UserError(f"{path}: a JSON object of classes needs keys 0..K-1") from None
+        if [int(k) for k, _ in items] != list(range(len(items))):
+            raise UserError(f"{path}: the class indices are not 0..{len(items) - 1}")
+        names = [str(v[-1]) if isinstance(v, list) and v else str(v) for _, v in items]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise UserError(f"{path} holds no class names")
+    if outputs is not None and len(names) != outputs:
+        raise UserError(f"{path} has {len(names)} class names but the model has {outputs} outputs")
+    return names
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def _first_conv(model: nn.Module) -> nn.Conv2d | None:
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _preprocess(model: nn.Module, spec: str, kind: str | None, input_size: int | None,
+                mean: list[float] | None, std: list[float] | None) -> Preprocess:
+    """``imagenet`` (default): short side ``input_size * 256 / 224``, center crop ``input_size`` (224),
+    then per channel ``(x - mean) / std`` on [0, 1] pixels. ``unit``: [0, 1] pixels, resized and cropped
+    to the input size, no normalisation. ``mean``/``std`` override the preset's."""
+    kind = kind or "imagenet"
+    if kind not in PREPROCESSING:
+        raise UserError(f"unknown --preprocess {kind!r}; use {' or '.join(PREPROCESSING)}")
+    conv = _first_conv(model)
+    channels = conv.in_channels if conv is not None else 3
+    size = input_size or 224
+    if size < 8:
+        raise UserError(f"--input-size {size} is too small")
+    if kind == "imagenet":
+        stored = round(size * 256 / 224)
+        m = list(mean) if mean is not None else list(IMAGENET_MEAN)
+        s = list(std) if std is not None else list(IMAGENET_STD)
+    else:
+        stored = size
+        m = list(mean) if mean is not None else [0.0]
+        s = list(std) if std is not None else [1.0]
+    if channels == 1 and mean is None and len(m) == 3:  # grey model: the mean of the RGB statistics
+        m, s = [sum(m) / 3], [sum(s) / 3]
+    for label, values in (("--mean", m), ("--std", s)):
+        if len(values) not in (1, channels):
+            raise UserError(f"{label} needs 1 or {channels} values (the model takes {channels} channels), got {len(values)}")
+    if any(v <= 0 for v in s):
+        raise UserError(f"--std values must be positive, got {s}")
+    mean_t = torch.tensor(m, dtype=torch.float32).expand(channels).reshape(channels, 1, 1).clone()
+    std_t = torch.tensor(s, dtype=torch.float32).expand(channels).reshape(channels, 1, 1).clone()
+    return Preprocess(size, stored, channels, mean_t, scale=1.0, pad=0, std=std_t)
+
+
+def _outputs(model: nn.Module, pre: Preprocess, spec: str) -> int:
+    """The number of class scores the model gives for one input; a one-line error if it cannot run."""
+    x = torch.zeros(1, pre.channels, pre.input_size, pre.input_size)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # noqa: BLE001 - the model cannot take this input
+        raise UserError(f"{spec} cannot take a {pre.channels}x{pre.input_size}x{pre.input_size} input "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "set --input-size (and the channels via the model)") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        raise UserError(f"{spec} returns {type(out).__name__} of shape {tuple(getattr(out, 'shape', ()))}; "
+                        "the tools need a classifier returning class scores (N, K)")
+    return int(out.shape[1])
+
+
+# ----------------------------------------------------------------------------- default layers
+
+def default_layers(calls: list[LayerCall], model: nn.Module) -> tuple[list[str], dict[int, str], list[str]]:
+    """Sensible default layers for a model that is not ours: ``(stages, layer numbers, explanation)``.
+
+    The stages are the calls at the shallowest depth of the module tree where the forward pass runs
+    through more than one spatial resolution (ResNet: its top-level modules; VGG, DenseNet,
+    MobileNet: the children of ``features``); of each run of calls at one resolution, the last (the
+    output of that stage). The penultimate layer is the last call before the classifier whose
+    output size (or channel count, before global pooling) is the classifier's input size.
+    """
+    spatial = [c for c in calls if len(c.shape) == 3 and c.shape[1] > 1
+               and not isinstance(c.module, _DROPOUT + (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))]
+    stages: list[str] = []
+    for depth in range(1, 1 + max((c.name.count(".") + 1 for c in spatial), default=0)):
+        level = [c for c in spatial if c.name.count(".") + 1 == depth]
+        if len({c.shape[1:] for c in level}) >= 2:
+            for i, c in enumerate(level):
+                if i + 1 == len(level) or level[i + 1].shape[1:] != c.shape[1:]:
+                    stages.append(c.name)
+            break
+    if not stages and spatial:  # one resolution throughout: the last spatial layer
+        stages = [spatial[-1].name]
+    numbers = {i + 1: name for i, name in enumerate(stages[:6])}
+    penultimate = _penultimate(calls)
+    if penultimate:
+        numbers[7] = penultimate
+    said = [f"stages {', '.join(stages) or '(none found)'}",
+            f"penultimate {penultimate}" if penultimate else "no penultimate layer found"]
+    return stages, numbers, said
+
+
+def _penultimate(calls: list[LayerCall]) -> str | None:
+    leaves = [c for c in calls if not list(c.module.children())]
+    if not leaves or not isinstance(leaves[-1].module, nn.Linear):
+        return None
+    width = leaves[-1].module.in_features
+    last = calls.index(leaves[-1])
+    for c in reversed(calls[:last]):
+        if isinstance(c.module, _DROPOUT):
+            continue
+        size = 1
+        for d in c.shape:
+            size *= d
+        if size == width or (len(c.shape) == 3 and c.shape[0] == width):
+            return c.name
+    return None
