@@ -11,6 +11,8 @@ peak rate of 0.08 such short runs leave some variants stuck at chance. The widen
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -22,6 +24,10 @@ from .errors import UserError
 from .models import ModelConfig, model_config
 from .runner import atomic_write_json, progress
 from .train import TrainConfig, split_indices, evaluate, train
+from .figures import finish, new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Table 3's rows, in the paper's words, for a model of the ZFNet family.
 LABELS = {
@@ -176,14 +182,10 @@ def to_json(result: AblationResult) -> dict:
             "findings": findings(result)}
 
 
-def plot(result: AblationResult, path: str | Path) -> None:
+def plot(result: AblationResult, path=None) -> Figure:
     """Train and test top-1 error of every variant as grouped bars (Table 3 as a figure)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(result.rows)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4.5))
+    fig, ax = new_figure(figsize=(max(6, 1.1 * len(names)), 4.5))
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], [result.rows[n]["train_top1"] for n in names], 0.4, label="train top-1")
     ax.bar([x + 0.2 for x in xs], [result.rows[n]["test_top1"] for n in names], 0.4, label="test top-1")
@@ -192,6 +194,4 @@ def plot(result: AblationResult, path: str | Path) -> None:
     budget = f"{result.epochs} epoch(s)" + (f", first {result.limit} images" if result.limit else "")
     ax.set_title(f"Ablation of {result.model} on {result.data} ({budget}), cf. Table 3")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return finish(fig, path)

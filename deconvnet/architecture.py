@@ -15,6 +15,8 @@ cores (a top-1 pass over 1000 images each).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,10 @@ from .data import Source
 from .deconvnet import contrast_stretch
 from .features import layer_output
 from .topk import choose_maps, gallery, top_k
+from .figures import finish, new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BANDS = ("low", "mid", "high")
 BAND_EDGES = (1 / 6, 1 / 3)  # cycles per input pixel: thirds of the Nyquist frequency 0.5
@@ -212,14 +218,10 @@ def _grid(tiles: torch.Tensor, cols: int, shared_scale: bool) -> torch.Tensor:
     return out
 
 
-def plot(runs: list[RunSummary], path: str | Path) -> None:
+def plot(runs: list[RunSummary], path=None) -> Figure:
     """Fig. 6 with numbers: per run, its layer-1 filters (one shared grey scale), the layer-2
     projections (each stretched) and the sorted filter RMS."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(runs), 3, figsize=(13, 3.8 * len(runs)), squeeze=False,
+    fig, axes = new_figure(len(runs), 3, figsize=(13, 3.8 * len(runs)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1, 1.2]})
     for r, (a_filters, a_proj, a_rms) in zip(runs, axes):
         cols = int(np.ceil(np.sqrt(len(r.filters))))
@@ -242,6 +244,4 @@ def plot(runs: list[RunSummary], path: str | Path) -> None:
         a_rms.set_ylabel("RMS")
         a_rms.set_title("filter RMS", fontsize=9)
     fig.suptitle("Architecture selection, cf. Fig. 6", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return finish(fig, path)

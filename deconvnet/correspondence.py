@@ -14,6 +14,8 @@ toe (lower left), heel (right end), laces (the opening, top centre).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,10 @@ from torch import nn
 from ._analysis import features, to_rgb
 from .errors import UserError
 from .features import layer_output
+from .figures import finish, new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right), inclusive pixel coordinates
 
@@ -162,17 +168,14 @@ def correspondence_to_json(result: Correspondence) -> dict:
             "boxes": {name: [[list(b) for b in draw] for draw in draws] for name, draws in result.boxes.items()}}
 
 
-def draw_correspondence(result: Correspondence, pictures: torch.Tensor, path) -> None:
+def draw_correspondence(result: Correspondence, pictures: torch.Tensor, path=None) -> Figure:
     """Fig. 8 and Table 1 as a PNG: each image with each part masked (and one random draw), then the
     mean +- std per layer. ``pictures``: the images to show, (N, C, H, W) in [0, 1]."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     names = list(result.boxes)
     n = len(pictures)
-    fig, axes = plt.subplots(len(names), n + 1, figsize=(1.8 * (n + 1) + 2.5, 1.9 * len(names)), squeeze=False,
+    fig, axes = new_figure(len(names), n + 1, figsize=(1.8 * (n + 1) + 2.5, 1.9 * len(names)), squeeze=False,
                              gridspec_kw={"width_ratios": [1] * n + [2.2]})
     for row, name in zip(axes, names):
         for i, ax in enumerate(row[:n]):
@@ -187,6 +190,4 @@ def draw_correspondence(result: Correspondence, pictures: torch.Tensor, path) ->
         row[n].text(0.02, 0.5, text, va="center", fontsize=9, family="monospace")
         row[n].axis("off")
     axes[0, n].set_title("mean ± std of H", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return finish(fig, path)

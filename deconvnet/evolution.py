@@ -11,6 +11,8 @@ cores. Train with ``--snapshots 1,2,3,...`` to get every epoch (the default keep
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,10 @@ from .errors import UserError
 from .features import feature_layers
 from .runner import progress
 from .topk import mosaic, choose_maps, gallery, top_k
+from .figures import finish, new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STABLE_CORRELATION = 0.9
 
@@ -156,15 +162,11 @@ def to_json(result: EvolutionResult) -> dict:
             "findings": findings(result)}
 
 
-def plot_layer(result: EvolutionResult, n: int, path: str | Path) -> None:
+def plot_layer(result: EvolutionResult, n: int, path=None) -> Figure:
     """Fig. 4 for layer ``n``: one row per map, one column per snapshot epoch (each tile stretched)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     layer = result.layers[n]
     rows, cols = len(layer.maps), len(result.epochs)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols + 0.8, 1.2 * rows + 0.8), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(1.2 * cols + 0.8, 1.2 * rows + 0.8), squeeze=False)
     for m, c in enumerate(layer.maps):
         for s, epoch in enumerate(result.epochs):
             ax = axes[m, s]
@@ -178,18 +180,12 @@ def plot_layer(result: EvolutionResult, n: int, path: str | Path) -> None:
                 ax.set_ylabel(f"map {c}", fontsize=8)
     fig.suptitle(f"Layer {n} ({layer.layer}): strongest activation projected per snapshot; "
                  f"stable from epoch {layer.mean_stable_epoch:.1f} (mean)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return finish(fig, path)
 
 
-def plot_summary(result: EvolutionResult, path: str | Path) -> None:
+def plot_summary(result: EvolutionResult, path=None) -> Figure:
     """The measured claim: mean stable epoch per layer (each map a dot)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = new_figure(figsize=(5, 3.6))
     for n, layer in result.layers.items():
         ax.scatter([n] * len(layer.stable_epoch), layer.stable_epoch, color="grey", s=12)
     ns = list(result.layers)
@@ -199,6 +195,4 @@ def plot_summary(result: EvolutionResult, path: str | Path) -> None:
     ax.set_xticks(ns)
     ax.set_title("When the strongest activation stops changing (Fig. 4)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return finish(fig, path)

@@ -9,6 +9,8 @@ background of Fashion-MNIST. Translation moves whole pixels; scale (about the ce
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from dataclasses import dataclass
 
@@ -20,6 +22,10 @@ from ._analysis import features, output_layer
 from .data import Preprocess
 from .errors import UserError
 from .features import layer_output
+from .figures import finish, new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 KINDS = ("translation", "scale", "rotation")
 IDENTITY = {"translation": 0.0, "scale": 1.0, "rotation": 0.0}
@@ -161,16 +167,12 @@ def invariance_to_json(result: Invariance, classes: list[str] | None = None) -> 
     }
 
 
-def draw_invariance(result: Invariance, path, classes: list[str] | None = None) -> None:
+def draw_invariance(result: Invariance, path=None, classes: list[str] | None = None) -> Figure:
     """Fig. 5 as a PNG: rows translation, scale, rotation; columns low-layer distance, high-layer
     distance, p(true); one curve per image."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     kinds = [k for k in KINDS if k in result.amounts]
     units = {"translation": "vertical shift (px)", "scale": "scale factor", "rotation": "rotation (degrees)"}
-    fig, axes = plt.subplots(len(kinds), 3, figsize=(12, 3.2 * len(kinds)), squeeze=False)
+    fig, axes = new_figure(len(kinds), 3, figsize=(12, 3.2 * len(kinds)), squeeze=False)
     for row, kind in zip(axes, kinds):
         x = result.amounts[kind]
         series = [result.distance[kind][result.layers[0]], result.distance[kind][result.layers[1]],
@@ -185,6 +187,4 @@ def draw_invariance(result: Invariance, path, classes: list[str] | None = None) 
         row[2].set_ylim(-0.02, 1.02)
     if len(result.labels) <= 10:
         axes[0, 2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return finish(fig, path)

@@ -8,6 +8,8 @@ takes about 1 minute (70 classifier fits per N); the demo budget ``--per-class 1
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,10 @@ from torch import nn
 from .data import Preprocess, Source
 from .features import feature_grid, feature_layers, fit_linear, layer_features, per_class_folds
 from .runner import progress
+from .figures import finish, new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CLASSIFIERS = ("svm", "softmax")
 PER_CLASS = (15, 30)  # Table 7 reports Caltech-101 at 30 and Caltech-256 at 60 images per class
@@ -107,13 +113,9 @@ def to_json(result: LayerResult) -> dict:
             "table": table, "findings": findings(result)}
 
 
-def plot(result: LayerResult, path: str | Path) -> None:
+def plot(result: LayerResult, path=None) -> Figure:
     """Accuracy against the layer the classifier sits on, per classifier and N (Table 7 as a figure)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     layers = list(result.layers)
     for kind, style in zip(CLASSIFIERS, ("-", "--")):
         for n in result.per_class:
@@ -125,6 +127,4 @@ def plot(result: LayerResult, path: str | Path) -> None:
     ax.set_xticks(layers)
     ax.set_title(f"Per-layer features on {result.target}, cf. Table 7", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return finish(fig, path)

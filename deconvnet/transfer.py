@@ -8,6 +8,8 @@ steps, as in the demo): 1.8 minutes; the 35 scratch trainings take almost all of
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -24,6 +26,10 @@ from .features import (feature_grid, fit_linear, layer_features, layer_output, m
 from .models import ConvNet
 from .runner import progress
 from .train import TrainConfig, epoch_batches, make_optimizer, make_scheduler, sgd_step
+from .figures import finish, new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PER_CLASS = (1, 2, 3, 5, 10, 15, 30)  # Fig. 9 down to one shot, and the 15/30 of Table 4
 OVERLAP_THRESHOLD = 0.99  # normalised correlation from which two images count as the same
@@ -214,13 +220,9 @@ def to_json(result: TransferResult) -> dict:
             "findings": findings(result)}
 
 
-def plot(result: TransferResult, path) -> None:
+def plot(result: TransferResult, path=None) -> Figure:
     """Fig. 9: mean per-class accuracy against training images per class, pretrained vs scratch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     curves = (("pretrained layers 1-7 + new softmax", result.pretrained),
               (f"from scratch ({result.scratch_steps} steps)", result.scratch))
     for name, scores in curves:
@@ -233,6 +235,4 @@ def plot(result: TransferResult, path) -> None:
     ax.set_ylabel("mean per-class accuracy (%)")
     ax.set_title(f"Transfer to {result.target} ({result.folds} folds), cf. Fig. 9", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return finish(fig, path)

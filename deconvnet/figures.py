@@ -1,0 +1,33 @@
+"""Figures without pyplot: every renderer builds a ``matplotlib.figure.Figure`` directly, so drawing
+never changes matplotlib's global backend (a notebook keeps its inline backend, and a returned
+figure shows there), and PNGs are written atomically."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from .runner import atomic_write_bytes
+
+
+def new_figure(rows: int = 1, cols: int = 1, figsize: tuple[float, float] | None = None, **kwargs) -> tuple[Figure, Any]:
+    """``(figure, axes)`` as ``pyplot.subplots`` gives them, made without pyplot."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, **kwargs)
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> None:
+    """Write ``fig`` as a PNG at ``path`` atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def finish(fig: Figure, path: str | Path | None = None) -> Figure:
+    """Lay ``fig`` out, save it to ``path`` when given, and return it."""
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig

@@ -1,0 +1,27 @@
+"""Renderers return Figures and never touch matplotlib's global backend (issue 13: a notebook user
+who calls a figure function keeps the inline backend)."""
+import subprocess
+import sys
+
+
+def test_figure_functions_leave_the_backend_alone(tmp_path):
+    # a fresh interpreter, so that no other test has chosen the backend first
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+import torch
+from deconvnet.invariance import Invariance, draw_invariance
+from deconvnet.layer_features import LayerResult, plot
+r = Invariance(["a", "b"], torch.tensor([0, 1]), {{"scale": [1.0, 1.2]}},
+               {{"scale": {{"a": torch.ones(2, 2), "b": torch.ones(2, 2)}}}}, {{"scale": torch.ones(2, 2)}},
+               torch.ones(2), {{"a": torch.ones(2), "b": torch.ones(2)}})
+fig = draw_invariance(r)
+assert type(fig).__name__ == "Figure" and len(fig.axes) == 3, fig.axes
+layers = LayerResult("t", {{1: "x", 2: "y"}}, [5], 2, {{1: 3, 2: 3}},
+                     {{(k, 5, n): [0.5, 0.6] for k in ("svm", "softmax") for n in (1, 2)}})
+plot(layers, r"{tmp_path / 'layers.png'}")
+print(matplotlib.get_backend())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "svg"
+    assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
