@@ -7,11 +7,15 @@ The small models default to ``recipe="small"``, tuned to reach 92% on Fashion-MN
 minutes on 2 CPU cores (see README): He init, a one-cycle schedule, Nesterov momentum, weight decay,
 no dropout, 30 epochs. Where the hardware computes bf16 natively the convs run under bf16 autocast
 (``precision="auto"``), 1.5-1.9x faster on this project's CPU; weights, optimizer and evaluation stay fp32.
+With ``time_budget`` (minutes) the trainer measures its own speed for a few seconds and sizes the run
+(epochs, and the one-cycle schedule with them) to end within the budget, evaluation included.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -70,6 +74,8 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 where the hardware computes it natively), "bf16", "fp32"
     final_ten_crop: bool = True  # end with the paper's 10-crop evaluation (Sec. 3)
     model_changes: dict = field(default_factory=dict)  # ModelConfig overrides (ablation variants)
+    time_budget: float | None = None  # minutes for the whole run; epochs (at most ``epochs``) sized to fit
+    plan: dict | None = None  # the budget's plan, filled by the trainer: measured speed, epochs chosen
 
     def resolved(self) -> "TrainConfig":
         """Fill every ``None`` from the recipe, so config.json states what actually ran."""
@@ -92,6 +98,8 @@ class TrainConfig:
             raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
         if cfg.checkpoint_every < 0:
             raise UserError("--checkpoint-every must be >= 0 (0: only at epoch ends)")
+        if cfg.time_budget is not None and not (math.isfinite(cfg.time_budget) and cfg.time_budget > 0):
+            raise UserError(f"--time-budget must be a positive number of minutes, got {cfg.time_budget}")
         if cfg.snapshots is not None and any(not 1 <= e <= cfg.epochs for e in cfg.snapshots):
             raise UserError(f"--snapshots must be epochs between 1 and {cfg.epochs}, got {cfg.snapshots}")
         if cfg.device == "auto":
@@ -107,6 +115,11 @@ class TrainConfig:
         if cfg.snapshots is None:
             cfg.snapshots = sorted({e for e in PAPER_SNAPSHOTS if e <= cfg.epochs} | {cfg.epochs})
         return cfg
+
+    def with_epochs(self, epochs: int) -> "TrainConfig":
+        """The same run cut to ``epochs``: snapshots beyond it dropped, the last epoch kept."""
+        snapshots = sorted({e for e in self.snapshots if e <= epochs} | {epochs})
+        return dataclasses.replace(self, epochs=epochs, snapshots=snapshots)
 
 
 def _native_bf16(device: str) -> bool:
@@ -208,24 +221,143 @@ def sgd_step(cfg: TrainConfig, net: nn.Module, optimizer, scheduler, x: torch.Te
     return loss.detach()
 
 
+# ----------------------------------------------------------------------------- time budget
+
+MARGIN = 0.03  # of a time budget, kept free for what the plan cannot see (start-up, checkpoint writes)
+
+
+def plan_epochs(budget_s: float, spent_s: float, train_images: int, val_images: int, train_rate: float,
+                eval_rate: float, ceiling: int, ten_crop: bool) -> dict:
+    """How many epochs fit in what is left of ``budget_s`` seconds, and whether the 10-crop evaluation does.
+
+    An epoch costs its training images at ``train_rate`` (images/s) plus one evaluation of the
+    validation images at ``eval_rate``; the final 10-crop evaluation costs ten evaluations and is
+    dropped when that is more than a tenth of the budget. At most ``ceiling`` epochs.
+    """
+    epoch_s = train_images / train_rate + val_images / eval_rate
+    ten_s = 10 * val_images / eval_rate
+    ten_crop = ten_crop and ten_s <= 0.1 * budget_s
+    left = budget_s * (1 - MARGIN) - spent_s - (ten_s if ten_crop else 0.0)
+    epochs = max(0, min(ceiling, math.floor(left / epoch_s)))
+    return {"budget_minutes": round(budget_s / 60, 3), "train_images_per_s": round(train_rate, 1),
+            "eval_images_per_s": round(eval_rate, 1), "epochs": epochs, "ten_crop": ten_crop,
+            "estimated_seconds": round(spent_s + epochs * epoch_s + (ten_s if ten_crop else 0.0), 1)}
+
+
+def measure_speed(cfg: TrainConfig, model: nn.Module, source: Source, preprocess: Preprocess,
+                  train_idx: torch.Tensor, val_source: Source, val_idx: torch.Tensor,
+                  seconds: float = 4.0) -> tuple[float, float, int]:
+    """(training images/s, evaluation images/s, threads) of this run's own steps, timed for a few seconds
+    on a copy of the model, so the run itself is the same as without the measurement.
+
+    On a CPU it also times one thread against the default and keeps the faster: on a machine shared
+    with other jobs, two threads that wait for each other at every operation can be several times
+    slower than one.
+    """
+    rank, procs = world()
+    rng = torch.get_rng_state()
+    probe = copy.deepcopy(model)
+    optimizer = make_optimizer(cfg, probe)
+    plain = dataclasses.replace(cfg, schedule="plateau")  # no lr schedule to step
+    draw = torch.Generator().manual_seed(cfg.seed + 2)
+    device = next(probe.parameters()).device
+    probe.train()
+
+    def step() -> None:
+        batch = train_idx[torch.randint(0, len(train_idx), (cfg.batch_size,), generator=draw)][rank::procs]
+        which = torch.randint(0, 10, (len(batch),), generator=draw)
+        x = preprocess.train(source.get(batch).to(device), which.to(device))
+        sgd_step(plain, probe, optimizer, None, x.contiguous(memory_format=torch.channels_last),
+                 source.labels[batch].to(device))
+
+    def rate(limit: float) -> float:
+        step()  # the first step at a thread count builds oneDNN's kernels
+        steps, started = 0, time.perf_counter()
+        while steps < 3 or (time.perf_counter() - started < limit and steps < 1000):
+            step()
+            steps += 1
+        return steps * cfg.batch_size / (time.perf_counter() - started)
+
+    threads = torch.get_num_threads()
+    candidates = [threads, 1] if device.type == "cpu" and procs == 1 and threads > 1 else [threads]
+    step()
+    rates = {}
+    for t in candidates:
+        torch.set_num_threads(t)
+        rates[t] = rate(seconds / len(candidates))
+    best = max(rates, key=rates.get)
+    torch.set_num_threads(best)
+    n = min(len(val_idx), 1000)
+    evaluate(probe, val_source, preprocess, val_idx[:min(n, 100)])  # warm-up
+    started = time.perf_counter()
+    evaluate(probe, val_source, preprocess, val_idx[:n])
+    eval_rate = n / (time.perf_counter() - started)
+    torch.set_rng_state(rng)
+    train_rate, eval_rate = all_sum([rates[best], eval_rate])  # every process plans the same
+    return train_rate / procs, eval_rate / procs, best
+
+
+def shrink_schedule(scheduler, total_steps: int, step: int) -> None:
+    """End a one-cycle schedule at ``total_steps`` (the run's budget shrank): the annealing phase ends
+    there, and a warm-up still under way ends at a quarter of it."""
+    phases = scheduler._schedule_phases
+    scheduler.total_steps = max(total_steps, step + 1)
+    phases[-1]["end_step"] = float(scheduler.total_steps - 1)
+    if step < phases[0]["end_step"]:
+        phases[0]["end_step"] = max(1.0, min(phases[0]["end_step"], 0.25 * scheduler.total_steps - 1))
+
+
+REPLAN_MARGIN = 0.01  # a run re-plans only when it would eat into all but this much of its budget
+
+
+def _replan(cfg: TrainConfig, epoch: int, epoch_s: float, val_images: int, clock: float, scheduler,
+            steps_per_epoch: int) -> TrainConfig:
+    """After ``epoch``: the run cut to the epochs that still fit at the last epoch's pace, or unchanged."""
+    _, procs = world()
+    spent = all_sum([time.time() - clock])[0] / procs
+    ten_s = 10 * val_images / cfg.plan["eval_images_per_s"] if cfg.final_ten_crop else 0.0
+    left = cfg.time_budget * 60 * (1 - REPLAN_MARGIN) - spent - ten_s
+    fit = epoch + max(0, math.floor(left / epoch_s))
+    if fit >= cfg.epochs:
+        return cfg
+    if world()[0] == 0:
+        print(f"time budget: epoch {epoch} took {epoch_s:.0f} s, slower than planned; the run ends after "
+              f"epoch {fit} instead of {cfg.epochs}", flush=True)
+    if cfg.schedule == "onecycle":
+        shrink_schedule(scheduler, max(8, fit * steps_per_epoch), epoch * steps_per_epoch)
+    replans = [*cfg.plan.get("replanned", []), {"after_epoch": epoch, "epoch_seconds": round(epoch_s, 1), "epochs": fit}]
+    return dataclasses.replace(cfg.with_epochs(fit), plan={**cfg.plan, "replanned": replans})
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     """Train per ``cfg`` into RUN_DIR ``out``; returns the final validation metrics.
 
     Writes ``config.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoints/epoch-K.pt`` at the
     snapshot epochs, ``checkpoints/last.pt`` (resumable state, every ``checkpoint_every`` steps and at
     each epoch end) and ``final.pt``. With ``resume`` it continues from ``last.pt`` and ends bit-identical
-    to an uninterrupted run.
+    to an uninterrupted run. With ``cfg.time_budget`` the run measures its speed first and trains as
+    many epochs as fit (at most ``cfg.epochs``; config.json records the plan; a resumed run keeps it).
     """
+    clock = time.time()
     out = Path(out)
     started_group = init_distributed()
     try:
-        return _train(cfg.resolved(), out, resume)
+        return _train(cfg.resolved(), out, resume, clock)
     finally:
         if started_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
+def _same_run(saved: TrainConfig, cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` asks for the run ``saved`` records; under a time budget the plan may differ."""
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(cfg)
+    if cfg.time_budget is not None:
+        for k in ("epochs", "snapshots", "plan", "final_ten_crop"):
+            a.pop(k), b.pop(k)
+    return a == b
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
     rank, procs = world()
     if cfg.batch_size % procs:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {procs} processes")
@@ -237,8 +369,10 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
         payload = read_checkpoint(last_path)
         state = payload.get("training_state")
         saved = TrainConfig(**payload["train_config"])
-        if dataclasses.asdict(saved) != dataclasses.asdict(cfg):
+        if not _same_run(saved, cfg):
             raise UserError(f"--resume: the arguments differ from the interrupted run's {out / 'config.json'}")
+        cfg = saved  # a budgeted run keeps its plan
+        clock -= state.get("budget_spent", 0.0) if state else 0.0
     elif (out / "final.pt").exists() or last_path.exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
@@ -266,11 +400,31 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
     device = torch.device(cfg.device)
     preprocess.mean = preprocess.mean.to(device)
     model.to(device, memory_format=torch.channels_last)  # faster convs and pools on CPU
+    steps_per_epoch = len(epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, 1))
+    if cfg.time_budget is not None and cfg.plan is None:  # a new budgeted run: measure, then size it
+        *rates, threads = measure_speed(cfg, model, source, preprocess, train_idx, val_source, val_idx)
+        spent = all_sum([time.time() - clock])[0] / procs
+        plan = plan_epochs(cfg.time_budget * 60, spent, steps_per_epoch * cfg.batch_size, len(val_idx), *rates,
+                           ceiling=cfg.epochs, ten_crop=cfg.final_ten_crop)
+        if plan["epochs"] < 1:
+            raise UserError(f"--time-budget {cfg.time_budget:g} min is too short: one epoch of {len(train_idx)} "
+                            f"images takes about {steps_per_epoch * cfg.batch_size / rates[0]:.0f} s here "
+                            f"({rates[0]:.0f} images/s measured); give more minutes or a smaller --limit")
+        plan.update(precision=cfg.precision, device=cfg.device, threads=threads)
+        cfg = dataclasses.replace(cfg.with_epochs(plan["epochs"]), final_ten_crop=plan["ten_crop"], plan=plan)
+        info.train_config = dataclasses.asdict(cfg)
+        if rank == 0:
+            print(f"time budget {cfg.time_budget:g} min: measured {plan['train_images_per_s']:,.0f} training and "
+                  f"{plan['eval_images_per_s']:,.0f} evaluation images/s ({cfg.precision}, "
+                  f"{plan['threads']} thread{'s' if plan['threads'] > 1 else ''}) -> {cfg.epochs} epochs, "
+                  f"{'with' if cfg.final_ten_crop else 'without'} the final 10-crop evaluation "
+                  f"(estimated {plan['estimated_seconds'] / 60:.1f} min)", flush=True)
+    if cfg.plan and cfg.plan.get("threads") and cfg.device == "cpu" and procs == 1:
+        torch.set_num_threads(cfg.plan["threads"])  # as measured and planned (a resumed run too)
     net: nn.Module = model
     if procs > 1:
         net = nn.parallel.DistributedDataParallel(model)
     optimizer = make_optimizer(cfg, model)
-    steps_per_epoch = len(epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, 1))
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     augment = torch.Generator().manual_seed(cfg.seed + 1)  # crop choice for the whole global batch
     metrics: list[dict] = []
@@ -300,7 +454,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
                      "augment_rng": augment.get_state(), "torch_rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                      "metrics": metrics, "epoch": next_epoch, "step": next_step,
-                     "loss_sum": total_loss.item()}
+                     "loss_sum": total_loss.item(), "budget_spent": time.time() - clock}
             save_checkpoint(last_path, model, info, extra)
 
     while epoch <= cfg.epochs:
@@ -341,12 +495,25 @@ def _train(cfg: TrainConfig, out: Path, resume: bool) -> dict:
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
             print(f"epoch {epoch}: train loss {train_loss:.4f}  val top-1 {val['top1']:.4f}  "
                   f"top-5 {val['top5']:.4f}  ({metrics[-1]['seconds']:.0f} s)", flush=True)
+        if cfg.time_budget is not None and epoch < cfg.epochs:  # slower than planned (load)? end sooner
+            cfg = _replan(cfg, epoch, metrics[-1]["seconds"] * len(batches) / (len(batches) - first_step),
+                          len(val_idx), clock, scheduler, steps_per_epoch)
+            info.train_config = dataclasses.asdict(cfg)
+            if rank == 0:
+                atomic_write_json(out / "config.json", info.train_config)
         info.epoch = epoch
         info.accuracy = {"top1": val["top1"], "top5": val["top5"], "data": val_source.name, "n": val["n"]}
         if rank == 0 and epoch in cfg.snapshots:
             save_checkpoint(out / "checkpoints" / f"epoch-{epoch}.pt", model, info)
         epoch, step = epoch + 1, 0
         save_state(epoch, 0)
+    if metrics and cfg.final_ten_crop and cfg.time_budget is not None:  # only if it still fits
+        ten_s = 10 * len(val_idx) / cfg.plan["eval_images_per_s"]
+        if all_sum([time.time() - clock])[0] / procs + ten_s > cfg.time_budget * 60:
+            if rank == 0:
+                print(f"time budget: no time left for the 10-crop evaluation (about {ten_s:.0f} s); skipped",
+                      flush=True)
+            cfg = dataclasses.replace(cfg, final_ten_crop=False)
     if metrics and cfg.final_ten_crop:  # the paper's evaluation: softmax averaged over 10 sub-crops (Sec. 3)
         ten = evaluate(model, val_source, preprocess, val_idx, ten_crop=True)
         info.accuracy.update(top1_10crop=ten["top1"], top5_10crop=ten["top5"])

@@ -1,4 +1,5 @@
 """Training: outputs of a run, checkpoints, bit-identical resume after SIGKILL, DDP == one process."""
+import importlib
 import json
 import os
 import signal
@@ -156,3 +157,99 @@ def test_ddp_two_processes_match_one(tmp_path):
     two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text())
     assert one["val_top1"] == pytest.approx(two["val_top1"], abs=1 / 256)
     assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- time budget
+
+def test_plan_epochs_fits_training_evaluation_and_ten_crop_in_the_budget():
+    from deconvnet.train import MARGIN, plan_epochs
+
+    # 60k images at 2,000/s = 30 s, 10k evaluated at 5,000/s = 2 s: 32 s an epoch; 10 crops = 20 s
+    plan = plan_epochs(600, 10, 60_000, 10_000, 2000, 5000, ceiling=30, ten_crop=True)
+    assert plan["epochs"] == int((600 * (1 - MARGIN) - 10 - 20) // 32) == 17 and plan["ten_crop"]
+    assert plan["estimated_seconds"] == 10 + 17 * 32 + 20 <= 600
+    assert plan_epochs(600, 10, 60_000, 10_000, 20_000, 50_000, ceiling=30, ten_crop=True)["epochs"] == 30
+    slow = plan_epochs(600, 10, 60_000, 10_000, 2000, 1000, ceiling=30, ten_crop=True)  # 10 crops: 100 s > 60
+    assert not slow["ten_crop"] and slow["epochs"] == int((600 * (1 - MARGIN) - 10) // 40)
+    assert plan_epochs(60, 10, 60_000, 10_000, 1000, 1000, ceiling=30, ten_crop=False)["epochs"] == 0
+
+
+def _fake_speed(monkeypatch, epoch_seconds=10.0):
+    """Pretend an epoch of 256 images takes 9 s to train and 1 s to evaluate (the plan must not depend on
+    this test machine's load)."""
+    t = importlib.import_module("deconvnet.train")
+
+    calls = []
+
+    def measure(cfg, *args, **kw):
+        calls.append(cfg)
+        return 256 / (epoch_seconds - 1), 256.0, 1
+    monkeypatch.setattr(t, "measure_speed", measure)
+    return calls
+
+
+def test_time_budget_sizes_the_run_and_records_its_plan(tmp_path, monkeypatch):
+    calls = _fake_speed(monkeypatch)
+    # 1 min: (58.2 s - start-up) / 10 s = 5 epochs; 10 crops (10 s) exceed a tenth of the budget
+    metrics = train(TrainConfig(limit=256, batch_size=32, time_budget=1), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert len(calls) == 1 and config["epochs"] == 5 and metrics["epoch"] == 5
+    assert config["plan"]["epochs"] == 5 and config["plan"]["train_images_per_s"] == round(256 / 9, 1)
+    assert config["plan"]["threads"] == 1 and config["final_ten_crop"] is False
+    assert "val_top1_10crop" not in metrics
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["epoch-1.pt", "epoch-2.pt", "epoch-5.pt", "last.pt"]  # the paper's snapshots that fit, and the last
+    _, info = load_checkpoint(tmp_path / "final.pt")
+    assert info.train_config["plan"] == config["plan"]
+
+
+def test_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
+    calls = _fake_speed(monkeypatch)
+    t = importlib.import_module("deconvnet.train")
+    real_evaluate, evaluations = t.evaluate, []
+
+    def dies_in_epoch_3(*args, **kw):
+        evaluations.append(1)
+        if len(evaluations) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kw)
+    monkeypatch.setattr(t, "evaluate", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(limit=256, batch_size=32, time_budget=1), tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    monkeypatch.setattr(t, "evaluate", real_evaluate)
+    metrics = train(TrainConfig(limit=256, batch_size=32, time_budget=1), tmp_path, resume=True)
+    assert len(calls) == 1 and metrics["epoch"] == 5  # no second measurement, the same 5 epochs
+    assert (tmp_path / "config.json").read_text() == before
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
+    with pytest.raises(UserError, match="arguments differ"):
+        train(TrainConfig(limit=256, batch_size=32, time_budget=2), tmp_path, resume=True)
+
+
+def test_a_run_slower_than_planned_ends_sooner_with_its_schedule_annealed():
+    from torch import nn
+
+    from deconvnet.train import _replan, make_optimizer, make_scheduler
+
+    cfg = TrainConfig(limit=256, batch_size=32, time_budget=1, epochs=5, final_ten_crop=False,
+                      plan={"eval_images_per_s": 256.0}).resolved()
+    optimizer = make_optimizer(cfg, nn.Linear(2, 2))
+    scheduler = make_scheduler(cfg, optimizer, 8)
+    for _ in range(16):
+        optimizer.step()
+        scheduler.step()
+    # after epoch 2, 45 s spent and 10 s an epoch: one more epoch fits, not three
+    cut = _replan(cfg, 2, 10.0, 256, time.time() - 45, scheduler, 8)
+    assert cut.epochs == 3 and cut.snapshots == [1, 2, 3] and cut.plan["replanned"][0]["epochs"] == 3
+    for _ in range(8):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] < 0.02 * cfg.lr  # annealed by the end of the shorter run
+    assert _replan(cut, 2, 1.0, 256, time.time() - 45, scheduler, 8) is cut  # fast enough: unchanged
+
+
+def test_time_budget_errors_are_one_line(tmp_path):
+    r = cli("train", *TINY, "--time-budget", "0", "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "--time-budget must be a positive" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = cli("train", *TINY, "--time-budget", "0.001", "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "is too short" in r.stderr and len(r.stderr.splitlines()) == 1
