@@ -390,7 +390,7 @@ def cmd_project(args) -> None:
     import torch
 
     from .deconvnet import Deconvnet, draw_projection
-    from .geometry import receptive_field, steps_to
+    from .geometry import unit_box
     from .probe import activations
     from .runner import atomic_write_json
 
@@ -409,7 +409,7 @@ def cmd_project(args) -> None:
     unit = tuple(args.unit) if args.unit is not None else strongest
     projection = Deconvnet(model).project(x, args.layer, [unit], rule=args.rule)[0]
     value = float(a[unit])
-    box = receptive_field(steps_to(model, args.layer), unit[1], unit[2], info.preprocess.input_size)
+    box = unit_box(model, args.layer, unit[1], unit[2], info.preprocess.input_size)
     draw_projection(subject.pictures(raw)[0], projection, box, args.out,
                     f"image {names[0]}: {args.layer} unit {unit} = {value:.3g}, rule {args.rule}")
     record = {"out": str(args.out), "layer": args.layer, "unit": list(unit), "value": value, "box": list(box)}

@@ -9,23 +9,33 @@ norm passes the signal unchanged. So a projection is autograd with a hook on eve
 node; only that hook differs between the rules ``deconvnet`` (the paper), ``guided`` (guided
 backprop, Springenberg et al. 2015: rectify and gate) and ``gradient`` (plain back-propagation).
 
-Speed: a unit depends only on the input under its receptive field, so each projection runs forward
-and backward over that crop alone, and many (image, unit) pairs go through in one batch.
+The hooks go on the autograd graph of the forward pass, so every ReLU the signal passes gets the
+rule: ``nn.ReLU`` modules, ``F.relu`` / ``torch.relu`` / ``Tensor.relu_``, in place or not, one module
+called several times. Branches add on the way down, concatenations split, eval-mode BatchNorm passes
+the signal through its linear map, average pools spread it. Activations the paper has no rule for
+(ReLU6, SiLU, GELU, Hardswish, sigmoid gates, ...) are an error naming the first one the signal
+meets, unless ``other_activations="gradient"`` lets them act as they do for the gradient.
+
+Speed: a unit depends only on the input under its receptive field (:mod:`geometry`, from the traced
+graph), so each projection runs forward and backward over that crop alone, and many (image, unit)
+pairs go through in one batch.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from .errors import UserError
-from .geometry import Step, output_sizes, receptive_field, steps_to
-from .probe import apply_at, find_module, hooks
+from .geometry import _field, _Unknown, cone_strides, graph_of, stride_of
+from .probe import apply_at, hooks, module_calls, resolve
 
 RULES = ("deconvnet", "guided", "gradient")
+OTHER_ACTIVATIONS = ("error", "gradient")
 _RELU_NODES = {"ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1"}
-_SPATIAL_NODES = {"ConvolutionBackward0", "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0"}
+_OTHER_NODES = {"Hardtanh": "ReLU6/Hardtanh", "Silu": "SiLU", "Gelu": "GELU", "Hardswish": "Hardswish",
+                "Hardsigmoid": "Hardsigmoid", "Sigmoid": "sigmoid", "Tanh": "tanh", "Elu": "ELU/SELU/CELU",
+                "LeakyRelu": "LeakyReLU", "Mish": "Mish", "Softplus": "Softplus", "PreluKernel": "PReLU",
+                "Prelu": "PReLU", "LogSigmoid": "LogSigmoid", "Rrelu": "RReLU", "Celu": "CELU"}
 _CHUNK = 32  # (image, unit) pairs per forward/backward pass: bounds memory at 224 px
 
 
@@ -69,37 +79,49 @@ def _leads_to(root, x: torch.Tensor) -> dict:
     return leads
 
 
-def _chain(root, x: torch.Tensor, leads: dict) -> list | None:
-    """The nodes from ``root`` down to ``x`` if they form a single chain (no branch, no skip), else None."""
-    path, node = [], root
-    while getattr(node, "variable", None) is not x:
-        path.append(node)
-        below = [n for n in _next(node) if leads.get(n)]
-        if len(below) != 1:
-            return None
-        node = below[0]
-    return path
+def _other_kind(node) -> str | None:
+    """The activation an autograd node differentiates, if it is one the paper has no rule for."""
+    return _OTHER_NODES.get(node.name().removesuffix("Backward0").removesuffix("Backward1"))
+
+
+def _where(node, names: dict) -> str:
+    """The layer an autograd node belongs to: its module's per-call name, or the layer below it."""
+    if node in names:
+        return repr(names[node])
+    seen, frontier = set(), _next(node)
+    while frontier:
+        below = frontier.pop(0)
+        if below in names:
+            return f"a function applied to the output of {names[below]!r}"
+        if below not in seen:
+            seen.add(below)
+            frontier.extend(_next(below))
+    return "a function applied to the input"
 
 
 class Deconvnet:
     """Projects activations of ``model`` down to its input pixels (Zeiler & Fergus 2014, Sec. 2.1).
 
-    Preconditions: ``model`` is in eval mode and its ReLUs are ``nn.ReLU`` modules (in-place or not),
-    so the rule can be attached to them; a ReLU applied as a function is an error for the
-    ``deconvnet`` and ``guided`` rules. Max-pool backward is the unpooling with switches;
-    ``nn.LocalResponseNorm`` passes the signal down unchanged. Works on our models and on
-    torchvision-style ones (``features.10``).
+    Preconditions: ``model`` is in eval mode. Max-pool backward is the unpooling with switches;
+    ``nn.LocalResponseNorm`` passes the signal down unchanged; every ReLU call the signal passes gets
+    the rule. ``other_activations``: ``"error"`` (default) refuses a projection through an activation
+    the paper has no rule for, naming it; ``"gradient"`` lets such activations act as they do in
+    back-propagation (the rule still applies at every ReLU).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, other_activations: str = "error"):
+        if other_activations not in OTHER_ACTIVATIONS:
+            raise UserError(f"unknown other_activations {other_activations!r}; use one of {', '.join(OTHER_ACTIVATIONS)}")
         self.model = model
+        self.other_activations = other_activations
 
     def project(self, images: torch.Tensor, layer: str, units, rule: str = "deconvnet") -> torch.Tensor:
         """Project one activation per image down to pixel space.
 
         Args:
             images: (N, C, H, W), as the model takes them.
-            layer: module name (``conv5``, ``features.10``); the activation is that module's output.
+            layer: per-call layer name (``conv5``, ``features.10``, ``layer3.1.relu_1``); the
+                activation is that call's output.
             units: N positions ``(channel, y, x)`` in the layer's output, one per image (repeat an image
                 to project several of its units); ``(channel,)`` for a fully connected layer.
             rule: ``deconvnet`` (Sec. 2.1), ``guided`` or ``gradient``.
@@ -109,59 +131,84 @@ class Deconvnet:
             activation of the layer zero (Sec. 2.1), so a projection scales with how strongly it fires.
 
         Each unit runs forward and backward over the crop of the input under its receptive field
-        alone, the crop's origin a multiple of the layer's total stride so that every pooling window
-        and switch lines up with the full image: the result is that of the full image. Where the
-        geometry cannot vouch for that (branches, non-square kernels, layers above the convs) the
-        full image runs.
+        alone (the union over all paths of the traced graph), the crop's origin a multiple of every
+        total stride in the unit's cone so that every window and switch lines up with the full
+        image: the result is that of the full image. Where the geometry cannot vouch for that (an op
+        it cannot reason about, uneven adaptive pools, a field as large as the image) the full
+        image runs.
         """
         if rule not in RULES:
             raise UserError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
         if self.model.training:
             raise UserError("the model is in training mode; call model.eval() before projecting")
-        find_module(self.model, layer)
+        resolve(self.model, layer)
         if images.dim() != 4:
             raise UserError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
         units = [tuple(int(v) for v in u) for u in units]
         if len(units) != len(images):
             raise UserError(f"{len(units)} units for {len(images)} images; give one (channel, y, x) per image")
-        steps = self._steps(layer)
-        if steps is not None and all(len(u) == 3 for u in units):
-            result = self._project_crops(images, layer, units, rule, steps)
+        if units and all(len(u) == 3 for u in units):
+            result = self._project_crops(images, layer, units, rule)
             if result is not None:
                 return result
         return torch.cat([self._run(images[i:i + _CHUNK], layer, units[i:i + _CHUNK], rule)
                           for i in range(0, len(images), _CHUNK)])
 
-    def _steps(self, layer: str) -> list[Step] | None:
-        try:
-            steps = steps_to(self.model, layer)
-        except UserError:  # non-square or dilated kernels, or a layer above the spatial ones
-            return None
-        return steps or None
-
-    def _project_crops(self, images, layer, units, rule, steps) -> torch.Tensor | None:
-        """Projections computed on receptive-field crops; None if the model is not a plain chain."""
+    def _crops(self, images, layer, units) -> tuple | None:
+        """``(crop_h, crop_w, origins, stride)`` for the units, or None where the full image must run."""
         h, w = images.shape[-2:]
-        stride = math.prod(s.stride for s in steps)
-        out_h, out_w = output_sizes(steps, h)[-1], output_sizes(steps, w)[-1]
-        top, left, bottom, right = receptive_field(steps, 0, 0)
-        crop_h = _crop_size(h, bottom - top + 1, top % stride, stride)
-        crop_w = _crop_size(w, right - left + 1, left % stride, stride)
+        try:
+            graph = graph_of(self.model, (h, w))
+        except Exception:  # noqa: BLE001 - a model the tracer cannot follow runs on the full image
+            return None
+        node = graph.nodes[graph.names[layer]] if layer in graph.names else None
+        if node is None or not node.spatial:
+            return None
+        stride = stride_of(graph, node)
+        fields = []
+        try:
+            for _, y, x in units:
+                if not (0 <= y < node.shape[2] and 0 <= x < node.shape[3]):
+                    return None  # the full image says why
+                boxes, box = _field(graph, node, y, x, clip=False)
+                if box is None or cone_strides(graph, boxes) != stride:
+                    return None
+                fields.append(box)
+        except _Unknown:
+            return None
+        centre = _field(graph, node, node.shape[2] // 2, node.shape[3] // 2, clip=False)[1]
+        crop = []
+        for axis, n in enumerate((h, w)):
+            lo, hi = centre[axis]
+            crop.append(_crop_size(n, hi - lo + 1, lo % stride[axis], stride[axis]))
+        if crop == [h, w]:
+            return None
         origins = []
-        for c, y, x in units:
-            if not (0 <= y < out_h and 0 <= x < out_w):
-                return None  # the full image says why (or the geometry was wrong)
-            top, left, _, _ = receptive_field(steps, y, x)
-            origins.append((min(max(top, 0) // stride * stride, h - crop_h),
-                            min(max(left, 0) // stride * stride, w - crop_w)))
+        for (_, y, x), box in zip(units, fields):
+            origin = []
+            for axis, n in enumerate((h, w)):
+                lo, hi = box[axis]
+                o = min(max(lo, 0) // stride[axis] * stride[axis], n - crop[axis])
+                if (lo < o and o > 0) or (hi > o + crop[axis] - 1 and o + crop[axis] < n):
+                    return None  # not inside the crop: the geometry cannot vouch for it
+                origin.append(o)
+            origins.append(tuple(origin))
+        return crop[0], crop[1], origins, stride
+
+    def _project_crops(self, images, layer, units, rule) -> torch.Tensor | None:
+        """Projections computed on receptive-field crops; None where the full image must run."""
+        plan = self._crops(images, layer, units)
+        if plan is None:
+            return None
+        crop_h, crop_w, origins, (sy, sx) = plan
         result = torch.zeros_like(images)
         for start in range(0, len(units), _CHUNK):
             chunk = range(start, min(start + _CHUNK, len(units)))
             crops = torch.stack([images[i, :, origins[i][0]:origins[i][0] + crop_h,
                                         origins[i][1]:origins[i][1] + crop_w] for i in chunk])
-            crop_units = [(units[i][0], units[i][1] - origins[i][0] // stride, units[i][2] - origins[i][1] // stride)
+            crop_units = [(units[i][0], units[i][1] - origins[i][0] // sy, units[i][2] - origins[i][1] // sx)
                           for i in chunk]
-            grads = self._run(crops, layer, crop_units, rule, steps)
+            grads = self._run(crops, layer, crop_units, rule, crop=True)
             if grads is None:
                 return None
             for grad, i in zip(grads, chunk):
@@ -169,65 +216,44 @@ class Deconvnet:
         return result
 
     def _run(self, x: torch.Tensor, layer: str, units: list[tuple], rule: str,
-             steps: list[Step] | None = None) -> torch.Tensor | None:
-        """One forward/backward pass. With ``steps`` (a crop run): None unless the graph is their chain."""
+             crop: bool = False) -> torch.Tensor | None:
+        """One forward/backward pass. On a crop (``crop``): None if a unit falls outside the map."""
         x = x.detach().clone().requires_grad_(True)  # a leaf of our own (also from inference-mode tensors)
-        names: dict = {}  # autograd node -> name of the module whose output it made
-        relus: set = set()  # backward nodes of nn.ReLU modules
+        names: dict = {}  # autograd node -> per-call name of the module whose output it made
         node_handles: list = []
-        hook_rule = _relu_hook(rule)
 
-        def make_hook(name: str):
-            def hook(module, inputs, output):
-                if not isinstance(output, torch.Tensor):
-                    return None
-                if isinstance(module, nn.LocalResponseNorm):  # no contrast normalisation on the way down
-                    output = _SkipBackward.apply(inputs[0], output.detach())
-                if isinstance(module, nn.ReLU):
-                    relus.add(output.grad_fn)
-                    if rule != "gradient":
-                        node_handles.append(output.grad_fn.register_hook(hook_rule))
-                names.setdefault(output.grad_fn, name)
-                return output
-            return hook
+        def on_output(name, module, inputs, output):
+            if not isinstance(output, torch.Tensor) or output.grad_fn is None:
+                return None
+            if isinstance(module, nn.LocalResponseNorm):  # no contrast normalisation on the way down
+                output = _SkipBackward.apply(inputs[0], output.detach())
+            names.setdefault(output.grad_fn, name)
+            return output
 
-        leaves = [(n, m) for n, m in self.model.named_modules() if n and not list(m.children())]
-        forward_hooks = [m.register_forward_hook(make_hook(n)) for n, m in leaves]
-        with torch.enable_grad(), hooks(node_handles), hooks(forward_hooks):
+        with torch.enable_grad(), hooks(node_handles), hooks(module_calls(self.model, on_output)):
             out = apply_at(self.model, x, layer, lambda _name, output: output)[layer]  # in the graph
             for u in units:
                 if len(u) != out.dim() - 1 or not all(0 <= v < s for v, s in zip(u, out.shape[1:])):
+                    if crop:
+                        return None
                     raise UserError(f"unit {u} is outside {layer}'s output of shape {tuple(out.shape[1:])}")
-            leads = _leads_to(out.grad_fn, x)
+            if out.grad_fn is None:
+                raise UserError(f"{layer!r} does not depend on the input")
+            on_path = [node for node, leads in _leads_to(out.grad_fn, x).items() if leads]
             if rule != "gradient":
-                _check_relus(leads, relus, names, rule)
-            if steps is not None and not _is_chain_of(steps, out, x, leads, names):
-                return None
+                others = [n for n in on_path if _other_kind(n)]
+                if others and self.other_activations == "error":
+                    first = max(others, key=lambda n: n._sequence_nr())  # the first the signal meets going down
+                    raise UserError(f"the signal from {layer!r} passes a {_other_kind(first)} at {_where(first, names)}, "
+                                    f"which the paper has no {rule} rule for; use --rule gradient, or treat such "
+                                    "activations as the gradient does (other_activations='gradient')")
+                hook = _relu_hook(rule)
+                node_handles.extend(n.register_hook(hook) for n in on_path if n.name() in _RELU_NODES)
             index = (torch.arange(len(x)), *zip(*units))
             seed = torch.zeros_like(out)
             seed[index] = out.detach()[index]
             (grad,) = torch.autograd.grad(out, x, seed)
         return grad
-
-
-def _check_relus(leads: dict, relus: set, names: dict, rule: str) -> None:
-    """A clear error for a ReLU applied as a function: the rule could not be attached to it."""
-    for node, on_path in leads.items():
-        if on_path and node.name() in _RELU_NODES and node not in relus:
-            after = [names[n] for n in _next(node) if n in names]
-            where = f" to the output of {after[0]!r}" if after else ""
-            raise UserError(f"the model applies a ReLU as a function (torch.relu / F.relu){where}, not as an "
-                            f"nn.ReLU module, so the {rule} rule cannot act on it; make it an nn.ReLU module")
-
-
-def _is_chain_of(steps: list[Step], out: torch.Tensor, x: torch.Tensor, leads: dict, names: dict) -> bool:
-    """Whether ``x`` -> ``out`` is one chain whose convs and pools are exactly ``steps``, in order."""
-    path = _chain(out.grad_fn, x, leads)
-    if path is None:
-        return False
-    spatial = [names.get(n) for n in reversed(path) if n.name() in _SPATIAL_NODES]
-    sizes = (output_sizes(steps, x.shape[-2])[-1], output_sizes(steps, x.shape[-1])[-1])
-    return spatial == [s.name for s in steps] and tuple(out.shape[-2:]) == sizes
 
 
 def _crop_size(n: int, field: int, slack: int, stride: int) -> int:

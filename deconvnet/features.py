@@ -13,7 +13,7 @@ from torch import nn
 from ._analysis import eval_mode
 from .data import Preprocess, Source
 from .errors import UserError
-from .geometry import output_sizes, steps_to
+from .geometry import graph_of
 from .probe import activations
 from .runner import progress
 
@@ -46,7 +46,7 @@ def feature_grid(model: nn.Module) -> int:
     """Spatial size of the model's top conv layer output (6 for ZFNet's pool5 at 224 px, 3 at 28 px):
     the size every layer's maps are pooled to, so that no layer has more positions than the top one."""
     top = max(n for n in feature_layers(model) if n <= 5)
-    return output_sizes(steps_to(model, layer_output(model, top)), model.config.input_size)[-1]
+    return graph_of(model, model.config.input_size).node(model, layer_output(model, top)).shape[-1]
 
 
 @torch.no_grad()

@@ -76,17 +76,17 @@ def hooks(handles: list):
         handles.clear()
 
 
-def module_calls(model: nn.Module, on_output: Callable[[str, nn.Module, Any], Any]) -> list:
-    """Forward hooks on every submodule that call ``on_output(per-call name, module, output)`` as
-    each call returns (a non-None return value replaces the output). Returns the handles; use
-    with :func:`hooks`. The call counters start at zero for each forward pass the hooks see."""
+def module_calls(model: nn.Module, on_output: Callable[[str, nn.Module, tuple, Any], Any]) -> list:
+    """Forward hooks on every submodule that call ``on_output(per-call name, module, inputs, output)``
+    as each call returns (a non-None return value replaces the output). Returns the handles; use
+    with :func:`hooks`. The call counters count from zero from when the hooks are registered."""
     counts: dict[int, int] = {}
 
     def make_hook(name: str):
-        def hook(module, _inputs, output):
+        def hook(module, inputs, output):
             call = counts.get(id(module), 0)
             counts[id(module)] = call + 1
-            return on_output(call_name(name, call), module, output)
+            return on_output(call_name(name, call), module, inputs, output)
         return hook
 
     return [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
@@ -98,7 +98,7 @@ def layer_calls(model: nn.Module, x: torch.Tensor) -> list[LayerCall]:
     (``layer2``, ``features``) alike, in the order their outputs are produced (no grad)."""
     calls: list[LayerCall] = []
 
-    def record(name, module, output):
+    def record(name, module, _inputs, output):
         if isinstance(output, torch.Tensor):
             calls.append(LayerCall(name, module, type(module).__name__, tuple(output.shape[1:])))
 

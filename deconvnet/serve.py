@@ -36,11 +36,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from torch import nn
 
-from ._analysis import output_layer
+from ._analysis import output_layer, strongest_units
 from .data import Source, load_image
 from .deconvnet import RULES, Deconvnet, contrast_stretch
 from .errors import UserError
-from .geometry import receptive_field, steps_to
+from .geometry import unit_box
 from .occlusion import occlusion
 from .probe import activations
 from .runner import atomic_torch_save
@@ -344,9 +344,7 @@ class Viewer:
     def _project_strongest(self, layer: str, x: torch.Tensor, maps: torch.Tensor) -> tuple[list, dict]:
         """The ``STRONGEST`` maps of ``layer`` (C, h, w) by peak activation: their peak units
         ``(c, y, x)`` and, per rule, the peaks projected from input ``x`` (1, C, H, W)."""
-        peaks, where = maps.flatten(1).max(1)
-        chosen = peaks.argsort(descending=True)[:STRONGEST].tolist()
-        units = [(c, *divmod(int(where[c]), maps.shape[2])) for c in chosen]
+        units = strongest_units(maps, STRONGEST)
         batch = x.expand(len(units), -1, -1, -1)
         projections = {}
         for rule in RULES:
@@ -358,10 +356,10 @@ class Viewer:
 
     def _features(self, layer: str, maps: torch.Tensor, units: list, projections: dict, shown: np.ndarray) -> dict:
         """One layer's strongest maps as PNGs: activation map, receptive field on the input, projections."""
-        steps, size = steps_to(self.model, layer), shown.shape[0]
+        size = shown.shape[0]
         features = []
         for i, (c, y, x) in enumerate(units):
-            box = receptive_field(steps, y, x, size)
+            box = unit_box(self.model, layer, y, x, size)
             activation = maps[c].clamp(min=0)
             features.append({
                 "feature": c, "value": float(maps[c, y, x]), "unit": [c, y, x], "box": list(box),

@@ -20,7 +20,7 @@ from ._analysis import eval_mode, picture, to_rgb
 from .data import Preprocess, Source, batches
 from .deconvnet import Deconvnet, contrast_stretch
 from .errors import UserError
-from .geometry import receptive_field, steps_to
+from .geometry import layer_field, unit_box
 from .probe import apply_at
 from .runner import progress
 from .runner import world
@@ -115,8 +115,7 @@ def top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list
         tables = {name: _gather_ranks(t, k) for name, t in tables.items()}
     size = preprocess.input_size
     for name, t in tables.items():
-        steps = steps_to(model, name)
-        t.boxes = torch.tensor([[receptive_field(steps, y, x, size) for y, x in zip(ys, xs)]
+        t.boxes = torch.tensor([[unit_box(model, name, y, x, size) for y, x in zip(ys, xs)]
                                 for ys, xs in zip(t.ys.tolist(), t.xs.tolist())], dtype=torch.long)
     return tables
 
@@ -158,15 +157,13 @@ def gallery(model: nn.Module, source: Source, preprocess: Preprocess, layer: str
     with eval_mode(model):
         projections = Deconvnet(model).project(preprocess.eval(raw)[which], layer, units)
     pictures = picture(preprocess, raw)[which]
-    steps = steps_to(model, layer)
-    top, _, bottom, _ = receptive_field(steps, 0, 0)
-    field = bottom - top + 1
+    field = layer_field(model, layer, preprocess.input_size)[0][0]
     k = table.values.shape[1]
     shape = (len(maps), k, projections.shape[1], field, field)
     tiles_p, tiles_x = torch.full(shape, torch.nan), torch.full(shape, torch.nan)
     for n, (c, j) in enumerate(entries):
         y0, x0, y1, x1 = table.boxes[c, j].tolist()
-        full_top, full_left, _, _ = receptive_field(steps, units[n][1], units[n][2])
+        full_top, full_left, _, _ = unit_box(model, layer, units[n][1], units[n][2], preprocess.input_size, clip=False)
         dy, dx = y0 - full_top, x0 - full_left
         m = maps.index(c)
         tiles_p[m, j, :, dy:dy + y1 - y0 + 1, dx:dx + x1 - x0 + 1] = projections[n, :, y0:y1 + 1, x0:x1 + 1]

@@ -354,7 +354,7 @@ class _Residual(nn.Module):
         return self.conv2(self.pool(self.relu1(self.conv1(x))) + self.skip(x))
 
 
-def test_a_branching_model_falls_back_to_the_full_image(monkeypatch):
+def test_a_branching_model_runs_on_crops_equal_to_the_full_image(monkeypatch):
     torch.manual_seed(5)
     model = _Residual().eval()
     images = torch.randn(2, 1, 16, 16)
@@ -362,8 +362,10 @@ def test_a_branching_model_falls_back_to_the_full_image(monkeypatch):
     shapes, run = record_runs(monkeypatch)
     dn = Deconvnet(model)
     out = dn.project(images, "conv2", units)
-    assert shapes[-1] == (2, 1, 16, 16)
-    assert torch.equal(out, run(dn, images, "conv2", units, "deconvnet"))
+    # conv2's field: 3 pooled positions (6 px of conv1's map) under conv1's 3x3: 8 px, the skip's 5 px
+    # (1x1 at stride 2) inside it; crops start at even pixels, one more for the odd start: 10 px
+    assert shapes == [(2, 1, 10, 10)]
+    assert torch.allclose(out, run(dn, images, "conv2", units, "deconvnet"), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- errors and hooks
@@ -383,14 +385,14 @@ def _no_hooks(model: nn.Module) -> bool:
                and not m._backward_pre_hooks for m in model.modules())
 
 
-def test_functional_relu_is_a_clear_error():
+def test_functional_relu_gets_the_rule_like_a_module():
     model = _FunctionalRelu().eval()
+    as_module = nn.Sequential(model.conv1, nn.ReLU(), model.conv2).eval()
     x = torch.randn(1, 1, 8, 8)
-    with pytest.raises(UserError, match=r"ReLU as a function.*'conv1'.*nn.ReLU module"):
-        Deconvnet(model).project(x, "conv2", [(0, 1, 1)])
-    assert _no_hooks(model)
-    out = Deconvnet(model).project(x, "conv2", [(0, 1, 1)], rule="gradient")  # nothing to attach there
-    assert out.abs().sum() > 0
+    for rule in RULES:
+        out = Deconvnet(model).project(x, "conv2", [(0, 1, 1)], rule=rule)
+        assert _no_hooks(model) and out.abs().sum() > 0
+        assert torch.equal(out, Deconvnet(as_module).project(x, "2", [(0, 1, 1)], rule=rule))
 
 
 def test_hooks_are_removed_after_success_and_after_errors():

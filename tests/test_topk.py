@@ -13,7 +13,7 @@ from torch import nn
 from deconvnet import build_model, load_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import TensorSource, open_source, preprocess_for
-from deconvnet.geometry import receptive_field, steps_to
+from deconvnet.geometry import unit_box
 from deconvnet.probe import activations
 from deconvnet.topk import TopK, choose_maps, gallery, top_k, topk_findings
 
@@ -43,8 +43,7 @@ def test_streaming_top_k_equals_brute_force():
             assert t.images[c].tolist() == [i for _, i, _ in best]
             assert t.values[c].tolist() == [-v for v, _, _ in best]
             assert (t.ys[c] * width + t.xs[c]).tolist() == [w for _, _, w in best]
-        steps = steps_to(model, layer)
-        assert t.boxes[3, 0].tolist() == list(receptive_field(steps, int(t.ys[3, 0]), int(t.xs[3, 0]), 28))
+        assert t.boxes[3, 0].tolist() == list(unit_box(model, layer, int(t.ys[3, 0]), int(t.xs[3, 0]), 28))
 
 
 def _ties() -> TensorSource:
@@ -99,7 +98,7 @@ def test_gallery_tiles_hold_the_receptive_field_patches():
     assert g.projections.shape == g.patches.shape == (2, 3, 1, field, field)
     c, j = maps[1], 2
     top, left, bottom, right = table.boxes[c, j].tolist()
-    unclipped = receptive_field(steps_to(model, "conv2"), int(table.ys[c, j]), int(table.xs[c, j]))
+    unclipped = unit_box(model, "conv2", int(table.ys[c, j]), int(table.xs[c, j]), 28, clip=False)
     dy, dx = top - unclipped[0], left - unclipped[1]
     image = source.get([int(table.images[c, j])]).float() / 255
     tile = g.patches[1, j, 0, dy:dy + bottom - top + 1, dx:dx + right - left + 1]
@@ -157,7 +156,7 @@ def test_cli_project_writes_png_and_json(tmp_path, tiny_checkpoint, capsys):
     with torch.no_grad():
         value = activations(model, x, "conv3")["conv3"][0, 2, 3, 4].item()
     assert record["value"] == value
-    assert record["box"] == list(receptive_field(steps_to(model, "conv3"), 3, 4, 28))
+    assert record["box"] == list(unit_box(model, "conv3", 3, 4, 28))
     assert json.loads(out.with_suffix(".json").read_text())["args"]["rule"] == "guided"
     with Image.open(out) as png:
         assert png.format == "PNG"

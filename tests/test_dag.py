@@ -1,0 +1,121 @@
+"""Projections, receptive fields and hooks on torchvision's own architectures (random weights, small
+inputs): branches, concatenations, reused and functional ReLUs, BatchNorm, ReLU6 (issue 12).
+
+References share no code with the package: a unit's box is the support of its input gradient in a
+copy of the model with positive weights and averaging pools (every path open, nothing cancels);
+a projection is plain autograd with every ReLU call swapped for the rule.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deconvnet import Deconvnet, UserError
+from deconvnet.geometry import layer_field, unit_box
+from deconvnet.probe import apply_at
+from tv import import_torchvision
+
+
+def torchvision_model(name: str) -> nn.Module:
+    tv = import_torchvision()
+    kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    torch.manual_seed(0)
+    return getattr(tv.models, name)(num_classes=7, **kwargs).eval()
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+               and not m._backward_pre_hooks for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- receptive fields
+
+def open_copy(model: nn.Module) -> nn.Module:
+    """Positive weights, BatchNorm an identity-like positive scale, max-pools averaging: the input
+    gradient of a unit is then positive exactly on the pixels some path connects it to."""
+    m = copy.deepcopy(model).eval()
+    for module in list(m.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.MaxPool2d):
+                setattr(module, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
+                                                   ceil_mode=child.ceil_mode))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.abs() + 0.01)
+        for b in m.modules():
+            if isinstance(b, nn.BatchNorm2d):
+                b.running_mean.zero_()
+                b.running_var.fill_(1.0)
+    return m
+
+
+def gradient_boxes(model: nn.Module, layer: str, units: list[tuple[int, int]], size: int, channels: int = 3) -> list:
+    """Per unit (y, x): the box of the pixels where its input gradient is non-zero (one image each)."""
+    x_in = torch.ones(len(units), channels, size, size, requires_grad=True)
+    with torch.enable_grad():
+        out = apply_at(model, x_in, layer, lambda _n, o: o)[layer]
+        picked = torch.stack([out[i, :, y, x].sum() for i, (y, x) in enumerate(units)])
+        (grad,) = torch.autograd.grad(picked.sum(), x_in)
+    boxes = []
+    for g in grad:
+        rows, cols = g.sum((0, 2)).nonzero().flatten(), g.sum((0, 1)).nonzero().flatten()
+        boxes.append((int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])))
+    return boxes
+
+
+@pytest.mark.parametrize("name, size, layers", [
+    ("resnet18", 112, ["maxpool", "layer1.0.relu", "layer1", "layer2.0.relu_1", "layer2", "layer3.1.conv1"]),
+    ("resnet50", 96, ["layer1.2", "layer2.1.relu_2", "layer3.0.downsample"]),
+    ("densenet121", 96, ["features.denseblock1", "features.transition1.pool", "features.denseblock2.denselayer3"]),
+])
+def test_boxes_equal_the_gradient_support(name, size, layers):
+    model = torchvision_model(name)
+    reference = open_copy(model)
+    for layer in layers:
+        h, w = apply_at(model, torch.zeros(1, 3, size, size), layer, lambda _n, o: o.shape[2:])[layer]
+        units = [(0, 0), (h // 2, w // 3), (h - 1, w - 1), (1, w - 2)]
+        expected = gradient_boxes(reference, layer, units, size)
+        assert [unit_box(model, layer, y, x, size) for y, x in units] == expected, layer
+    assert no_hooks(model)
+
+
+def test_resnet18_boxes_at_224_from_the_issue():
+    model = torchvision_model("resnet18")
+    assert unit_box(model, "layer2", 10, 10, 224) == (31, 31, 129, 129)  # both paths of the block
+    assert unit_box(model, "layer3", 5, 5, 224) == (0, 0, 185, 185)
+    assert layer_field(model, "layer1", 224) == ((43, 43), (4, 4))  # 7 + 2 * 2 (pool) + 4 * 2 * 4
+    assert layer_field(model, "fc", 224) is None
+
+
+def test_non_square_kernels_and_asymmetric_fields():
+    model = nn.Sequential(nn.Conv2d(3, 4, (1, 7), padding=(0, 3)), nn.ReLU(),
+                          nn.Conv2d(4, 4, (3, 2), stride=(2, 1), dilation=(1, 2)), nn.MaxPool2d((2, 3), stride=(2, 1))).eval()
+    reference = open_copy(model)
+    units = [(0, 0), (2, 5), (3, 9)]
+    assert [unit_box(model, "3", y, x, 20) for y, x in units] == gradient_boxes(reference, "3", units, 20)
+
+
+class Reshaping(nn.Module):
+    """A pixel shuffle the geometry does not reason about: the box is measured, with a warning."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+        self.head = nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        return self.head(self.shuffle(torch.relu(self.conv(x))))
+
+
+def test_an_unknown_op_is_measured_with_a_gradient_and_said():
+    torch.manual_seed(0)
+    model = Reshaping().eval()
+    with pytest.warns(UserWarning, match="pixel_shuffle.*measured"):
+        box = unit_box(model, "head", 10, 10, 16)
+    assert box == (4, 4, 7, 7)  # rows 10..12 of the shuffled map are conv rows 5..6, each 3x3: 4..7
+    assert layer_field(model, "head", 16) is None
