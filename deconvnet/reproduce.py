@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -18,8 +19,9 @@ from pathlib import Path
 from .errors import UserError
 from .runner import atomic_write_json
 
-# Budgets: "quick" is what the tests run end to end (minutes); "default" is `make demo`
-# (<= 30 minutes with set-up on 2 CPU cores); "full" the longer schedules behind --full.
+# Budgets: "quick" is what the tests run end to end (about a minute); "default" is `make demo`, sized
+# at run time from one measured calibration to end within --time-budget minutes (20 by default); "full"
+# the longer schedules behind --full.
 BUDGETS = {
     "quick": dict(train=["--limit", "1000", "--epochs", "2", "--snapshots", "1,2"],
                   topk=["--limit", "500", "--maps", "4"],
@@ -32,16 +34,16 @@ BUDGETS = {
                   ablate=["--limit", "500", "--epochs", "1"],
                   transfer=["--per-class", "1,5", "--folds", "2", "--scratch-steps", "30"],
                   layers=["--per-class", "5", "--folds", "2"]),
-    "default": dict(train=["--snapshots", "1,2,3,4,5,6,8,10,12,15,20,25,30"],  # the defaults + Fig. 4 epochs
+    "default": dict(train=["--snapshots", "1,2,3,4,5,6,8,10,12,15,20,25,30"],  # + --time-budget (sized)
                     topk=["--maps", "9"],
                     evolution=["--limit", "2000", "--maps", "5"],
-                    arch_train=["--epochs", "3", "--no-ten-crop"],
+                    arch_train=["--epochs", "3", "--no-ten-crop"],  # + --time-budget (sized)
                     compare=["--limit", "1000", "--maps", "16"],
                     occlude=["--index", "0,1,2,3,4", "--size", "8", "--stride", "2"],
                     invariance=[],
                     correspond=[],
-                    ablate=["--limit", "20000", "--epochs", "3", "--lr", "0.02"],
-                    transfer=[],
+                    ablate=["--epochs", "3", "--lr", "0.02"],  # + --limit (sized)
+                    transfer=[],  # + --scratch-steps (sized)
                     layers=[]),
     "full": dict(train=["--epochs", "60", "--snapshots", "1,2,3,4,5,6,8,10,12,15,20,25,30,40,50,60"],
                  topk=["--maps", "16"],
@@ -56,12 +58,49 @@ BUDGETS = {
                  layers=[]),
 }
 
-ESTIMATES = {  # seconds on 2 CPU cores (measured, `make demo` on this project's 2-core machine)
-    "quick": {},
-    "default": {"train": 500, "fig2": 5, "fig4": 12, "fig6-zfnet": 50, "fig6-alexnet": 20, "fig6-norenorm": 50,
-                "table3": 250, "tables4-5": 110, "table7": 25},
-    "full": {},
-}
+DEMO_MINUTES = 20.0  # `make demo`, set-up excluded
+# The reference: what each step of the default budget took on this project's 2-core AMD EPYC (bf16),
+# in seconds, at its measured speed of REFERENCE training and evaluation images/s (zfnet-small).
+REFERENCE = {"train_images_per_s": 4100.0, "eval_images_per_s": 3500.0}
+ANALYSES = {"fig2": 5, "fig4": 12, "fig5": 3, "fig6": 3, "fig7": 3, "table1": 3, "table7": 25}  # ~ evaluation
+SCALED = {"table3": 250, "tables4-5": 110}  # ~ training speed (the Fig. 6 runs and training are budgeted)
+ABLATE_LIMIT, SCRATCH_STEPS, FIG6_EPOCHS, TRAIN_EPOCHS = 20000, 300, 3, 30
+OVERHEAD = 20  # seconds: start-up of 13 commands, the calibration, the report
+START = 8  # seconds of a budgeted training run before its first epoch: data, mean image, its own measurement
+
+
+def size_demo(speed: dict, minutes: float = DEMO_MINUTES, data_images: int = 60000, val_images: int = 10000) -> dict:
+    """Every step's size and estimated seconds for a ``minutes`` demo at the measured ``speed``.
+
+    The analyses keep their sizes (they take seconds); the Fig. 6 runs, the ablation and transfer's
+    from-scratch baseline keep theirs where the machine is fast enough and shrink together where it is
+    not; the main training gets the rest as its --time-budget (at most 30 epochs).
+    """
+    f = speed["train_images_per_s"] / REFERENCE["train_images_per_s"]
+    g = speed["eval_images_per_s"] / REFERENCE["eval_images_per_s"]
+    total = minutes * 60
+    estimates = {name: s / g for name, s in ANALYSES.items()}
+    epoch = data_images / speed["train_images_per_s"] + val_images / speed["eval_images_per_s"]
+    fig6 = {name: START + FIG6_EPOCHS * epoch * (0.4 if name == "fig6-alexnet" else 1.0)  # alexnet-small's
+            for name in ("fig6-zfnet", "fig6-alexnet", "fig6-norenorm")}  # strided conv1: ~0.4x the work
+    left = total - OVERHEAD - sum(estimates.values())
+    wanted = sum(fig6.values()) + (SCALED["table3"] + SCALED["tables4-5"]) / f
+    share = min(1.0, 0.45 * left / wanted)  # the main training keeps at least 55% of what is left
+    sizes = {}
+    for name, whole in fig6.items():
+        one = START + (whole - START) / FIG6_EPOCHS  # at least one epoch
+        budget = max(one, whole * share) / 0.9  # room for the trainer's margin: a run that fits is not cut
+        sizes[name] = round(budget / 60, 2)
+        estimates[name] = min(whole, budget)
+    sizes["table3"] = max(2000, int(ABLATE_LIMIT * share) // 1000 * 1000)
+    estimates["table3"] = SCALED["table3"] / f * sizes["table3"] / ABLATE_LIMIT
+    sizes["tables4-5"] = max(50, int(SCRATCH_STEPS * share) // 10 * 10)
+    estimates["tables4-5"] = SCALED["tables4-5"] / f * sizes["tables4-5"] / SCRATCH_STEPS
+    train = total - OVERHEAD - sum(estimates.values())
+    sizes["train"] = round(train / 60, 2)
+    whole = START + TRAIN_EPOCHS * epoch + 10 * val_images / speed["eval_images_per_s"]
+    estimates["train"] = min(whole, train * 0.98)
+    return {"minutes": minutes, "speed": speed, "sizes": sizes, "estimates": {k: round(v) for k, v in estimates.items()}}
 
 
 @dataclass
@@ -73,9 +112,15 @@ class Step:
     inputs: list[str] = field(default_factory=list)  # paths relative to DIR whose content keys the cache
 
 
-def plan(data: str, model: str, budget: str) -> list[Step]:
-    """The steps of the paper, in the order they must run (training first)."""
-    b = BUDGETS[budget]
+def plan(data: str, model: str, budget: str, sizes: dict | None = None) -> list[Step]:
+    """The steps of the paper, in the order they must run (training first); ``sizes`` from :func:`size_demo`."""
+    b = {k: list(v) for k, v in BUDGETS[budget].items()}
+    arch = {}
+    if sizes:
+        b["train"] += ["--time-budget", f"{sizes['train']:g}"]
+        arch = {n: ["--time-budget", f"{sizes[n]:g}"] for n in ("fig6-zfnet", "fig6-alexnet", "fig6-norenorm")}
+        b["ablate"] += ["--limit", str(sizes["table3"])]
+        b["transfer"] += ["--scratch-steps", str(sizes["tables4-5"])]
     ckpt = "train/final.pt"
     arch_model = "alexnet-small" if model.endswith("-small") else "alexnet"
     test = f"{data}:test" if data == "fashion-mnist" else data
@@ -85,11 +130,12 @@ def plan(data: str, model: str, budget: str) -> list[Step]:
         Step("fig2", ["topk", "--checkpoint", ckpt, "--data", test, *b["topk"], "--out", "fig2"], [ckpt]),
         Step("fig4", ["evolution", "--run", "train", *b["evolution"], "--out", "fig4"], [ckpt]),
         Step("fig5", ["invariance", "--checkpoint", ckpt, "--data", test, *b["invariance"], "--out", "fig5"], [ckpt]),
-        Step("fig6-zfnet", ["train", "--model", model, "--data", data, *b["arch_train"], "--out", "fig6-zfnet"]),
+        Step("fig6-zfnet", ["train", "--model", model, "--data", data, *b["arch_train"],
+                            *arch.get("fig6-zfnet", []), "--out", "fig6-zfnet"]),
         Step("fig6-alexnet", ["train", "--model", arch_model, "--data", data, *b["arch_train"],
-                              "--out", "fig6-alexnet"]),
+                              *arch.get("fig6-alexnet", []), "--out", "fig6-alexnet"]),
         Step("fig6-norenorm", ["train", "--model", model, "--data", data, *b["arch_train"], "--no-renorm",
-                               "--out", "fig6-norenorm"]),
+                               *arch.get("fig6-norenorm", []), "--out", "fig6-norenorm"]),
         Step("fig6", ["compare", "--runs", "fig6-zfnet,fig6-alexnet,fig6-norenorm", *b["compare"], "--out", "fig6"],
              ["fig6-zfnet/final.pt", "fig6-alexnet/final.pt", "fig6-norenorm/final.pt"]),
         Step("fig7", ["occlude", "--checkpoint", ckpt, "--data", test, *b["occlude"], "--out", "fig7"], [ckpt]),
@@ -122,7 +168,7 @@ def _fmt(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def run_step(step: Step, root: Path, budget: str, position: str) -> dict:
+def run_step(step: Step, root: Path, budget: str, position: str, estimate: float | None = None) -> dict:
     """Run one step unless its outputs for the same key are already there; returns its record."""
     from .cli import main
 
@@ -134,7 +180,6 @@ def run_step(step: Step, root: Path, budget: str, position: str) -> dict:
         if record.get("key") == key:
             print(f"{position} {step.name:<14} cached ({_fmt(record['seconds'])} when it ran)", flush=True)
             return record
-    estimate = ESTIMATES.get(budget, {}).get(step.name)
     print(f"{position} {step.name:<14} running" + (f", estimated {_fmt(estimate)}" if estimate else ""), flush=True)
     argv = _absolute(step.argv, root)
     started_marker = out / "started.json"  # the key of the run that was interrupted here, if any
@@ -167,23 +212,55 @@ def _absolute(argv: list[str], root: Path) -> list[str]:
     return out
 
 
+def calibration(root: Path, model: str, data: str) -> dict:
+    """This machine's measured speed, cached in ``root/calibration.json`` so a rerun plans the same steps."""
+    from .train import TrainConfig, calibrate
+
+    path = root / "calibration.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("model") == model and cached.get("data") == data:
+            return cached
+    speed = calibrate(TrainConfig(model=model, data=data))
+    atomic_write_json(path, speed)
+    return speed
+
+
 def reproduce(out: str | Path = "report", quick: bool = False, data: str = "fashion-mnist",
-              model: str = "zfnet-small", full: bool = False) -> Path:
-    """Run every step (cached) and write ``out/index.html``; returns its path."""
+              model: str = "zfnet-small", full: bool = False, minutes: float | None = None) -> Path:
+    """Run every step (cached) and write ``out/index.html``; returns its path.
+
+    The default budget measures this machine's training speed once (cached in ``out/calibration.json``)
+    and sizes every step so the whole run ends within ``minutes`` (default 20).
+    """
     from .report import write_report
 
     from .models import MODELS
 
     if model not in MODELS:
         raise UserError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    budget = "quick" if quick else "full" if full else "default"
+    if minutes is not None and (budget != "default" or not (math.isfinite(minutes) and minutes > 0)):
+        raise UserError("--time-budget must be a positive number of minutes, and goes without --quick/--full")
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    budget = "quick" if quick else "full" if full else "default"
-    steps = plan(data, model, budget)
-    records = {}
     started = time.time()
+    demo = None
+    if budget == "default":
+        speed = calibration(root, model, data)
+        demo = size_demo(speed, DEMO_MINUTES if minutes is None else minutes)
+        print(f"this machine: {speed['train_images_per_s']:,.0f} training and {speed['eval_images_per_s']:,.0f} "
+              f"evaluation images/s ({model}, {speed['precision']}, {speed['threads']} thread"
+              f"{'s' if speed['threads'] > 1 else ''}); steps sized to end within {demo['minutes']:g} min",
+              flush=True)
+        atomic_write_json(root / "budget.json", demo)
+    elif (root / "budget.json").is_file():
+        (root / "budget.json").unlink()  # the report states the budget of this run, not an earlier one
+    steps = plan(data, model, budget, demo["sizes"] if demo else None)
+    records = {}
     for i, step in enumerate(steps, 1):
-        records[step.name] = run_step(step, root, budget, f"[{i}/{len(steps)}]")
+        estimate = demo["estimates"].get(step.name) if demo else None
+        records[step.name] = run_step(step, root, budget, f"[{i}/{len(steps)}]", estimate)
     index = write_report(root, steps, records, budget=budget, argv=sys.argv)
     print(f"report: {index}  ({_fmt(time.time() - started)} in all)", flush=True)
     return index

@@ -307,6 +307,42 @@ def shrink_schedule(scheduler, total_steps: int, step: int) -> None:
         phases[0]["end_step"] = max(1.0, min(phases[0]["end_step"], 0.25 * scheduler.total_steps - 1))
 
 
+def calibrate(cfg: TrainConfig, seconds: float = 4.0) -> dict:
+    """This machine's speed for ``cfg``'s model and data: training and evaluation images/s, threads.
+
+    What ``reproduce`` sizes every step of the demo from; the same measurement a budgeted run makes.
+    """
+    cfg = cfg.resolved()
+    torch.manual_seed(cfg.seed)
+    config = model_config(cfg.model)
+    preprocess = preprocess_for(config.input_size, config.in_channels)
+    source = open_source(cfg.data, preprocess.stored_size, config.in_channels)
+    val_source, train_idx, val_idx = split_indices(cfg, source)
+    model = build_model(cfg.model, num_classes=len(source.classes), in_channels=config.in_channels, init=cfg.init)
+    preprocess.mean = mean_image(source, preprocess, train_idx)
+    device = torch.device(cfg.device)
+    preprocess.mean = preprocess.mean.to(device)
+    model.to(device, memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    train_rate, eval_rate, best = measure_speed(cfg, model, source, preprocess, train_idx, val_source, val_idx,
+                                                seconds)
+    torch.set_num_threads(threads)
+    return {"model": cfg.model, "data": cfg.data, "train_images_per_s": round(train_rate, 1),
+            "eval_images_per_s": round(eval_rate, 1), "threads": best, "precision": cfg.precision,
+            "device": cfg.device, "cpu": _cpu_name()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x {os.cpu_count()}"
+    except OSError:
+        pass
+    import platform
+    return f"{platform.processor() or platform.machine()} x {os.cpu_count()}"
+
+
 REPLAN_MARGIN = 0.01  # a run re-plans only when it would eat into all but this much of its budget
 
 

@@ -110,3 +110,22 @@ def test_a_changed_step_starts_afresh_an_interrupted_one_resumes(tmp_path, capsy
     capsys.readouterr()
     run_step(step(2), tmp_path, "quick", "[1/1]")
     assert "cached" in capsys.readouterr().out
+
+
+def test_demo_steps_are_sized_from_one_measured_speed():
+    """Fast machines keep the reference sizes, slow ones shrink the training steps; the estimates add up
+    to the budget, and the commands carry the sizes."""
+    from deconvnet.reproduce import OVERHEAD, plan, size_demo
+
+    for train_rate, eval_rate in [(20000, 20000), (4100, 3500), (1200, 1400), (500, 700)]:
+        demo = size_demo({"train_images_per_s": train_rate, "eval_images_per_s": eval_rate}, minutes=20)
+        assert sum(demo["estimates"].values()) + OVERHEAD <= 20 * 60, (train_rate, demo)
+        if train_rate >= 1200:  # the main training keeps the larger part
+            assert demo["sizes"]["train"] >= 0.45 * 20, (train_rate, demo)
+    fast = size_demo({"train_images_per_s": 4100, "eval_images_per_s": 3500})["sizes"]
+    slow = size_demo({"train_images_per_s": 1200, "eval_images_per_s": 1400})["sizes"]
+    assert slow["table3"] < fast["table3"] <= 20000 and slow["tables4-5"] < fast["tables4-5"] <= 300
+    steps = {s.name: s.argv for s in plan("fashion-mnist", "zfnet-small", "default", slow)}
+    assert steps["train"][-4:] == ["--time-budget", f"{slow['train']:g}", "--out", "train"]
+    assert "--time-budget" in steps["fig6-alexnet"] and steps["table3"][-4:-2] == ["--limit", str(slow["table3"])]
+    assert "--time-budget" not in plan("fashion-mnist", "zfnet-small", "quick")[0].argv
