@@ -267,6 +267,15 @@ def write_report(root: Path, steps, records: dict, budget: str, argv: list[str])
                    f"<td>{r['seconds']:.0f} s</td><td>{html.escape(r['finished'])}</td></tr>"
                    for name, r in records.items())
     config = (root / "train" / "config.json").read_text()
+    sizing = ""
+    if (root / "budget.json").is_file():  # reproduce's default budget: sized from this machine's speed
+        demo = json.loads((root / "budget.json").read_text())
+        speed = demo["speed"]
+        sizing = (f"<p>Budget: {demo['minutes']:g} minutes in all. This machine ({html.escape(speed.get('cpu', '?'))}) "
+                  f"measured {speed['train_images_per_s']:,.0f} training and {speed['eval_images_per_s']:,.0f} "
+                  f"evaluation images/s ({html.escape(speed['precision'])}, {speed['threads']} thread(s)); every "
+                  f"step was sized from that (the --time-budget, --limit and --scratch-steps below), so a faster "
+                  f"or slower machine trains longer or shorter and its numbers differ.</p>")
     versions = (f"deconvnet {__version__}, Python {platform.python_version()}, torch {torch.__version__}, "
                 f"numpy {numpy.__version__}, {platform.platform()}")
     page = f"""<!doctype html>
@@ -288,6 +297,7 @@ this scale.</p>
 {''.join(body)}
 <section id="run"><h2>Run</h2>
 <p>Command: <code>{html.escape(' '.join(argv))}</code></p>
+{sizing}
 <table><tr><th>step</th><th>command</th><th>wall-clock</th><th>finished</th></tr>{rows}</table>
 <p>Versions: {html.escape(versions)}</p>
 <p>Training config (seed included):</p><pre>{html.escape(config)}</pre>
