@@ -13,6 +13,7 @@ from .invariance import Invariance, invariance
 from .layer_features import LayerResult, layer_analysis
 from .models import ModelConfig, build_model
 from .occlusion import Occlusion, occlusion
+from .subject import Subject, load_subject
 from .train import TrainConfig, evaluate, train
 from .transfer import TransferResult, find_overlaps, transfer
 
@@ -21,4 +22,5 @@ __all__ = ["build_model", "load_checkpoint", "CheckpointInfo", "ModelConfig", "o
            "TrainConfig", "train", "evaluate", "UserError", "Deconvnet",
            "occlusion", "Occlusion", "invariance", "Invariance", "correspondence", "Correspondence",
            "evolution", "EvolutionResult", "summarise", "RunSummary", "ablate", "AblationResult",
-           "transfer", "TransferResult", "find_overlaps", "layer_analysis", "LayerResult"]
+           "transfer", "TransferResult", "find_overlaps", "layer_analysis", "LayerResult",
+           "Subject", "load_subject"]

@@ -39,6 +39,15 @@ def features(model: nn.Module, x: torch.Tensor, layers: list[str], batch_size: i
     return {name: torch.cat(p) for name, p in parts.items()}
 
 
+def strongest_units(maps: torch.Tensor, count: int = 1) -> list[tuple[int, int, int]]:
+    """The peak ``(channel, y, x)`` of the ``count`` maps of ``maps`` (C, H, W) whose peaks are highest,
+    strongest first; within a map, the first maximum in raster order. The one definition of "the
+    strongest unit" used by ``project``, occlusion (Fig. 7) and the viewer."""
+    peaks, where = maps.flatten(1).max(1)
+    chosen = peaks.argsort(descending=True, stable=True)[:count].tolist()
+    return [(c, *divmod(int(where[c]), maps.shape[-1])) for c in chosen]
+
+
 def picture(preprocess: Preprocess, raw: torch.Tensor) -> torch.Tensor:
     """Raw images (N, C, S, S) at the stored size -> float (N, C, H, W) in [0, 1], cropped like the
     model's input, to draw under the analyses' overlays."""

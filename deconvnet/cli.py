@@ -43,7 +43,7 @@ def cmd_train(args) -> None:
                       snapshots=args.snapshots, renorm=not args.no_renorm, dropout=args.dropout,
                       checkpoint_every=args.checkpoint_every, workers=args.workers,
                       label_smoothing=args.label_smoothing, device=args.device, precision=args.precision,
-                      final_ten_crop=not args.no_ten_crop)
+                      final_ten_crop=not args.no_ten_crop, time_budget=args.time_budget)
     final = train(cfg, args.out, resume=args.resume)
     print(json.dumps({"run": str(args.out), **final}))
 
@@ -387,15 +387,14 @@ def cmd_atlas(args) -> None:
 
 
 def cmd_project(args) -> None:
-    import torch
-
+    from ._analysis import strongest_units
     from .deconvnet import Deconvnet, draw_projection
     from .geometry import unit_box
     from .probe import activations
     from .runner import atomic_write_json
 
     subject = _subject(args)
-    model, info = subject.model, subject
+    model = subject.model
     raw, _, names = _select_images(args, subject)
     if len(raw) != 1:
         raise UserError("project takes one image: one --image PATH or one --index I")
@@ -405,11 +404,10 @@ def cmd_project(args) -> None:
     a = activations(model, x, args.layer)[args.layer][0].detach()
     if a.dim() != 3:
         raise UserError(f"layer {args.layer!r} has no feature maps (output shape {tuple(a.shape)})")
-    strongest = tuple(int(v) for v in torch.unravel_index(a.argmax(), a.shape))
-    unit = tuple(args.unit) if args.unit is not None else strongest
+    unit = tuple(args.unit) if args.unit is not None else strongest_units(a)[0]
     projection = Deconvnet(model).project(x, args.layer, [unit], rule=args.rule)[0]
     value = float(a[unit])
-    box = unit_box(model, args.layer, unit[1], unit[2], info.preprocess.input_size)
+    box = unit_box(model, args.layer, unit[1], unit[2], subject.preprocess.input_size)
     draw_projection(subject.pictures(raw)[0], projection, box, args.out,
                     f"image {names[0]}: {args.layer} unit {unit} = {value:.3g}, rule {args.rule}")
     record = {"out": str(args.out), "layer": args.layer, "unit": list(unit), "value": value, "box": list(box)}
@@ -548,7 +546,7 @@ def cmd_inspect(args) -> None:
     size = (subject.preprocess.input_size, subject.preprocess.input_size)
     rows = []
     for c in calls:
-        field = geometry.layer_field(subject.model, c.name, size) if len(c.shape) == 3 and hasattr(geometry, "layer_field") else None
+        field = geometry.layer_field(subject.model, c.name, size) if len(c.shape) == 3 else None
         rows.append({"name": c.name, "type": c.type, "shape": list(c.shape),
                      "field": list(field) if field else None,
                      "default": c.name in subject.stages or c.name == subject.penultimate})
@@ -576,8 +574,40 @@ def _field_text(field) -> str:
     return f"{size} px, stride {stride}"
 
 
+def _model_argv(args) -> list[str]:
+    """The model options of ``args`` as argv, with file paths made absolute (for cached steps)."""
+    def absolute(value: str) -> str:
+        if ":" in value and not Path(value).exists():  # torchvision:NAME, module:CALLABLE, file.py:CALLABLE
+            where, _, attr = value.rpartition(":")
+            return f"{Path(where).resolve()}:{attr}" if where.endswith(".py") else value
+        return str(Path(value).resolve())
+
+    argv = []
+    for flag, dest, is_path in (("--model", "model_spec", True), ("--checkpoint", "checkpoint", True),
+                                ("--weights", "weights", True), ("--classes", "classes", True),
+                                ("--preprocess", "preprocess", False), ("--input-size", "input_size", False)):
+        value = getattr(args, dest)
+        if value is not None:
+            argv += [flag, absolute(value) if is_path else str(value)]
+    for flag, dest in (("--mean", "mean"), ("--std", "std")):
+        if getattr(args, dest) is not None:
+            argv += [flag, ",".join(str(v) for v in getattr(args, dest))]
+    return argv
+
+
+def cmd_report(args) -> None:
+    from .model_report import model_report
+
+    subject = _subject(args)  # fails fast on a bad spec, before any step runs
+    images = min(args.images, len(subject.open_data(args.data)))
+    model_report(args.out, _model_argv(args), args.data, subject.describe(), images=images,
+                 limit=args.limit, target=args.target)
+
+
 def cmd_serve(args) -> None:
     try:
+        import uvicorn  # noqa: F401 - checked here so that a missing extra is a one-line error, exit 2
+
         from .serve import serve
     except ImportError as e:
         raise UserError(f"serve needs the 'serve' extra ({e.name} is missing): pip install -e '.[serve]'") from None
@@ -597,7 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--recipe", choices=["paper", "small"], default=None,
                    help="'paper' = Sec. 3 exactly (default for zfnet/alexnet); 'small' = tuned for 28 px")
-    p.add_argument("--epochs", type=_positive_int, default=None)
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="epochs (default: the recipe's, 30 small / 70 paper); with --time-budget, the most it may run")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="measure this machine's speed, then train as many epochs as end within MINUTES "
+                        "(evaluation included; at most --epochs)")
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--dropout", type=float, default=None, help="dropout in fc6/fc7 (default 0.5)")
@@ -739,6 +773,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("report", help="Fig. 2, 5, 7 (and Table 7 with --target) for your model as one HTML page")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="your images: folder:PATH (one folder per class) or another data spec")
+    p.add_argument("--target", default=None, help="labelled data for Table 7's per-layer probes (folder:PATH)")
+    p.add_argument("--images", type=_positive_int, default=5, help="images for Fig. 5 (and up to 3 for Fig. 7)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="Fig. 2 over the first N images only")
+    p.add_argument("--out", required=True, help="output directory (index.html + one folder per step, cached)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("serve", help="the interactive viewer: a local web app over a model and a data set")
     _add_model_args(p)
     p.add_argument("--data", default=None, help="data set shown (default: the checkpoint's validation data)")
@@ -751,9 +794,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run the whole paper (cached steps) and write DIR/index.html")
     p.add_argument("--out", default="report", help="output directory (default: report/)")
     p.add_argument("--quick", action="store_true", help="tiny settings for every step (a few minutes)")
-    p.add_argument("--full", action="store_true", help="the longer budgets (about an hour on 2 CPU cores)")
+    p.add_argument("--full", action="store_true", help="the longer fixed budgets (about 1.5 hours on 2 CPU cores)")
     p.add_argument("--data", default="fashion-mnist", help="training data (default fashion-mnist)")
     p.add_argument("--model", default="zfnet-small", help="model trained and analysed (default zfnet-small)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="end within MINUTES (default 20): every step is sized from one measurement of "
+                        "this machine's speed, cached in DIR/calibration.json")
     p.set_defaults(func=cmd_reproduce)
     return parser
 
@@ -763,7 +809,8 @@ def cmd_reproduce(args) -> None:
 
     if args.quick and args.full:
         raise UserError("--quick and --full exclude each other")
-    reproduce(args.out, quick=args.quick, data=args.data, model=args.model, full=args.full)
+    reproduce(args.out, quick=args.quick, data=args.data, model=args.model, full=args.full,
+              minutes=args.time_budget)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,6 +136,8 @@ def load_subject(spec: str, weights: str | None = None, classes: str | None = No
         try:
             read_checkpoint(path)  # says why it is not one: missing, unreadable, or another kind of file
         except UserError as e:
+            if not path.is_file():
+                raise
             raise UserError(f"{e}; for a weights file give the architecture with --model torchvision:NAME or "
                             f"module:CALLABLE and the file with --weights") from None
     model = _build(spec)

@@ -240,3 +240,37 @@ def test_torchvision_models_through_the_cli(name, photos, tmp_path, capsys):
     assert saved["images"][0]["grid"] == [4, 4]
     p = torch.tensor(saved["images"][0]["probability"])
     assert ((p >= 0) & (p <= 1)).all()
+
+
+def test_report_for_a_user_model_is_cached_per_step(user_model, photos, tmp_path, capsys):
+    root, _ = user_model
+    argv = ["report", "--model", f"{root}/nets.py:build", "--weights", str(root / "tiny.pth"), "--input-size", "32",
+            "--data", f"folder:{photos}", "--images", "2", "--out", str(tmp_path / "r")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fig2" in out and "fig7" in out and "cached" not in out
+    page = (tmp_path / "r" / "index.html").read_text()
+    for section in ('id="fig2"', 'id="fig5"', 'id="fig7"', 'id="table7"'):
+        assert section in page
+    assert page.count("<img src=\"data:image/png;base64,") >= 4
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("cached") == 3  # nothing changed: every step reused
+
+
+def test_serve_api_on_a_torchvision_model(photos, tmp_path):
+    pytest.importorskip("starlette")
+    from deconvnet.serve import Viewer
+
+    import_torchvision()
+    subject = load_subject("torchvision:resnet18", input_size=64)
+    viewer = Viewer(subject, f"folder:{photos}", 6, tmp_path / "cache")
+    viewer.topk.thread.join()
+    assert viewer.topk.state["state"] == "done", viewer.topk.state
+    info = viewer.describe()
+    assert [layer["name"] for layer in info["layers"]] == subject.stages
+    assert info["layers"][2]["maps"] == 128  # layer2
+    shown = viewer.feature("layer2", 5)
+    assert len(shown["entries"]) == 6 and all(e["projection"].startswith("data:image/png") for e in shown["entries"])
+    result = viewer.dataset_image(0)
+    assert len(result["probabilities"]) == 1000
+    assert [layer["layer"] for layer in result["layers"]] == subject.stages

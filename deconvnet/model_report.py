@@ -1,0 +1,117 @@
+"""``deconvnet report``: the paper's per-image and per-dataset sections for the user's own model and data.
+
+Fig. 2 (top-9 activations projected), Fig. 5 (invariance), Fig. 7 (occlusion) and, given a target
+data set, Table 7 (per-layer linear probes) for any model under study, as one self-contained HTML
+page. Each section is one ``deconvnet`` command run as a cached step, as ``reproduce`` runs the
+paper: a rerun redoes only the steps whose command or input files (weights, model file) changed.
+"""
+from __future__ import annotations
+
+import html
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+from .report import SECTIONS, _claims, _findings_table, _img
+from .reproduce import Step, run_step
+from .runner import atomic_write_text
+
+PAPER = {label: (title, paper) for label, title, _step, _json, paper in SECTIONS}
+OUTPUTS = {"fig2": ("Fig. 2", "topk.json"), "fig5": ("Fig. 5", "invariance.json"),
+           "fig7": ("Fig. 7", "occlusion.json"), "table7": ("Table 7", "layers.json")}
+
+
+def plan(model_args: list[str], data: str, images: int, limit: int | None, target: str | None,
+         maps: int = 9) -> list[Step]:
+    """The steps for one model and data set; ``model_args`` are the ``--model ...`` options (absolute paths)."""
+    first = ",".join(str(i) for i in range(images))
+    few = ",".join(str(i) for i in range(min(images, 3)))
+    inputs = [model_args[i + 1] for i, a in enumerate(model_args[:-1])
+              if a in ("--weights", "--classes", "--checkpoint") or (a == "--model" and Path(model_args[i + 1]).is_file())]
+    spec = next((model_args[i + 1] for i, a in enumerate(model_args[:-1]) if a == "--model"), "")
+    if ".py:" in spec:  # the user's model file keys the cache too
+        inputs.append(spec.rsplit(":", 1)[0])
+    limit_args = ["--limit", str(limit)] if limit else []
+    steps = [Step("fig2", ["topk", *model_args, "--data", data, *limit_args, "--maps", str(maps), "--out", "fig2"], inputs),
+             Step("fig5", ["invariance", *model_args, "--data", data, "--index", first, "--out", "fig5"], inputs),
+             Step("fig7", ["occlude", *model_args, "--data", data, "--index", few, "--out", "fig7"], inputs)]
+    if target:
+        steps.append(Step("table7", ["layers", *model_args, "--target", target, "--per-class", "5,10", "--folds", "3",
+                                     "--out", "table7"], inputs))
+    return steps
+
+
+def model_report(out: str | Path, model_args: list[str], data: str, description: dict, images: int = 5,
+                 limit: int | None = None, target: str | None = None) -> Path:
+    """Run the steps (cached) and write ``out/index.html``; returns its path."""
+    if images < 1:
+        raise UserError(f"--images must be at least 1, got {images}")
+    root = Path(out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    steps = plan(model_args, data, images, limit, target)
+    records, started = {}, time.time()
+    for i, step in enumerate(steps, 1):
+        records[step.name] = run_step(step, root, "user", f"[{i}/{len(steps)}]")
+    index = write_page(root, steps, records, description, data, target)
+    print(f"report: {index}  ({time.time() - started:.0f} s in all)", flush=True)
+    return index
+
+
+def write_page(root: Path, steps: list[Step], records: dict, description: dict, data: str, target: str | None) -> Path:
+    """One HTML page, figures embedded, written atomically."""
+    import json
+
+    import torch
+
+    from . import __version__
+
+    body = []
+    for step in steps:
+        label, json_name = OUTPUTS[step.name]
+        title, paper = PAPER[label]
+        result = json.loads((root / step.name / json_name).read_text())
+        claims = _claims(result.get("findings", []))
+        parts = [f'<section id="{step.name}"><h2>{html.escape(label)}: {html.escape(title)}</h2>',
+                 f"<p class=paper><b>Paper (ZFNet on ImageNet):</b> {html.escape(paper)}</p>",
+                 f"<p>Command: <code>deconvnet {html.escape(' '.join(step.argv))}</code></p>"]
+        parts.extend(_img(p) for p in sorted((root / step.name).glob("*.png")))
+        if claims:
+            parts.append(_findings_table(claims))
+        parts.append("</section>")
+        body.append("".join(parts))
+    if not target:
+        body.append('<section id="table7"><h2>Table 7: Features of each layer</h2><p>Give a labelled target '
+                    "data set (<code>--target folder:PATH</code>, one folder per class) for per-layer linear probes."
+                    "</p></section>")
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{r['seconds']:.0f} s</td><td>{html.escape(r['finished'])}</td></tr>"
+                   for name, r in records.items())
+    model = html.escape(json.dumps(description, indent=1))
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>deconvnet report: {html.escape(description['model'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+h2 {{ border-bottom: 2px solid #ddd; padding-bottom: .2em; margin-top: 2em; }}
+figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
+figcaption {{ color: #777; font-size: .8em; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: .9em; }}
+td, th {{ border: 1px solid #ccc; padding: .3em .6em; vertical-align: top; }}
+td.held {{ background: #e6f4e6; }} td.not {{ background: #fbe9e7; }}
+.paper {{ color: #555; }} pre {{ background: #f6f6f6; padding: .6em; overflow-x: auto; }}
+</style></head><body>
+<h1>{html.escape(description['model'])} on {html.escape(data)}</h1>
+<p>The analyses of Zeiler &amp; Fergus (ECCV 2014) run by <code>deconvnet report</code> on your model and images:
+top activations projected to pixels (Fig. 2), invariance (Fig. 5), occlusion sensitivity (Fig. 7) and, with a
+target data set, per-layer features (Table 7). Layers: {html.escape(', '.join(description['stages']))}.</p>
+{''.join(body)}
+<section id="run"><h2>Run</h2>
+<p>Command: <code>{html.escape(' '.join(sys.argv))}</code></p>
+<table><tr><th>step</th><th>wall-clock</th><th>finished</th></tr>{rows}</table>
+<p>Model:</p><pre>{model}</pre>
+<p>Versions: deconvnet {__version__}, Python {platform.python_version()}, torch {torch.__version__}, {html.escape(platform.platform())}</p>
+</section></body></html>
+"""
+    index = root / "index.html"
+    atomic_write_text(index, page)
+    return index
