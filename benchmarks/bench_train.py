@@ -1,6 +1,8 @@
 """Trainer throughput vs a bare PyTorch loop on the same model, data and batch size (issue 2).
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 150] [--model zfnet-small]
+    .venv/bin/python benchmarks/bench_train.py [--steps 150] [--model zfnet-small] [--precision fp32] [--threads 1]
+
+A CPU without native bf16 can be imitated on one with it: ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2.
 
 Both run in this process, alternately, on Fashion-MNIST. The bare loop is what a user would write:
 index a preloaded float tensor, forward, cross-entropy, backward, SGD step (same channels-last
@@ -63,7 +65,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                         help="both loops use it; auto = the trainer's default on this CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     precision = TrainConfig(precision=args.precision, device="cpu").resolved().precision
     bare, ours = [], []
     for _ in range(args.rounds):  # alternate so drift in machine load hits both alike

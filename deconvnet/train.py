@@ -297,14 +297,14 @@ def measure_speed(cfg: TrainConfig, model: nn.Module, source: Source, preprocess
     return train_rate / procs, eval_rate / procs, best
 
 
-def shrink_schedule(scheduler, total_steps: int, step: int) -> None:
-    """End a one-cycle schedule at ``total_steps`` (the run's budget shrank): the annealing phase ends
-    there, and a warm-up still under way ends at a quarter of it."""
+def resize_schedule(scheduler, total_steps: int, step: int) -> None:
+    """Move the end of a one-cycle schedule to ``total_steps`` (the run was re-planned after ``step``
+    steps): the annealing phase ends there, and a warm-up still under way ends at a quarter of it."""
     phases = scheduler._schedule_phases
     scheduler.total_steps = max(total_steps, step + 1)
     phases[-1]["end_step"] = float(scheduler.total_steps - 1)
     if step < phases[0]["end_step"]:
-        phases[0]["end_step"] = max(1.0, min(phases[0]["end_step"], 0.25 * scheduler.total_steps - 1))
+        phases[0]["end_step"] = max(float(step + 1), 0.25 * scheduler.total_steps - 1)
 
 
 def calibrate(cfg: TrainConfig, seconds: float = 4.0) -> dict:
@@ -348,21 +348,31 @@ REPLAN_MARGIN = 0.01  # a run re-plans only when it would eat into all but this 
 
 def _replan(cfg: TrainConfig, epoch: int, epoch_s: float, val_images: int, clock: float, scheduler,
             steps_per_epoch: int) -> TrainConfig:
-    """After ``epoch``: the run cut to the epochs that still fit at the last epoch's pace, or unchanged."""
+    """After ``epoch``: the run re-sized to the epochs that fit at the last epoch's pace, or unchanged.
+
+    It is cut whenever it would overrun; it grows (up to the plan's ceiling) only in its first half, so
+    the annealing phase is not stretched late.
+    """
     _, procs = world()
     spent = all_sum([time.time() - clock])[0] / procs
     ten_s = 10 * val_images / cfg.plan["eval_images_per_s"] if cfg.final_ten_crop else 0.0
-    left = cfg.time_budget * 60 * (1 - REPLAN_MARGIN) - spent - ten_s
-    fit = epoch + max(0, math.floor(left / epoch_s))
-    if fit >= cfg.epochs:
+    budget = cfg.time_budget * 60
+    fit = epoch + max(0, math.floor((budget * (1 - REPLAN_MARGIN) - spent - ten_s) / epoch_s))
+    grow = epoch + max(0, math.floor((budget * (1 - MARGIN) - spent - ten_s) / epoch_s))
+    if fit < cfg.epochs:
+        epochs, why = fit, "slower"
+    elif 2 * epoch <= cfg.epochs and min(grow, cfg.plan.get("ceiling", cfg.epochs)) > cfg.epochs:
+        epochs, why = min(grow, cfg.plan["ceiling"]), "faster"
+    else:
         return cfg
     if world()[0] == 0:
-        print(f"time budget: epoch {epoch} took {epoch_s:.0f} s, slower than planned; the run ends after "
-              f"epoch {fit} instead of {cfg.epochs}", flush=True)
+        print(f"time budget: epoch {epoch} took {epoch_s:.0f} s, {why} than planned; the run ends after "
+              f"epoch {epochs} instead of {cfg.epochs}", flush=True)
     if cfg.schedule == "onecycle":
-        shrink_schedule(scheduler, max(8, fit * steps_per_epoch), epoch * steps_per_epoch)
-    replans = [*cfg.plan.get("replanned", []), {"after_epoch": epoch, "epoch_seconds": round(epoch_s, 1), "epochs": fit}]
-    return dataclasses.replace(cfg.with_epochs(fit), plan={**cfg.plan, "replanned": replans})
+        resize_schedule(scheduler, max(8, epochs * steps_per_epoch), epoch * steps_per_epoch)
+    replans = [*cfg.plan.get("replanned", []), {"after_epoch": epoch, "epoch_seconds": round(epoch_s, 1),
+                                                "epochs": epochs}]
+    return dataclasses.replace(cfg.with_epochs(epochs), plan={**cfg.plan, "replanned": replans})
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
@@ -446,7 +456,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
             raise UserError(f"--time-budget {cfg.time_budget:g} min is too short: one epoch of {len(train_idx)} "
                             f"images takes about {steps_per_epoch * cfg.batch_size / rates[0]:.0f} s here "
                             f"({rates[0]:.0f} images/s measured); give more minutes or a smaller --limit")
-        plan.update(precision=cfg.precision, device=cfg.device, threads=threads)
+        plan.update(precision=cfg.precision, device=cfg.device, threads=threads, ceiling=cfg.epochs)
         cfg = dataclasses.replace(cfg.with_epochs(plan["epochs"]), final_ten_crop=plan["ten_crop"], plan=plan)
         info.train_config = dataclasses.asdict(cfg)
         if rank == 0:

@@ -1,4 +1,5 @@
 """Training: outputs of a run, checkpoints, bit-identical resume after SIGKILL, DDP == one process."""
+import dataclasses
 import importlib
 import json
 import os
@@ -185,6 +186,7 @@ def _fake_speed(monkeypatch, epoch_seconds=10.0):
         calls.append(cfg)
         return 256 / (epoch_seconds - 1), 256.0, 1
     monkeypatch.setattr(t, "measure_speed", measure)
+    monkeypatch.setattr(t, "_replan", lambda cfg, *args: cfg)  # the real epochs are faster than pretended
     return calls
 
 
@@ -245,7 +247,10 @@ def test_a_run_slower_than_planned_ends_sooner_with_its_schedule_annealed():
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] < 0.02 * cfg.lr  # annealed by the end of the shorter run
-    assert _replan(cut, 2, 1.0, 256, time.time() - 45, scheduler, 8) is cut  # fast enough: unchanged
+    assert _replan(cut, 2, 3.0, 256, time.time() - 45, scheduler, 8) is cut  # in its second half: unchanged
+    fast = dataclasses.replace(cfg, plan={"eval_images_per_s": 256.0, "ceiling": 8})
+    grown = _replan(fast, 2, 5.0, 256, time.time() - 10, scheduler, 8)  # 48 s left at 5 s an epoch
+    assert grown.epochs == 8 and grown.plan["replanned"][0]["epochs"] == 8  # up to the ceiling
 
 
 def test_time_budget_errors_are_one_line(tmp_path):
