@@ -3,32 +3,38 @@ position, (b) the total activation of the feature map that is strongest on the u
 (d) the probability of the correct class and (e) the most probable label; (c) is the deconvnet
 projection of that map's strongest activation.
 
-Exact and incremental, as in Krypton (Nakandala et al., SIGMOD 2019): the unoccluded image runs once,
-and for each square only the region of each layer whose receptive field touches the square
-(:func:`geometry.affected`) is recomputed, from the unoccluded activations pasted around it. Max-pools
-see ``-inf`` padding (ceil mode's partial windows included) and convolutions zero padding, exactly as
-PyTorch pads, so every value equals a forward pass of the occluded image. After the last conv/pool
-layer the patched maps run through the rest (fc6..fc8) whole. Models that are not a flat chain of
-conv, max-pool and pointwise layers (ReLU, LRN, dropout) fall back to batched forward passes.
+Exact and incremental, as in Krypton (Nakandala et al., SIGMOD 2019), on any graph the model runs:
+the unoccluded image runs once through :func:`geometry.trace`, keeping every op's output; then, per
+batch of squares, each op recomputes only the window of its map the square can reach
+(:func:`geometry.reach`) and reads the clean activations elsewhere. Convolutions and pools run on
+the window cut from their input, pre-padded as PyTorch pads it (zeros; ``-inf`` for max-pools, ceil
+mode's tail included), with the changed window of the input pasted in; per-position ops (ReLU,
+BatchNorm, residual additions, channel concatenations, ...) run on the union of their inputs'
+windows. Ops the geometry does not follow (flatten, linear, uneven adaptive pools, ...) run on whole
+maps. Two squares are checked against direct forward passes; where they differ, or the graph cannot
+be replayed, every square runs as a forward pass of the occluded image (``method`` says which).
+Panel (c) is an extra: where no projection can be made (an activation the paper has no rule for),
+``projection`` is None and ``projection_missing`` says why.
 """
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from ._analysis import eval_mode, output_layer, to_rgb
+from ._analysis import eval_mode, to_rgb
 from .deconvnet import Deconvnet, contrast_stretch
 from .errors import UserError
-from .geometry import Step, affected, receptive_field, steps_to
-from .probe import activations
+from .geometry import Graph, Node, Ref, reach, trace, unit_box
+from .probe import hooks, resolve
 
-SPATIAL = (nn.Conv2d, nn.MaxPool2d)
-POINTWISE = (nn.ReLU, nn.LocalResponseNorm, nn.Dropout)  # act per position (LRN mixes channels only)
-CHUNK = 256  # occluder positions per batch
+CHUNK = 64  # occluder positions per batch
 OBJECT, BACKGROUND = 0.5, 0.1  # a square "covers the object" / "covers background" (fraction of object pixels)
+CHECKED = 2  # squares checked against direct forward passes
 
 
 @dataclass
@@ -43,7 +49,7 @@ class Occlusion:
     feature: int
     unit: tuple[int, int, int]  # (feature, y, x): the map's strongest activation, unoccluded
     receptive_field: tuple[int, int, int, int]  # input box (top, left, bottom, right) under ``unit``
-    projection: torch.Tensor  # (c) deconvnet projection of ``unit``, (C, H, W)
+    projection: torch.Tensor | None  # (c) deconvnet projection of ``unit``, (C, H, W); None: see below
     image: torch.Tensor  # (C, H, W), the model's input
     target: int
     layer: str
@@ -52,19 +58,25 @@ class Occlusion:
     clean_activity: float
     clean_probability: float
     clean_label: int
+    projection_missing: str | None = None  # why (c) could not be computed
+    method: str = "incremental"  # or "direct: <why>"
+    recomputed: float | None = None  # share of the forward pass's multiply-adds recomputed per square
 
 
 def occlusion(model: nn.Module, image: torch.Tensor, target: int | None = None, size: int | None = None,
-              stride: int | None = None, layer: str = "conv5", fill=None) -> Occlusion:
+              stride: int | None = None, layer: str = "conv5", fill=None,
+              other_activations: str = "error") -> Occlusion:
     """Occlusion maps of Fig. 7 for ``image`` (C, H, W), in the model's input space.
 
     Args:
         target: the class whose probability is mapped (d); default the prediction on the clean image.
         size, stride: the square's side and step in pixels; default the paper's 35 and 14 at 224 px,
             scaled to the image.
-        layer: the layer whose strongest feature map is followed in (b) and (c).
+        layer: the (per-call) layer whose strongest feature map is followed in (b) and (c).
         fill: the square's value, a number or one per channel; default 0, the mean pixel after mean
             subtraction (the paper's grey).
+        other_activations: for panel (c), as in :class:`Deconvnet` (``"error"``: no projection
+            through ReLU6, SiLU, ...; ``"gradient"``: they act as in back-propagation).
     """
     if image.dim() != 3:
         raise UserError(f"occlusion takes one image (C, H, W), got shape {tuple(image.shape)}")
@@ -80,31 +92,48 @@ def occlusion(model: nn.Module, image: torch.Tensor, target: int | None = None, 
     tops, lefts = range(0, height - size + stride, stride), range(0, width - size + stride, stride)
     positions = [(t, l) for t in tops for l in lefts]
     image = image.detach()
+    resolve(model, layer)
 
     with eval_mode(model), torch.no_grad():
-        clean = activations(model, image[None], [layer, output_layer(model)])
-        maps = clean[layer][0]
-        if maps.dim() != 3:
-            raise UserError(f"layer {layer!r} has no feature maps (output shape {tuple(clean[layer].shape)})")
+        graph = trace(model, image[None], keep_values=True)
+        node = graph.node(model, layer)
+        if not node.spatial:
+            raise UserError(f"layer {layer!r} has no feature maps (output shape {node.shape})")
+        maps = node.value[0]
         feature = int(maps.flatten(1).amax(1).argmax())
         y, x = divmod(int(maps[feature].argmax()), maps.shape[-1])
-        logits = clean[output_layer(model)][0]
+        logits = graph.nodes[graph.output].value[0].flatten()
         target = int(logits.argmax()) if target is None else int(target)
         if not 0 <= target < len(logits):
             raise UserError(f"target class {target} is not in 0..{len(logits) - 1}")
-        plan = _plan(model, layer)
-        run = _incremental if plan is not None else _direct
-        activity, scores = run(model, plan, image, positions, size, fill, layer, feature)
-        projection = Deconvnet(model).project(image[None], layer, units=[(feature, y, x)])[0]
+        method, recomputed = "incremental", None
+        try:
+            run = _Incremental(graph, node, feature, image, size, fill, positions)
+            activity, scores = run.all()
+            recomputed = run.recomputed()
+            check = [0, len(positions) // 2][:CHECKED]
+            a, s = _direct(model, image, [positions[i] for i in check], size, fill, layer, feature)
+            scale = max(1.0, float(s.abs().max()))
+            if not (torch.allclose(activity[check], a, rtol=1e-4, atol=1e-4 * max(1.0, float(a.abs().max())))
+                    and torch.allclose(scores[check], s, rtol=1e-4, atol=1e-4 * scale)):
+                raise _Fallback("the incremental pass differed from a direct forward pass")
+        except _Fallback as e:
+            method = f"direct: {e}"
+            activity, scores = _direct(model, image, positions, size, fill, layer, feature)
+        projection, missing = None, None
+        try:
+            projection = Deconvnet(model, other_activations).project(image[None], layer, units=[(feature, y, x)])[0]
+        except UserError as e:
+            missing = str(e)
     probs = torch.softmax(scores, dim=1)
     grid = (len(tops), len(lefts))
     return Occlusion(
         activity=activity.reshape(grid), probability=probs[:, target].reshape(grid),
         label=probs.argmax(1).reshape(grid), positions=positions, feature=feature, unit=(feature, y, x),
-        receptive_field=receptive_field(steps_to(model, layer), y, x, height), projection=projection,
+        receptive_field=unit_box(model, layer, y, x, (height, width)), projection=projection,
         image=image, target=target, layer=layer, size=size, stride=stride,
         clean_activity=float(maps[feature].sum()), clean_probability=float(torch.softmax(logits, 0)[target]),
-        clean_label=int(logits.argmax()))
+        clean_label=int(logits.argmax()), projection_missing=missing, method=method, recomputed=recomputed)
 
 
 def _occluded(image: torch.Tensor, positions, size: int, fill: torch.Tensor) -> torch.Tensor:
@@ -115,149 +144,259 @@ def _occluded(image: torch.Tensor, positions, size: int, fill: torch.Tensor) -> 
     return x
 
 
-def _direct(model, _plan, image, positions, size, fill, layer, feature):
+def _direct(model, image, positions, size, fill, layer, feature):
     """Reference: a forward pass of every occluded image -> (activity (P,), class scores (P, K))."""
-    out = output_layer(model)
+    module, call = resolve(model, layer)
     activity, scores = [], []
     for start in range(0, len(positions), 32):
-        a = activations(model, _occluded(image, positions[start:start + 32], size, fill), [layer, out])
-        activity.append(a[layer][:, feature].sum((1, 2)))
-        scores.append(a[out])
+        seen = []
+
+        def hook(_module, _inputs, output):
+            if len(seen) == call:
+                activity.append(output[:, feature].flatten(1).sum(1))
+            seen.append(True)
+
+        with hooks([module.register_forward_hook(hook)]):
+            scores.append(model(_occluded(image, positions[start:start + 32], size, fill)).flatten(1))
     return torch.cat(activity), torch.cat(scores)
 
 
 # ----------------------------------------------------------------------------- incremental (Krypton)
 
+class _Fallback(Exception):
+    """The incremental pass cannot replay this graph: run direct forward passes."""
+
+
 @dataclass
-class _Plan:
-    """A flat chain split into its conv/pool/pointwise ``head`` and the ``tail`` run on whole maps."""
+class _Win:
+    """The changed window of a node's map per square: ``t`` (B, C, h, w) at rows ``ys``, cols ``xs``."""
 
-    head: list[tuple[str, nn.Module]]
-    tail: list[tuple[str, nn.Module]]
-    steps: list[Step]  # the conv/pool layers of ``head``, in order
-
-
-def _plan(model: nn.Module, layer: str) -> _Plan | None:
-    """The incremental plan of ``model``, or ``None`` if it is not a flat chain (holding ``layer``)
-    that this module can patch."""
-    if not isinstance(model, nn.Sequential):
-        return None
-    children = list(model.named_children())
-    if layer not in dict(children):
-        return None
-    n = 0
-    for i, (_, m) in enumerate(children):
-        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
-            break
-        if isinstance(m, nn.MaxPool2d) and (m.dilation not in (1, (1, 1)) or m.return_indices):
-            break
-        if isinstance(m, SPATIAL):
-            n = i + 1
-        elif not isinstance(m, POINTWISE):
-            break
-    if n == 0:
-        return None
-    try:
-        steps = steps_to(model, children[n - 1][0])
-    except UserError:  # non-square or dilated kernels
-        return None
-    return _Plan(children[:n], children[n:], steps)
+    t: torch.Tensor
+    ys: torch.Tensor
+    xs: torch.Tensor
 
 
-def _patch(base: torch.Tensor, win: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor,
-           ry: torch.Tensor, rx: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Rows ``ry[b]..+h`` and columns ``rx[b]..+w`` of ``base`` (1, C, H, W) with window ``win[b]``
-    (B, C, h', w') pasted at ``(wy[b], wx[b])``: (B, C, h, w), channels-last. Window parts outside
-    the region are dropped.
+def _patch(base: torch.Tensor, win: _Win | None, ry: torch.Tensor, rx: torch.Tensor, h: int, w: int,
+           shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Rows ``ry[b]..+h`` and columns ``rx[b]..+w`` of ``base`` (1, C, H, W) with ``win`` pasted at its
+    place (moved by ``shift``): (B, C, h, w), channels-last. Window parts outside the region are dropped.
 
     One ``index_select`` over pixels stored channels-last, each pixel a contiguous C-vector taken
     either from ``base`` or from a window.
     """
     _, channels, height, width = base.shape
-    n, _, wh, ww = win.shape
     rows = ry[:, None] + torch.arange(h)  # (B, h)
     cols = rx[:, None] + torch.arange(w)  # (B, w)
-    r, c = rows - wy[:, None], cols - wx[:, None]  # in window coordinates
-    inside = ((r >= 0) & (r < wh))[:, :, None] & ((c >= 0) & (c < ww))[:, None, :]  # (B, h, w)
-    from_base = rows[:, :, None] * width + cols[:, None, :]
-    from_win = height * width + (torch.arange(n)[:, None, None] * wh + r.clamp(0, wh - 1)[:, :, None]) * ww \
-        + c.clamp(0, ww - 1)[:, None, :]
-    pixels = torch.cat([base[0].permute(1, 2, 0).reshape(-1, channels), win.permute(0, 2, 3, 1).reshape(-1, channels)])
-    out = pixels.index_select(0, torch.where(inside, from_win, from_base).flatten())
-    return out.view(n, h, w, channels).permute(0, 3, 1, 2)
+    index = rows[:, :, None] * width + cols[:, None, :]
+    pixels = base[0].permute(1, 2, 0).reshape(-1, channels)
+    if win is not None:
+        n, _, wh, ww = win.t.shape
+        r, c = rows - (win.ys + shift[0])[:, None], cols - (win.xs + shift[1])[:, None]  # in window coordinates
+        inside = ((r >= 0) & (r < wh))[:, :, None] & ((c >= 0) & (c < ww))[:, None, :]  # (B, h, w)
+        from_win = height * width + (torch.arange(n)[:, None, None] * wh + r.clamp(0, wh - 1)[:, :, None]) * ww \
+            + c.clamp(0, ww - 1)[:, None, :]
+        index = torch.where(inside, from_win, index)
+        pixels = torch.cat([pixels, win.t.permute(0, 2, 3, 1).reshape(-1, channels)])
+    out = pixels.index_select(0, index.flatten())
+    return out.view(len(ry), h, w, channels).permute(0, 3, 1, 2)
 
 
-def _windows(ranges: list[tuple[int, int]], n_out: int) -> tuple[torch.Tensor, int]:
-    """Start of each square's output window along one axis (inside the map), and their common length."""
-    length = max(hi - lo + 1 for lo, hi in ranges)
-    return torch.tensor([min(lo, n_out - length) for lo, _ in ranges]), length
+def _windows(ranges: list, n: int) -> tuple[torch.Tensor, int] | None:
+    """Start of each square's window along one axis (inside the map) and their common length; None
+    when no square reaches the axis."""
+    lengths = [hi - lo + 1 for r in ranges if r is not None for lo, hi in [r]]
+    if not lengths:
+        return None
+    length = max(lengths)
+    return torch.tensor([0 if r is None else min(r[0], n - length) for r in ranges]), length
 
 
-def _incremental(model, plan: _Plan, image, positions, size, fill, layer, feature):
-    """As :func:`_direct`, recomputing only what each square changes."""
-    inputs, x = [], image[None]
-    for name, m in plan.head:  # the clean pass, keeping every layer's input
-        inputs.append(x)
-        x = m(x)
-        if name == layer:
-            clean_map = x[:, feature:feature + 1].clone()  # (1, 1, H, W); a later in-place ReLU can't touch it
-    top = x
-    tops, lefts = [t for t, _ in positions], [l for _, l in positions]
+def _macs(node: Node, rows: int, cols: int) -> int:
+    """Multiply-adds of a conv node over ``rows`` x ``cols`` output positions (0 for other ops)."""
+    if node.kind != "window" or getattr(node.func, "__name__", "") != "conv2d":
+        return 0
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    return rows * cols * weight.numel()
 
-    # Per conv/pool step: the changed output range of every square -> fixed-size windows, and the
-    # step's input padded as PyTorch pads it (zeros for conv, -inf for max-pool incl. ceil mode's tail).
-    height, width = image.shape[1:]
-    row_ranges = {t: affected(plan.steps, t, min(t + size, height) - 1, height) for t in set(tops)}
-    col_ranges = {l: affected(plan.steps, l, min(l + size, width) - 1, width) for l in set(lefts)}
-    geometry, k = {}, 0
-    for (name, m), x_in in zip(plan.head, inputs):
-        if not isinstance(m, SPATIAL):
-            continue
-        s = plan.steps[k]
-        n_y, n_x = s.out_size(x_in.shape[2]), s.out_size(x_in.shape[3])
-        sy, ly = _windows([row_ranges[t][k] for t in tops], n_y)
-        sx, lx = _windows([col_ranges[l][k] for l in lefts], n_x)
-        extra_y = max(0, (n_y - 1) * s.stride + s.kernel - x_in.shape[2] - 2 * s.padding)
-        extra_x = max(0, (n_x - 1) * s.stride + s.kernel - x_in.shape[3] - 2 * s.padding)
-        value = 0.0 if isinstance(m, nn.Conv2d) else float("-inf")
-        padded = F.pad(x_in, (s.padding, s.padding + extra_x, s.padding, s.padding + extra_y), value=value)
-        geometry[name] = (s, padded, sy, ly, sx, lx)
-        k += 1
 
-    activity, scores = [], []
-    tops, lefts = torch.tensor(tops), torch.tensor(lefts)
-    for start in range(0, len(positions), CHUNK):
-        sl = slice(start, start + CHUNK)
-        # the window: the occluded image over a size x size area inside the image holding the square
-        wy, wx = tops[sl].clamp(max=height - size), lefts[sl].clamp(max=width - size)
-        win = torch.empty(len(wy), image.shape[0], size, size, dtype=image.dtype)
-        for b, ((t, l), y, x) in enumerate(zip(positions[sl], wy.tolist(), wx.tolist())):
-            win[b] = image[:, y:y + size, x:x + size]
-            win[b, :, t - y:, l - x:] = fill[:, None, None]
-        for name, m in plan.head:
-            if isinstance(m, SPATIAL):
-                s, padded, sy, ly, sx, lx = geometry[name]
-                region = _patch(padded, win, wy + s.padding, wx + s.padding, sy[sl] * s.stride, sx[sl] * s.stride,
-                                (ly - 1) * s.stride + s.kernel, (lx - 1) * s.stride + s.kernel)
-                if isinstance(m, nn.Conv2d):
-                    win = F.conv2d(region, m.weight, m.bias, s.stride, 0, 1, m.groups)
-                else:
-                    win = F.max_pool2d(region, s.kernel, s.stride)
-                wy, wx = sy[sl], sx[sl]
-            else:
-                win = m(win)
-            if name == layer:
-                zero = torch.zeros_like(wy)
-                full = _patch(clean_map, win[:, feature:feature + 1], wy, wx, zero, zero, *clean_map.shape[2:])
-                activity.append(full.sum((1, 2, 3)))
-        zero = torch.zeros_like(wy)
-        x = _patch(top, win, wy, wx, zero, zero, *top.shape[2:]).contiguous()
-        for name, m in plan.tail:
-            x = m(x)
-            if name == layer:
-                activity.append(x[:, feature].flatten(1).sum(1))
-        scores.append(x)
-    return torch.cat(activity), torch.cat(scores)
+class _Incremental:
+    """The Krypton-style pass over a traced graph for a list of square positions."""
+
+    def __init__(self, graph: Graph, layer: Node, feature: int, image, size, fill, positions):
+        self.graph, self.layer, self.feature = graph, layer, feature
+        self.image, self.size, self.fill, self.positions = image, size, fill, positions
+        height, width = image.shape[1:]
+        last = graph.nodes[-1].index
+        row_reach = {t: reach(graph, (t, min(t + size, height) - 1), (0, width - 1)) for t in {t for t, _ in positions}}
+        col_reach = {l: reach(graph, (0, height - 1), (l, min(l + size, width) - 1)) for l in {l for _, l in positions}}
+        self.windows: dict[int, tuple] = {}  # node -> (row starts, rows, col starts, cols) over all squares
+        for node in graph.nodes[1:]:
+            if not node.spatial:
+                continue
+            rows = _windows([row_reach[t].get(node.index, (None, None))[0] for t, _ in positions], node.shape[2])
+            cols = _windows([col_reach[l].get(node.index, (None, None))[1] for _, l in positions], node.shape[3])
+            if rows is not None and cols is not None:
+                self.windows[node.index] = (*rows, *cols)
+        self.last_use = {i: n.index for n in graph.nodes for i in n.inputs}
+        self.last_use[graph.output] = last + 1
+        self.padded: dict[int, torch.Tensor] = {}
+        self.dense: set[int] = set()  # nodes that ran on whole maps
+
+    def all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        activity, scores = [], []
+        for start in range(0, len(self.positions), CHUNK):
+            a, s = self.chunk(slice(start, min(start + CHUNK, len(self.positions))))
+            activity.append(a)
+            scores.append(s)
+        return torch.cat(activity), torch.cat(scores)
+
+    def recomputed(self) -> float:
+        """Mean share of the conv multiply-adds recomputed per square (windows; whole maps where dense)."""
+        total = sum(_macs(n, n.shape[2], n.shape[3]) for n in self.graph.nodes if n.spatial)
+        done = 0
+        for index, (ys, rows, xs, cols) in self.windows.items():
+            node = self.graph.nodes[index]
+            done += _macs(node, *(node.shape[2:] if index in self.dense else (rows, cols)))
+        return done / total if total else 0.0
+
+    # --- one batch of squares
+
+    def chunk(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = self.positions[sl]
+        n = len(positions)
+        height, width = self.image.shape[1:]
+        tops = torch.tensor([t for t, _ in positions])
+        lefts = torch.tensor([l for _, l in positions])
+        # the input's window: the occluded image over a size x size area inside the image holding the square
+        wy, wx = tops.clamp(max=height - self.size), lefts.clamp(max=width - self.size)
+        win = self.image[None, :, :self.size, :self.size].repeat(n, 1, 1, 1)
+        for b, ((t, l), y, x) in enumerate(zip(positions, wy.tolist(), wx.tolist())):
+            win[b] = self.image[:, y:y + self.size, x:x + self.size]
+            win[b, :, t - y:, l - x:] = self.fill[:, None, None]
+        states: dict[int, object] = {0: _Win(win, wy, wx)}
+        activity = None
+        for node in self.graph.nodes[1:]:
+            if any(i in states for i in node.inputs):
+                state = self.run(node, states, sl, n)
+                if state is not None:
+                    states[node.index] = state
+            if node is self.layer:
+                activity = self.activity(states.get(node.index), n)
+            for i in node.inputs:
+                if self.last_use.get(i) == node.index:
+                    states.pop(i, None)
+        out = self.graph.nodes[self.graph.output]
+        result = self.full(out, states.get(out.index), n)
+        return activity, result.flatten(1)
+
+    def activity(self, state, n: int) -> torch.Tensor:
+        clean = self.layer.value[:, self.feature:self.feature + 1]
+        total = clean.sum()
+        if state is None:
+            return total.expand(n)
+        if isinstance(state, _Win):
+            h, w = state.t.shape[2:]
+            under = _patch(clean, None, state.ys, state.xs, h, w)
+            return total + state.t[:, self.feature].flatten(1).sum(1) - under.flatten(1).sum(1)
+        return state[:, self.feature].flatten(1).sum(1)
+
+    def full(self, node: Node, state, n: int) -> torch.Tensor:
+        """A node's output for every square as whole tensors (B, ...)."""
+        if state is None:
+            if node.value.shape[0] != 1:
+                raise _Fallback(f"{node.describe()} has no batch dimension")
+            return node.value.expand(n, *node.value.shape[1:])
+        if isinstance(state, _Win):
+            return _patch(node.value, state, torch.zeros_like(state.ys), torch.zeros_like(state.xs), *node.shape[2:])
+        return state
+
+    def run(self, node: Node, states: dict, sl: slice, n: int):
+        window = self.windows.get(node.index)
+        ins = [states.get(i) for i in node.inputs]
+        if window is not None and not any(s is not None and not isinstance(s, _Win) for s in ins):
+            ys, rows, xs, cols = window
+            ys, xs = ys[sl], xs[sl]
+            if node.kind in ("window", "adaptive") and node.fill is not None:
+                return self.windowed(node, ins[0], ys, rows, xs, cols)
+            if node.kind == "pointwise":
+                return self.pointwise(node, states, ys, rows, xs, cols)
+        if window is None and node.spatial and node.kind != "unknown":
+            return None  # no square reaches this map
+        return self.whole(node, states, n)
+
+    def windowed(self, node: Node, win: _Win, ys, rows, xs, cols) -> _Win:
+        """A conv or pool over its output window, from its pre-padded clean input with ``win`` pasted in."""
+        source = self.graph.nodes[node.inputs[0]]
+        wy, wx = node.axes
+        if node.index not in self.padded:
+            n_in, n_out = source.shape[2:], node.shape[2:]
+            bottom = max(0, (n_out[0] - 1) * wy.stride + wy.span - wy.padding - n_in[0])
+            right = max(0, (n_out[1] - 1) * wx.stride + wx.span - wx.padding - n_in[1])
+            self.padded[node.index] = F.pad(source.value, (wx.padding, right, wy.padding, bottom), value=node.fill)
+        region = _patch(self.padded[node.index], win, ys * wy.stride, xs * wx.stride, (rows - 1) * wy.stride + wy.span,
+                        (cols - 1) * wx.stride + wx.span, shift=(wy.padding, wx.padding))
+        name = getattr(node.func, "__name__", "")
+        kernel, stride, dilation = (wy.kernel, wx.kernel), (wy.stride, wx.stride), (wy.dilation, wx.dilation)
+        if name == "conv2d":
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+            out = F.conv2d(region, weight, bias, stride, 0, dilation, groups)
+        elif "max" in name:
+            out = F.max_pool2d(region, kernel, stride, 0, dilation)
+        else:
+            out = F.avg_pool2d(region, kernel, stride, 0)
+        return _Win(out, ys, xs)
+
+    def pointwise(self, node: Node, states: dict, ys, rows, xs, cols) -> _Win:
+        """A per-position op on its output window: each input cut to it, clean around its own window."""
+        size = node.shape[2:]
+
+        def arg(a):
+            if not isinstance(a, Ref):
+                return a
+            source, state = self.graph.nodes[a.index], states.get(a.index)
+            if tuple(source.shape[2:]) == tuple(size):
+                if isinstance(state, _Win) and state.t.shape[2:] == (rows, cols) and torch.equal(state.ys, ys) \
+                        and torch.equal(state.xs, xs):
+                    return state.t
+                return _patch(source.value, state, ys, xs, rows, cols)
+            if tuple(source.shape[2:]) == (1, 1):  # broadcast over the map (a squeeze-excitation scale)
+                return source.value.clone() if state is None and node.inplace else \
+                    source.value if state is None else state.t
+            raise _Fallback(f"{node.describe()} broadcasts a map of {source.shape[2:]} over {size}")
+
+        # an in-place op may overwrite the windows of this pass (the program it replays no longer
+        # reads them), never a clean value
+        args, kwargs = tree_map(arg, node.args), tree_map(arg, node.kwargs)
+        out = node.func(*args, **kwargs)
+        if tuple(out.shape[2:]) != (rows, cols) or out.shape[0] != len(ys):
+            raise _Fallback(f"{node.describe()} did not keep its window")
+        return _Win(out, ys, xs)
+
+    def whole(self, node: Node, states: dict, n: int):
+        """An op on whole maps (B, ...) for every square: what the geometry does not follow."""
+        def arg(a):
+            if not isinstance(a, Ref):
+                return a
+            source = self.graph.nodes[a.index]
+            if source.shape is None:  # a tuple-valued op
+                return states.get(a.index, source.value)
+            return self.full(source, states.get(a.index), n)
+
+        args, kwargs = tree_map(arg, node.args), tree_map(arg, node.kwargs)
+        if node.inplace and isinstance(args[0], torch.Tensor) and states.get(node.inputs[0]) is None:
+            args = (args[0].clone(), *args[1:])  # a clean value, expanded: never overwritten
+        if node.spatial:
+            self.dense.add(node.index)
+        try:
+            out = node.func(*args, **kwargs)
+        except RuntimeError as e:
+            raise _Fallback(f"{node.describe()} cannot run on a batch of squares ({str(e).splitlines()[0]})") from None
+        if node.shape is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape[1:]) != node.shape[1:]
+                                       or out.shape[0] != n):
+            raise _Fallback(f"{node.describe()} depends on the batch size")
+        return out
 
 
 # ----------------------------------------------------------------------------- findings, JSON, figure
@@ -311,6 +450,7 @@ def occlusion_to_json(result: Occlusion, classes: list[str] | None = None) -> di
         "label": result.label.tolist(), "label_names": {str(k): name(k) for k in result.label.unique().tolist()},
         "unoccluded": {"activity": result.clean_activity, "probability": result.clean_probability,
                        "label": result.clean_label, "label_name": name(result.clean_label)},
+        "projection_missing": result.projection_missing, "method": result.method, "recomputed": result.recomputed,
     }
 
 
@@ -346,10 +486,16 @@ def draw_occlusion(result: Occlusion, path, picture: torch.Tensor | None = None,
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(f"(b) {result.layer} map {result.feature}: total")
     ax = axes[2]
-    ax.imshow(to_rgb(contrast_stretch(result.projection[None])[0]), cmap="gray", vmin=0, vmax=1)
     top, left, bottom, right = result.receptive_field
+    if result.projection is not None:
+        ax.imshow(to_rgb(contrast_stretch(result.projection[None])[0]), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"(c) projection of map {result.feature}")
+    else:  # the maps stand without it; say why it is missing
+        ax.imshow(to_rgb(picture), cmap="gray", vmin=0, vmax=1, alpha=0.3)
+        ax.text(0.5, 0.5, textwrap.fill(f"no projection: {result.projection_missing}", 40), transform=ax.transAxes,
+                ha="center", va="center", fontsize=7)
+        ax.set_title(f"(c) field of map {result.feature}'s peak")
     ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left + 1, bottom - top + 1, fill=False, color="k", lw=2))
-    ax.set_title(f"(c) projection of map {result.feature}")
     ax = axes[3]
     im = ax.imshow(result.probability.numpy(), cmap="jet", vmin=0, vmax=1, extent=extent)
     fig.colorbar(im, ax=ax, fraction=0.046)

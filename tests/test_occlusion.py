@@ -11,7 +11,8 @@ from torch import nn
 from deconvnet import UserError, build_model
 from deconvnet.cli import main
 from deconvnet.models import Conv
-from deconvnet.occlusion import _direct, _incremental, _plan, occlusion
+from deconvnet.geometry import trace
+from deconvnet.occlusion import _direct, _Incremental, occlusion
 from deconvnet.probe import activations
 
 
@@ -36,6 +37,7 @@ def direct(model, image, target, layer, feature, t, l, size, fill=0.0):
 
 def check_against_direct(model, image, size, stride, layer="conv5", fill=None, samples=8):
     result = occlusion(model, image, size=size, stride=stride, layer=layer, fill=fill)
+    assert result.method == "incremental"
     cells = torch.randperm(len(result.positions), generator=torch.Generator().manual_seed(1))[:samples].tolist()
     cells += [0, len(result.positions) - 1]  # the corners, the last one cut by the border
     for cell in cells:
@@ -80,20 +82,21 @@ def test_incremental_equals_non_incremental_everywhere():
     image = torch.randn(3, 64, 64)
     positions = [(t, l) for t in range(0, 64 - 10 + 6, 6) for l in range(0, 64 - 10 + 6, 6)]
     with torch.no_grad():
-        fast = _incremental(model, _plan(model, "conv5"), image, positions, 10, torch.zeros(3), "conv5", 2)
-        slow = _direct(model, None, image, positions, 10, torch.zeros(3), "conv5", 2)
+        graph = trace(model, image[None], keep_values=True)
+        fast = _Incremental(graph, graph.node(model, "conv5"), 2, image, 10, torch.zeros(3), positions).all()
+        slow = _direct(model, image, positions, 10, torch.zeros(3), "conv5", 2)
     torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-5)
 
 
-def test_nested_model_falls_back_to_forward_passes():
+def test_nested_model_is_incremental_too():
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict(
         features=nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 4, 3, padding=1), relu=nn.ReLU(), pool=nn.MaxPool2d(2))),
         flatten=nn.Flatten(), fc=nn.Linear(4 * 8 * 8, 3))).eval()
-    assert _plan(model, "features.conv") is None
     image = torch.randn(1, 16, 16)
     result = occlusion(model, image, size=4, stride=4, layer="features.conv")
+    assert result.method == "incremental" and 0 < result.recomputed < 1
     x = image.clone()
     x[:, 4:8, 8:12] = 0
     cell = result.positions.index((4, 8))
