@@ -119,3 +119,91 @@ def test_an_unknown_op_is_measured_with_a_gradient_and_said():
         box = unit_box(model, "head", 10, 10, 16)
     assert box == (4, 4, 7, 7)  # rows 10..12 of the shuffled map are conv rows 5..6, each 3x3: 4..7
     assert layer_field(model, "head", 16) is None
+
+
+# ----------------------------------------------------------------------------- projections
+
+class _RuleReLU(torch.autograd.Function):
+    """A ReLU whose backward is the rule: the reference's own, written from Sec. 2.1."""
+
+    rule = "deconvnet"
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g.clamp(min=0) if _RuleReLU.rule == "deconvnet" else (g * (x > 0)).clamp(min=0)
+
+
+def reference_projection(model, image, layer, unit, rule, monkeypatch) -> torch.Tensor:
+    """Plain autograd on the full image with every ReLU call (module or functional) the rule."""
+    _RuleReLU.rule = rule
+    with monkeypatch.context() as m:
+        m.setattr(F, "relu", lambda x, inplace=False: _RuleReLU.apply(x))
+        m.setattr(torch, "relu", lambda x: _RuleReLU.apply(x))
+        x = image[None].clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = apply_at(model, x, layer, lambda _n, o: o)[layer]
+            seed = torch.zeros_like(out)
+            seed[(0, *unit)] = out.detach()[(0, *unit)]
+            (grad,) = torch.autograd.grad(out, x, seed)
+    return grad[0]
+
+
+@pytest.mark.parametrize("name, size, layer", [
+    ("resnet18", 112, "layer2.1.relu"),  # a ReLU module called twice per block; the 1st call of block 2.1
+    ("googlenet", 96, "inception3a"),  # F.relu(inplace=True) in every conv, four concatenated branches
+    ("densenet121", 64, "features.denseblock1"),  # concatenations, BatchNorm, ReLU modules
+    ("vgg11", 64, "features.12"),
+])
+def test_projections_equal_autograd_with_every_relu_the_rule(name, size, layer, monkeypatch):
+    model = torchvision_model(name).double()
+    torch.manual_seed(1)
+    image = torch.randn(3, size, size, dtype=torch.float64)
+    a = apply_at(model, image[None], layer, lambda _n, o: o.detach())[layer][0]
+    y, x = a.shape[1] // 2, a.shape[2] // 3
+    unit = (int(a[:, y, x].argmax()), y, x)
+    with torch.no_grad():
+        logits = model(image[None])
+    for rule in ("deconvnet", "guided"):
+        ours = Deconvnet(model).project(image[None], layer, [unit], rule=rule)[0]
+        expected = reference_projection(model, image, layer, unit, rule, monkeypatch)
+        assert expected.abs().max() > 0
+        assert (ours - expected).abs().max() <= 1e-9 * expected.abs().max(), rule
+    assert no_hooks(model)
+    with torch.no_grad():
+        assert torch.equal(model(image[None]), logits)
+
+
+def test_crops_on_a_resnet_equal_the_full_image(monkeypatch):
+    model = torchvision_model("resnet18")
+    torch.manual_seed(2)
+    images = torch.randn(3, 3, 112, 112)
+    units = [(5, 0, 0), (9, 13, 27), (3, 27, 27)]  # layer1 is 28x28: a corner, the middle, the far corner
+    shapes, run = [], Deconvnet._run
+
+    def recorded(self, x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return run(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Deconvnet, "_run", recorded)
+    dn = Deconvnet(model)
+    out = dn.project(images, "layer1", units)
+    assert shapes == [(3, 3, 48, 48)]  # the 43 px field from a multiple of 4: 48 px of 112
+    full = run(dn, images, "layer1", units, "deconvnet")
+    assert (out - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_relu6_is_a_named_error_or_acts_as_the_gradient():
+    model = torchvision_model("mobilenet_v2")
+    image = torch.randn(1, 3, 64, 64)
+    with pytest.raises(UserError, match=r"ReLU6.*'features\.3\.conv\.1\.2'.*other_activations='gradient'"):
+        Deconvnet(model).project(image, "features.3", [(0, 4, 4)])
+    assert no_hooks(model)
+    ours = Deconvnet(model, other_activations="gradient").project(image, "features.3", [(0, 4, 4)])
+    assert torch.equal(ours, Deconvnet(model).project(image, "features.3", [(0, 4, 4)], rule="gradient"))
+    assert no_hooks(model)
