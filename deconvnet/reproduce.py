@@ -249,6 +249,9 @@ def reproduce(out: str | Path = "report", quick: bool = False, data: str = "fash
     if budget == "default":
         speed = calibration(root, model, data)
         demo = size_demo(speed, DEMO_MINUTES if minutes is None else minutes)
+        import torch
+
+        torch.set_num_threads(speed["threads"])  # the steps run in this process, at the measured speed
         print(f"this machine: {speed['train_images_per_s']:,.0f} training and {speed['eval_images_per_s']:,.0f} "
               f"evaluation images/s ({model}, {speed['precision']}, {speed['threads']} thread"
               f"{'s' if speed['threads'] > 1 else ''}); steps sized to end within {demo['minutes']:g} min",
