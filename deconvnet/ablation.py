@@ -25,6 +25,8 @@ from .models import ModelConfig, model_config
 from .runner import atomic_write_json, progress
 from .train import TrainConfig, split_indices, evaluate, train
 from .figures import finish, new_figure
+from .findings import Finding
+from .findings import to_json as to_findings_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -129,7 +131,7 @@ def ablate(base: TrainConfig, out: str | Path, variants: list[str] | None = None
     return result
 
 
-def findings(result: AblationResult) -> list[dict]:
+def findings(result: AblationResult) -> list[Finding]:
     """Table 3's claims, checked against our numbers (test top-1 error)."""
     rows = result.rows
     test = {k: r["test_top1"] for k, r in rows.items()}
@@ -137,39 +139,39 @@ def findings(result: AblationResult) -> list[dict]:
     if {"baseline", "no-3-4", "no-6-7", "no-3-4-6-7"} <= rows.keys():
         pair = max(test["no-3-4"], test["no-6-7"]) - test["baseline"]
         both = test["no-3-4-6-7"] - test["baseline"]
-        out.append({
-            "claim": "depth matters: removing layers 3,4,6,7 is far worse than removing either pair "
-                     "(held if its extra error is at least twice the worse pair's)",
-            "paper": "top-1 error +7.0 (3,4), +4.3 (6,7), +30.8 (3,4,6,7) over AlexNet's 40.5",
-            "ours": {"no-3-4": round(test["no-3-4"] - test["baseline"], 2),
-                     "no-6-7": round(test["no-6-7"] - test["baseline"], 2),
-                     "no-3-4-6-7": round(both, 2)},
-            "held": bool(both > 0 and both >= 2 * max(pair, 0)),
-        })
+        extra = {k: round(test[k] - test["baseline"], 2) for k in ("no-3-4", "no-6-7", "no-3-4-6-7")}
+        out.append(Finding(
+            "depth matters: removing layers 3,4,6,7 is far worse than removing either pair "
+            "(held if its extra error is at least twice the worse pair's)",
+            "top-1 error +7.0 (3,4), +4.3 (6,7), +30.8 (3,4,6,7) over AlexNet's 40.5", extra,
+            bool(both > 0 and both >= 2 * max(pair, 0)),
+            "Extra test top-1 error over the baseline: " + ", ".join(f"{k} {v:+.1f}" for k, v in extra.items())
+            + " (paper: +7.0, +4.3, +30.8)."))
     if {"baseline", "fc-half", "fc-double"} <= rows.keys():
         deltas = {k: round(test[k] - test["baseline"], 2) for k in ("fc-half", "fc-double")}
-        out.append({
-            "claim": "the size of fc6/fc7 matters little (held if both stay within 2 points of the baseline)",
-            "paper": "+1.8 (2048 units) and +0.4 (8192 units) over our model's 38.4",
-            "ours": deltas,
-            "held": all(abs(d) <= 2.0 for d in deltas.values()),
-        })
+        out.append(Finding(
+            "the size of fc6/fc7 matters little (held if both stay within 2 points of the baseline)",
+            "+1.8 (2048 units) and +0.4 (8192 units) over our model's 38.4", deltas,
+            all(abs(d) <= 2.0 for d in deltas.values()),
+            f"Half and double the fc6/fc7 width change the test error by {deltas['fc-half']:+.1f} and "
+            f"{deltas['fc-double']:+.1f} points."))
     if {"baseline", "conv-wider"} <= rows.keys():
         delta = round(test["conv-wider"] - test["baseline"], 2)
-        out.append({"claim": "wider conv3-5 lower the test error", "paper": "-0.9 (37.5 vs 38.4)",
-                    "ours": delta, "held": delta < 0})
+        out.append(Finding("wider conv3-5 lower the test error", "-0.9 (37.5 vs 38.4)", delta, delta < 0,
+                           f"Wider conv3-5 change the test error by {delta:+.1f} points (paper: -0.9)."))
     if {"conv-wider", "conv-wider+fc-double"} <= rows.keys():
         a, b = rows["conv-wider"], rows["conv-wider+fc-double"]
         gap_a, gap_b = a["test_top1"] - a["train_top1"], b["test_top1"] - b["train_top1"]
-        out.append({
-            "claim": "widening conv3-5 and fc6/fc7 together overfits: lower train error, higher test error "
-                     "than widening conv3-5 alone",
-            "paper": "train 10.0 vs 18.8, test 38.3 vs 37.5",
-            "ours": {"train": [round(b["train_top1"], 2), round(a["train_top1"], 2)],
-                     "test": [round(b["test_top1"], 2), round(a["test_top1"], 2)],
-                     "gap": [round(gap_b, 2), round(gap_a, 2)]},
-            "held": b["train_top1"] < a["train_top1"] and b["test_top1"] > a["test_top1"],
-        })
+        out.append(Finding(
+            "widening conv3-5 and fc6/fc7 together overfits: lower train error, higher test error "
+            "than widening conv3-5 alone",
+            "train 10.0 vs 18.8, test 38.3 vs 37.5",
+            {"train": [round(b["train_top1"], 2), round(a["train_top1"], 2)],
+             "test": [round(b["test_top1"], 2), round(a["test_top1"], 2)],
+             "gap": [round(gap_b, 2), round(gap_a, 2)]},
+            b["train_top1"] < a["train_top1"] and b["test_top1"] > a["test_top1"],
+            f"Widening both vs conv3-5 alone: train error {b['train_top1']:.1f} vs {a['train_top1']:.1f}, "
+            f"test error {b['test_top1']:.1f} vs {a['test_top1']:.1f}."))
     return out
 
 
@@ -179,7 +181,7 @@ def to_json(result: AblationResult) -> dict:
             "epochs": result.epochs, "limit": result.limit, "error_unit": "%",
             "rows": {k: {"label": LABELS[k], **{m: (round(v, 2) if isinstance(v, float) else v) for m, v in r.items()}}
                      for k, r in result.rows.items()},
-            "findings": findings(result)}
+            "findings": to_findings_json(findings(result))}
 
 
 def plot(result: AblationResult, path=None) -> Figure:

@@ -31,6 +31,8 @@ from .deconvnet import contrast_stretch
 from .features import layer_output
 from .topk import choose_maps, gallery, top_k
 from .figures import finish, new_figure
+from .findings import Finding
+from .findings import to_json as to_findings_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -139,7 +141,7 @@ def _find(runs: list[RunSummary], model: str, renorm: bool) -> RunSummary | None
     return next((r for r in runs if r.model == model and r.renorm == renorm), None)
 
 
-def findings(runs: list[RunSummary]) -> list[dict]:
+def findings(runs: list[RunSummary]) -> list[Finding]:
     """Sec. 4.1's claims for the pairs present: ZFNet vs AlexNet (both renormalised), ZFNet with vs
     without renormalisation. Models are matched by name (``zfnet*`` against ``alexnet*`` of the same size).
     A claim holds only by a margin: values within ``TIE`` of each other are a tie."""
@@ -175,7 +177,21 @@ def findings(runs: list[RunSummary]) -> list[dict]:
                                  "(max / median RMS, with vs without)", "paper": "Sec. 3, Fig. 6(a)",
                         "ours": [zf.metrics["dominance"], plain.metrics["dominance"]],
                         "held": _below(zf.metrics["dominance"], plain.metrics["dominance"])})
-    return out
+    return [Finding(**d, reading=_reading(d)) for d in out]
+
+
+def _reading(claim: dict) -> str:
+    """One sentence: the claim's subject and our two values (ZFNet's first)."""
+    ours = claim["ours"]
+    if isinstance(ours, dict):
+        values = "; ".join(f"{k} {_fmt(v[0])} vs {_fmt(v[1])}" for k, v in ours.items())
+    else:
+        values = f"{_fmt(ours[0])} vs {_fmt(ours[1])}"
+    return f"{claim['claim'].split(' (')[0]}: {values}, {'held' if claim['held'] else 'not held'} at this scale."
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
 
 
 def to_json(runs: list[RunSummary]) -> dict:
@@ -194,7 +210,7 @@ def to_json(runs: list[RunSummary]) -> dict:
                       **r.metrics, "aliasing": r.aliasing, "layer2_high": r.layer2_high, "filter_rms": r.rms,
                       "layer2_maps": r.maps}
                      for r in runs],
-            "findings": findings(runs)}
+            "findings": to_findings_json(findings(runs))}
 
 
 def _grid(tiles: torch.Tensor, cols: int, shared_scale: bool) -> torch.Tensor:

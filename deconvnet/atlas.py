@@ -35,7 +35,7 @@ from .data import Preprocess, Source
 from .deconvnet import contrast_stretch
 from .errors import UserError
 from .runner import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, progress, world
-from .topk import TopK, gallery, top_k, topk_findings
+from .topk import TopK, class_purity, gallery, top_k
 
 VERSION = 1  # of the drawings: a change invalidates finished maps
 TILE = 48  # a tile's least side in the PNG (small receptive fields are enlarged, nearest neighbour)
@@ -224,7 +224,7 @@ def _write_site(out: Path, tables: dict[str, TopK], labels: torch.Tensor, classe
         return classes[label] if 0 <= label < len(classes) else str(label)
 
     record = {"about": about, "images": len(indices), "k": k, "classes": classes, "layers": {}}
-    purity = topk_findings(tables, labels)["class_purity"]
+    purity = class_purity(tables, labels)
     rows = []
     for name, t in tables.items():
         width = k * 40

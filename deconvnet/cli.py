@@ -216,6 +216,7 @@ def _write_findings(args, out: Path, name: str, body: dict, table: str | None = 
 
 def cmd_occlude(args) -> None:
     from ._analysis import foreground
+    from .findings import to_json
     from .occlusion import draw_occlusion, occlusion, occlusion_findings, occlusion_to_json
     from .runner import atomic_write_json
 
@@ -232,17 +233,18 @@ def cmd_occlude(args) -> None:
         results.append(result)
     # object masks by threshold hold for Fashion-MNIST's black backgrounds, not for photos
     objects = list(foreground(pictures)) if subject.info is not None else []
-    findings = occlusion_findings(results, objects)
+    findings = to_json(occlusion_findings(results, objects))
     atomic_write_json(out / "occlusion.json", {
         "args": _run_record(args), "model": subject.describe(), "findings": findings,
         "images": [{"name": n, "true_label": l, **occlusion_to_json(r, subject.classes)}
                    for n, l, r in zip(names, labels, results)]})
-    print(json.dumps({"out": str(out), "findings": {k: v for k, v in findings.items() if k != "per_image"}}))
+    print(json.dumps({"out": str(out), "findings": [{k: v for k, v in f.items() if k != "ours"} for f in findings]}))
 
 
 def cmd_invariance(args) -> None:
     import torch
 
+    from .findings import to_json
     from .invariance import default_amounts, draw_invariance, invariance, invariance_findings, invariance_to_json
     from .runner import atomic_write_json
 
@@ -261,7 +263,7 @@ def cmd_invariance(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     draw_invariance(result, out / "invariance.png", subject.classes)
-    findings = invariance_findings(result)
+    findings = to_json(invariance_findings(result))
     atomic_write_json(out / "invariance.json", {"args": _run_record(args), "model": subject.describe(),
                                                 "images": names, "findings": findings,
                                                 **invariance_to_json(result, subject.classes)})
@@ -299,6 +301,7 @@ def cmd_correspond(args) -> None:
     from ._analysis import foreground
     from .correspondence import (correspondence, correspondence_findings, correspondence_to_json,
                                  draw_correspondence, object_box)
+    from .findings import to_json
     from .runner import atomic_write_json
 
     subject = _subject(args)
@@ -316,7 +319,7 @@ def cmd_correspond(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     draw_correspondence(result, pictures, out / "correspondence.png")
-    findings = correspondence_findings(result)
+    findings = to_json(correspondence_findings(result))
     body = correspondence_to_json(result)
     atomic_write_json(out / "correspondence.json", {"args": _run_record(args), "model": subject.describe(),
                                                     "images": names, "labels": labels,
@@ -329,6 +332,7 @@ def cmd_topk(args) -> None:
     import torch.distributed as dist
 
     from .runner import atomic_write_json, init_distributed, world
+    from .findings import to_json
     from .topk import choose_maps, draw_gallery, gallery, top_k, topk_findings, topk_to_json
 
     subject = _subject(args)
@@ -354,8 +358,8 @@ def cmd_topk(args) -> None:
                      f"{name}: top {args.k} of {n} images of {args.data}, projected (left) and input patches (right)")
     findings = topk_findings(tables, source.labels)
     atomic_write_json(out / "topk.json", {"args": _run_record(args), "model": subject.describe(), "images": n, "k": args.k,
-                                          "findings": findings, "layers": topk_to_json(tables, chosen)})
-    print(json.dumps({"out": str(out), "images": n, "gallery_maps": chosen, "class_purity": findings["ours"]}))
+                                          "findings": to_json(findings), "layers": topk_to_json(tables, chosen)})
+    print(json.dumps({"out": str(out), "images": n, "gallery_maps": chosen, "class_purity": findings[0].ours}))
 
 
 def cmd_atlas(args) -> None:
@@ -408,6 +412,7 @@ def cmd_project(args) -> None:
     projection = Deconvnet(model).project(x, args.layer, [unit], rule=args.rule)[0]
     value = float(a[unit])
     box = unit_box(model, args.layer, unit[1], unit[2], subject.preprocess.input_size)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     draw_projection(subject.pictures(raw)[0], projection, box, args.out,
                     f"image {names[0]}: {args.layer} unit {unit} = {value:.3g}, rule {args.rule}")
     record = {"out": str(args.out), "layer": args.layer, "unit": list(unit), "value": value, "box": list(box)}

@@ -25,6 +25,7 @@ from ._analysis import features, to_rgb
 from .errors import UserError
 from .features import layer_output
 from .figures import finish, new_figure
+from .findings import Finding
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -145,16 +146,21 @@ def correspondence(model: nn.Module, images: torch.Tensor, parts: dict[str, list
     return Correspondence(layers, sets, pooled, seed)
 
 
-def correspondence_findings(result: Correspondence) -> dict:
+def correspondence_findings(result: Correspondence) -> list[Finding]:
     """Table 1's reading: every named part scores lower than random boxes at the first layer (layer 5)."""
-    low = result.layers[0]
+    low, high = result.layers[0], result.layers[-1]
     parts = [name for name in result.hamming if name != "random"]
     mean = {name: {l: float(result.hamming[name][l].mean()) for l in result.layers} for name in result.hamming}
-    return {
-        "claim": f"masking a named part changes {low} more consistently (lower mean H) than random boxes",
-        "parts_below_random": {l: [p for p in parts if mean[p][l] < mean["random"][l]] for l in result.layers},
-        "holds": all(mean[p][low] < mean["random"][low] for p in parts),
-    }
+    below = {l: [p for p in parts if mean[p][l] < mean["random"][l]] for l in result.layers}
+    cells = "; ".join(f"{layer}: " + ", ".join(f"{p} {mean[p][layer]:.3f}" for p in parts)
+                      + f", random {mean['random'][layer]:.3f}" for layer in dict.fromkeys((low, high)))
+    reading = (f"Mean Hamming consistency (lower = tighter correspondence) {cells}. Parts below random: "
+               f"{', '.join(below[low]) or 'none'} in {low}, {', '.join(below[high]) or 'none'} in {high}; the "
+               "paper finds parts below random in layer 5 and no difference in layer 7.")
+    return [Finding(f"masking a named part changes {low} more consistently (lower mean H) than random boxes",
+                    "Table 1, layer 5: eyes 0.067-0.069, nose 0.079, random 0.107",
+                    {"mean_hamming": mean, "parts_below_random": below},
+                    all(mean[p][low] < mean["random"][low] for p in parts), reading)]
 
 
 def correspondence_to_json(result: Correspondence) -> dict:

@@ -28,6 +28,8 @@ from .features import feature_layers
 from .runner import progress
 from .topk import mosaic, choose_maps, gallery, top_k
 from .figures import finish, new_figure
+from .findings import Finding
+from .findings import to_json as to_findings_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -135,16 +137,22 @@ def load_snapshots(run: str | Path) -> tuple[list[tuple[int, torch.nn.Module]], 
     return [(epoch, model) for epoch, (model, _) in loaded], loaded[-1][1][1]
 
 
-def findings(result: EvolutionResult) -> list[dict]:
+def findings(result: EvolutionResult) -> list[Finding]:
     """Fig. 4's claim with our numbers: lower layers stabilise earlier."""
     stable = {n: layer.mean_stable_epoch for n, layer in result.layers.items()}
     low = [stable[n] for n in (1, 2) if n in stable]
     high = [stable[n] for n in (4, 5) if n in stable]
     held = bool(low and high and np.mean(low) < np.mean(high))
-    return [{"claim": "lower layers converge within a few epochs, upper layers only later "
-                      "(held if layers 1-2 stabilise earlier on average than layers 4-5)",
-             "paper": "layers 1-2 settle within a few epochs; layers 4-5 only after 40-50 of 70",
-             "ours": {f"layer{n}": v for n, v in stable.items()}, "held": held}]
+    shown = ", ".join(f"layer {n} {v:.1f}" for n, v in stable.items())
+    reading = (f"Mean epoch from which each layer's strongest image and its projection stop changing, over "
+               f"snapshots at epochs {', '.join(map(str, result.epochs))}: {shown}. "
+               + ("Lower layers settle first, as in the paper." if held else
+                  "Lower layers do not settle first here: with a one-cycle schedule every layer keeps changing "
+                  "until the learning rate anneals, unlike the paper's stepwise 70-epoch schedule."))
+    return [Finding("lower layers converge within a few epochs, upper layers only later "
+                    "(held if layers 1-2 stabilise earlier on average than layers 4-5)",
+                    "layers 1-2 settle within a few epochs; layers 4-5 only after 40-50 of 70",
+                    {f"layer{n}": v for n, v in stable.items()}, held, reading)]
 
 
 def to_json(result: EvolutionResult) -> dict:
@@ -159,7 +167,7 @@ def to_json(result: EvolutionResult) -> dict:
                                                "stable_epoch": layer.stable_epoch[m]}
                                               for m, c in enumerate(layer.maps)]}
                        for n, layer in result.layers.items()},
-            "findings": findings(result)}
+            "findings": to_findings_json(findings(result))}
 
 
 def plot_layer(result: EvolutionResult, n: int, path=None) -> Figure:

@@ -23,6 +23,7 @@ from .data import Preprocess
 from .errors import UserError
 from .features import layer_output
 from .figures import finish, new_figure
+from .findings import Finding, pct
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -115,7 +116,7 @@ def invariance(model: nn.Module, raw: torch.Tensor, labels, preprocess: Preproce
                       {name: clean[name].norm(dim=1) for name in layers})
 
 
-def invariance_findings(result: Invariance) -> dict:
+def invariance_findings(result: Invariance) -> list[Finding]:
     """The claims of Sec. 4 on Fig. 5, with the numbers behind them (means over images).
 
     1. Small translations change the low layer a lot, the high layer less: at the smallest shift, the
@@ -124,31 +125,38 @@ def invariance_findings(result: Invariance) -> dict:
        each sweep.
     """
     low, high = result.layers
-    out = {}
+    out = []
     shifts = torch.tensor(result.amounts.get("translation", []))
     if (shifts != 0).any():
-        small = shifts.abs()[shifts != 0].min()
+        small = float(shifts.abs()[shifts != 0].min())
         at = (shifts.abs() == small).nonzero().flatten()
         rel = {name: float((result.distance["translation"][name][:, at].mean(1) / result.norm[name]).mean())
                for name in (low, high)}
         share = {name: float((result.distance["translation"][name][:, at].mean(1)
                               / result.distance["translation"][name].amax(1).clamp_min(1e-12)).mean())
                  for name in (low, high)}
-        out["small_translation"] = {
-            "claim": f"a {float(small):g} px shift changes {low} relatively more than {high}",
-            "shift_px": float(small), "relative_distance": rel, "share_of_largest_distance": share,
-            "holds": rel[low] > rel[high] and share[low] > share[high],
-        }
+        held = rel[low] > rel[high] and share[low] > share[high]
+        out.append(Finding(
+            f"a {small:g} px shift changes {low} relatively more than {high}",
+            "Fig. 5 a2/b2/c2 vs a3/b3/c3: small transformations change layer 1 a lot, layer 7 less",
+            {"shift_px": small, "relative_distance": rel, "share_of_largest_distance": share}, held,
+            f"A {small:g} px shift moves {low}'s features by {pct(rel[low])} of their norm and {high}'s by "
+            f"{pct(rel[high])}: " + ("the top layer is the more invariant, as in the paper." if held else
+                                      "the top layer is not the more invariant here.")))
     drops = {}
     for kind, amounts in result.amounts.items():
         moved = torch.tensor([a != IDENTITY[kind] for a in amounts])
         drops[kind] = float((result.clean_probability[:, None] - result.probability[kind][:, moved]).mean())
     if {"translation", "scale", "rotation"} <= set(drops):
-        out["output_stability"] = {
-            "claim": "p(true) drops less under translation and scale than under rotation",
-            "mean_drop_of_p_true": drops,
-            "holds": drops["rotation"] > max(drops["translation"], drops["scale"]),
-        }
+        held = drops["rotation"] > max(drops["translation"], drops["scale"])
+        out.append(Finding(
+            "p(true) drops less under translation and scale than under rotation",
+            "Fig. 5 a4/b4/c4: the output is stable to translation and scale, not to rotation",
+            {"mean_drop_of_p_true": drops}, held,
+            f"p(true class) falls on average by {drops['translation']:.2f} under translation, "
+            f"{drops['scale']:.2f} under scaling and {drops['rotation']:.2f} under rotation: "
+            + ("rotation is what the network is not invariant to, as in the paper." if held else
+               "rotation is not the transformation that hurts most here.")))
     return out
 
 

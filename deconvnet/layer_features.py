@@ -20,6 +20,8 @@ from .data import Preprocess, Source
 from .features import feature_grid, feature_layers, fit_linear, layer_features, per_class_folds
 from .runner import progress
 from .figures import finish, new_figure
+from .findings import Finding
+from .findings import to_json as to_findings_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -82,7 +84,7 @@ def layer_analysis(model: nn.Module, preprocess: Preprocess, target: Source, per
     return result
 
 
-def findings(result: LayerResult) -> list[dict]:
+def findings(result: LayerResult) -> list[Finding]:
     """Table 7's claim: accuracy rises steadily with the layer, for each classifier and N."""
     out = []
     for kind in CLASSIFIERS:
@@ -90,10 +92,12 @@ def findings(result: LayerResult) -> list[dict]:
             acc = [result.mean(kind, n, layer) for layer in result.layers]
             rises = all(b >= a for a, b in zip(acc, acc[1:]))
             best = list(result.layers)[int(np.argmax(acc))]
-            out.append({"claim": f"{kind}, {n}/class: accuracy rises steadily with the layer, best at the top",
-                        "paper": PAPER[kind],
-                        "ours": {f"layer{layer}": round(100 * a, 2) for layer, a in zip(result.layers, acc)},
-                        "best_layer": best, "held": bool(rises)})
+            cells = ", ".join(f"{layer}: {100 * a:.1f}" for layer, a in zip(result.layers, acc))
+            reading = (f"{kind}, {n}/class, accuracy (%) by layer {cells}; best at layer {best}: "
+                       + ("it rises steadily with depth, as in the paper." if rises else "it does not rise steadily."))
+            out.append(Finding(f"{kind}, {n}/class: accuracy rises steadily with the layer, best at the top",
+                               PAPER[kind], {f"layer{layer}": round(100 * a, 2) for layer, a in zip(result.layers, acc)},
+                               bool(rises), reading))
     return out
 
 
@@ -110,7 +114,7 @@ def to_json(result: LayerResult) -> dict:
                    for n in result.per_class}}
     return {"analysis": "per-layer features (Table 7)", "target": result.target, "folds": result.folds,
             "metric": "mean of per-class accuracies (%)", "excluded_overlaps": result.excluded,
-            "table": table, "findings": findings(result)}
+            "table": table, "findings": to_findings_json(findings(result))}
 
 
 def plot(result: LayerResult, path=None) -> Figure:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .report import SECTIONS, _claims, _findings_table, _img
+from .report import SECTIONS, _img, findings_html
 from .reproduce import Step, run_step
 from .runner import atomic_write_text
 
@@ -72,13 +72,11 @@ def write_page(root: Path, steps: list[Step], records: dict, description: dict, 
         label, json_name = OUTPUTS[step.name]
         title, paper = PAPER[label]
         result = json.loads((root / step.name / json_name).read_text())
-        claims = _claims(result.get("findings", []))
         parts = [f'<section id="{step.name}"><h2>{html.escape(label)}: {html.escape(title)}</h2>',
                  f"<p class=paper><b>Paper (ZFNet on ImageNet):</b> {html.escape(paper)}</p>",
                  f"<p>Command: <code>deconvnet {html.escape(' '.join(step.argv))}</code></p>"]
         parts.extend(_img(p) for p in sorted((root / step.name).glob("*.png")))
-        if claims:
-            parts.append(_findings_table(claims))
+        parts.append(findings_html(result["findings"]))
         parts.append("</section>")
         body.append("".join(parts))
     if not target:
@@ -97,7 +95,7 @@ figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
 figcaption {{ color: #777; font-size: .8em; }}
 table {{ border-collapse: collapse; margin: 1em 0; font-size: .9em; }}
 td, th {{ border: 1px solid #ccc; padding: .3em .6em; vertical-align: top; }}
-td.held {{ background: #e6f4e6; }} td.not {{ background: #fbe9e7; }}
+td.held {{ background: #e6f4e6; }} td.not {{ background: #fbe9e7; }} td.none {{ background: #f3f3f3; }}
 .paper {{ color: #555; }} pre {{ background: #f6f6f6; padding: .6em; overflow-x: auto; }}
 </style></head><body>
 <h1>{html.escape(description['model'])} on {html.escape(data)}</h1>

@@ -9,7 +9,6 @@ import base64
 import html
 import json
 import platform
-import re
 from pathlib import Path
 
 from .checkpoint import read_checkpoint
@@ -66,25 +65,6 @@ OFFLINE = {
 }
 
 
-def _claims(findings) -> list[dict]:
-    """Every dict with a "claim" key anywhere inside a findings block (lists or dicts)."""
-    found = []
-    if isinstance(findings, dict):
-        if "claim" in findings:
-            found.append(findings)
-        else:
-            for v in findings.values():
-                found.extend(_claims(v))
-    elif isinstance(findings, list):
-        for v in findings:
-            found.extend(_claims(v))
-    return found
-
-
-def _held(claim: dict) -> bool:
-    return bool(claim.get("held", claim.get("holds")))
-
-
 def _value(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -101,118 +81,24 @@ def _img(path: Path) -> str:
            f"<figcaption>{html.escape(path.name)}</figcaption></figure>"
 
 
-def _findings_table(claims: list[dict]) -> str:
+def _verdict(finding: dict) -> tuple[str, str]:
+    """(CSS class, words) for a finding's ``held``: True, False or None (not measurable here)."""
+    held = finding["held"]
+    return ("held", "held") if held else ("not", "did not hold") if held is False else ("none", "not measured")
+
+
+def findings_html(findings: list[dict]) -> str:
+    """A section's findings as written by its analysis: the readings, then claim / paper / ours / verdict."""
+    if not findings:
+        return ""
+    readings = " ".join(f["reading"] for f in findings if f.get("reading"))
     rows = "".join(
-        f"<tr><td>{html.escape(str(c['claim']))}</td><td>{html.escape(_value(c.get('paper', '')))}</td>"
-        f"<td>{html.escape(_value(c.get('ours', '')))}</td>"
-        f"<td class={'held' if _held(c) else 'not'}>{'held' if _held(c) else 'did not hold'}</td></tr>"
-        for c in claims)
-    return ("<table><tr><th>paper's claim</th><th>paper</th><th>ours</th><th>at this scale</th></tr>"
-            f"{rows}</table>")
-
-
-# Two sentences per section, written from its JSON: what we measured, then how it compares with the paper.
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}%"
-
-
-def _read_fig2(r: dict) -> str:
-    purity = r["findings"]["class_purity"]
-    first, last = list(purity)[0], list(purity)[-1]
-    return (f"The 9 strongest images of a feature map share one class {_pct(purity[first])} of the time in "
-            f"{first} and {_pct(purity[last])} in {last} ({', '.join(f'{k} {_pct(v)}' for k, v in purity.items())}). "
-            + ("Higher layers respond to more class-specific structure, as the paper shows by eye."
-               if _held(r["findings"]) else "At this scale the higher layers are not more class-specific."))
-
-
-def _read_fig4(r: dict) -> str:
-    claim = r["findings"][0]
-    stable = ", ".join(f"{k.replace('layer', 'layer ')} {v:.1f}" for k, v in claim["ours"].items())
-    return (f"Mean epoch from which each layer's strongest image and its projection stop changing, over "
-            f"snapshots at epochs {', '.join(map(str, r['epochs']))}: {stable}. "
-            + ("Lower layers settle first, as in the paper." if claim["held"] else
-               "Lower layers do not settle first here: with a one-cycle schedule every layer keeps changing "
-               "until the learning rate anneals, unlike the paper's stepwise 70-epoch schedule."))
-
-
-def _read_fig5(r: dict) -> str:
-    shift, output = r["findings"]["small_translation"], r["findings"]["output_stability"]
-    low, high = list(shift["relative_distance"].items())
-    drops = output["mean_drop_of_p_true"]
-    return (f"A {shift['shift_px']:g} px shift moves {low[0]}'s features by {_pct(low[1])} of their norm and "
-            f"{high[0]}'s by {_pct(high[1])}; p(true class) falls on average by {drops['translation']:.2f} "
-            f"under translation, {drops['scale']:.2f} under scaling and {drops['rotation']:.2f} under rotation. "
-            + ("Both of the paper's observations hold: the top layer is the more invariant, and rotation is what "
-               "the network is not invariant to." if shift["holds"] and output["holds"] else
-               "Not every observation of the paper holds at this scale (see the table)."))
-
-
-def _read_fig6(r: dict) -> str:
-    def short(c: dict) -> str:  # "pair: claim (how measured)" -> "claim [our values]"
-        claim = re.sub(r"\s*\([^()]*\)$", "", c["claim"].split(": ", 1)[-1])
-        return f"{claim} [{_value(c['ours'])}]"
-
-    held = [short(c) for c in r["findings"] if c["held"]]
-    missed = [short(c) for c in r["findings"] if not c["held"]]
-    return (f"Held at this scale: {'; '.join(held) or 'none'}. "
-            f"Not held: {'; '.join(missed) or 'none'} (28 px images and 3x3 kernels leave little room for the "
-            "frequency effects the paper saw at 224 px).")
-
-
-def _read_fig7(r: dict) -> str:
-    f = r["findings"]
-    return (f"Over {f['images_with_both']} images, the mean p(correct class) is {f['p_square_on_object']:.3f} with the "
-            f"square on the object and {f['p_square_on_background']:.3f} on the background, and the largest drop "
-            f"is {f['largest_drop_on_object']:.2f} on the object vs {f['largest_drop_on_background']:.2f} off it. "
-            + ("The classifier relies on the object, not its surroundings, as in the paper."
-               if f["holds"] else "At this scale the object is not clearly more important than the background."))
-
-
-def _read_table1(r: dict) -> str:
-    table, low, high = r["table"], r["layers"][0], r["layers"][-1]
-    parts = [p for p in table if p != "random"]
-    cells = "; ".join(f"{layer}: " + ", ".join(f"{p} {table[p][layer]['mean']:.3f}" for p in parts)
-                      + f", random {table['random'][layer]['mean']:.3f}" for layer in (low, high))
-    below = r["findings"]["parts_below_random"]
-    return (f"Mean Hamming consistency (lower = tighter correspondence) {cells}. "
-            f"Parts below random: {', '.join(below.get(low, [])) or 'none'} in {low}, "
-            f"{', '.join(below.get(high, [])) or 'none'} in {high}; the paper finds parts below random in layer 5 "
-            "and no difference in layer 7.")
-
-
-def _read_table3(r: dict) -> str:
-    claims = r["findings"]
-    depth = next((c for c in claims if c["claim"].startswith("depth")), None)
-    first = ""
-    if depth:
-        extra = ", ".join(f"{k} {v:+.1f}" for k, v in depth["ours"].items())
-        first = f"Extra test top-1 error over the baseline: {extra} (paper: {depth['paper'].split(': ', 1)[-1]})."
-    held = sum(_held(c) for c in claims)
-    return f"{first} {held} of the {len(claims)} claims of Table 3 held at this short budget (see the table)."
-
-
-def _read_transfer(r: dict) -> str:
-    claim = r["findings"][0]
-    cells = ", ".join(f"{k.split('_')[0]}: {v['pretrained']:.1f} vs {v['scratch']:.1f}"
-                      for k, v in claim["ours"].items())
-    return (f"Mean per-class accuracy (%), pretrained + softmax vs from scratch, by images per class: {cells}. "
-            + ("Pretrained features win at small N, as in the paper." if claim["held"] else
-               "Pretrained features do not win at every small N here: Fashion-MNIST features transfer only "
-               "partly to digits, which are easy enough to learn from a few images."))
-
-
-def _read_table7(r: dict) -> str:
-    claims = r["findings"]
-    best = claims[-1]
-    cells = ", ".join(f"{k.replace('layer', '')}: {v:.1f}" for k, v in best["ours"].items())
-    return (f"{best['claim'].split(':')[0]}, accuracy (%) by layer {cells}; best at layer "
-            f"{best['best_layer']}. " + ("Accuracy rises steadily with depth, as in the paper." if all(
-                _held(c) for c in claims) else "Accuracy does not rise steadily all the way to layer 7 here."))
-
-
-READINGS = {"Fig. 2": _read_fig2, "Fig. 4": _read_fig4, "Fig. 5": _read_fig5, "Fig. 6": _read_fig6,
-            "Fig. 7": _read_fig7, "Table 1": _read_table1, "Table 3": _read_table3,
-            "Tables 4/5, Fig. 9": _read_transfer, "Table 7": _read_table7}
+        f"<tr><td>{html.escape(f['claim'])}</td><td>{html.escape(_value(f['paper']))}</td>"
+        f"<td>{html.escape(_value(f['ours']))}</td><td class={_verdict(f)[0]}>{_verdict(f)[1]}</td></tr>"
+        for f in findings)
+    return (f"<p class=reading>{html.escape(readings)}</p>" if readings else "") + \
+        ("<table><tr><th>paper's claim</th><th>paper</th><th>ours</th><th>at this scale</th></tr>"
+         f"{rows}</table>")
 
 
 def _train_section(root: Path) -> str:
@@ -254,12 +140,8 @@ def write_report(root: Path, steps, records: dict, budget: str, argv: list[str])
             parts.append(_train_section(root))
         else:
             result = json.loads((root / step / json_name).read_text())
-            claims = _claims(result.get("findings", []))
-            if claims:
-                parts.append(f"<p class=reading>{html.escape(READINGS[label](result))}</p>")
             parts.extend(_img(p) for p in sorted((root / step).glob("*.png")))
-            if claims:
-                parts.append(_findings_table(claims))
+            parts.append(findings_html(result["findings"]))
         parts.append("</section>")
         body.append("".join(parts))
 
@@ -287,7 +169,7 @@ figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
 figcaption {{ color: #777; font-size: .8em; }}
 table {{ border-collapse: collapse; margin: 1em 0; font-size: .9em; }}
 td, th {{ border: 1px solid #ccc; padding: .3em .6em; vertical-align: top; }}
-td.held {{ background: #e6f4e6; }} td.not {{ background: #fbe9e7; }}
+td.held {{ background: #e6f4e6; }} td.not {{ background: #fbe9e7; }} td.none {{ background: #f3f3f3; }}
 .paper {{ color: #555; }} .reading {{ font-size: 1.05em; }} pre {{ background: #f6f6f6; padding: .6em; overflow-x: auto; }}
 </style></head><body>
 <h1>Visualizing and Understanding Convolutional Networks, reproduced</h1>

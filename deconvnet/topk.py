@@ -20,6 +20,7 @@ from ._analysis import eval_mode, picture, to_rgb
 from .data import Preprocess, Source, batches
 from .deconvnet import Deconvnet, contrast_stretch
 from .errors import UserError
+from .findings import Finding, pct
 from .geometry import layer_field, unit_box
 from .probe import apply_at
 from .runner import progress
@@ -213,13 +214,9 @@ def draw_gallery(result: Gallery, path, title: str = "") -> None:
     plt.close(fig)
 
 
-def topk_findings(tables: dict[str, TopK], labels: torch.Tensor) -> dict:
-    """Fig. 2's reading in numbers: how often a map's top images share one class, per layer.
-
-    Layer 1 responds to edges found in every class, higher layers to object parts (Fig. 2), so a map's
-    top images should come from fewer classes higher up. ``class_purity``: over the maps that fire,
-    the mean share of a map's top images that carry its most common label.
-    """
+def class_purity(tables: dict[str, TopK], labels: torch.Tensor) -> dict[str, float | None]:
+    """Per layer, over the maps that fire, the mean share of a map's top images that carry its most
+    common label (None for a layer where no map fires)."""
     purity = {}
     for name, t in tables.items():
         shares = []
@@ -228,14 +225,27 @@ def topk_findings(tables: dict[str, TopK], labels: torch.Tensor) -> dict:
             if len(images) and t.values[c, 0] > 0:
                 shares.append(labels[images].bincount().max().item() / len(images))
         purity[name] = sum(shares) / len(shares) if shares else None
+    return purity
+
+
+def topk_findings(tables: dict[str, TopK], labels: torch.Tensor) -> list[Finding]:
+    """Fig. 2's reading in numbers: how often a map's top images share one class, per layer.
+
+    Layer 1 responds to edges found in every class, higher layers to object parts (Fig. 2), so a map's
+    top images should come from fewer classes higher up (:func:`class_purity`).
+    """
+    purity = class_purity(tables, labels)
     first, last = next(iter(purity)), list(purity)[-1]
-    return {
-        "claim": f"a feature map's top images share a class more often in {last} than in {first} (Fig. 2)",
-        "paper": "layer 1: edges and colours; higher layers: object parts, whole objects",
-        "ours": {name: round(v, 3) for name, v in purity.items() if v is not None},
-        "class_purity": purity,
-        "held": None if None in (purity[first], purity[last]) else purity[last] > purity[first],
-    }
+    held = None if None in (purity[first], purity[last]) else purity[last] > purity[first]
+    shown = ", ".join(f"{k} {pct(v)}" for k, v in purity.items() if v is not None)
+    reading = (f"The strongest images of a feature map share one class {pct(purity[first] or 0)} of the time in "
+               f"{first} and {pct(purity[last] or 0)} in {last} ({shown}). "
+               + ("Higher layers respond to more class-specific structure, as the paper shows by eye." if held else
+                  "At this scale the higher layers are not more class-specific." if held is False else
+                  "No map fired in one of the layers, so the layers cannot be compared."))
+    return [Finding(f"a feature map's top images share a class more often in {last} than in {first} (Fig. 2)",
+                    "layer 1: edges and colours; higher layers: object parts, whole objects",
+                    {name: round(v, 3) for name, v in purity.items() if v is not None}, held, reading)]
 
 
 def topk_to_json(tables: dict[str, TopK], galleries: dict[str, list[int]] | None = None) -> dict:

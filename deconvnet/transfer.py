@@ -27,6 +27,8 @@ from .models import ConvNet
 from .runner import progress
 from .train import TrainConfig, epoch_batches, make_optimizer, make_scheduler, sgd_step
 from .figures import finish, new_figure
+from .findings import Finding
+from .findings import to_json as to_findings_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -185,19 +187,22 @@ def transfer(model: torch.nn.Module, info: CheckpointInfo, target: Source, per_c
     return result
 
 
-def findings(result: TransferResult) -> list[dict]:
+def findings(result: TransferResult) -> list[Finding]:
     """Sec. 5.2's claims: pretrained features + softmax beat training from scratch at small N."""
     small = [n for n in result.per_class if n <= 15] or [min(result.per_class)]
     pre = {n: round(100 * float(np.mean(result.pretrained[n])), 2) for n in result.per_class}
     scr = {n: round(100 * float(np.mean(result.scratch[n])), 2) for n in result.per_class}
-    return [
-        {"claim": "a softmax on the fixed pretrained layers 1-7 beats the same model trained from scratch at "
-                  f"small N (held if better at every N <= 15: {small})",
-         "paper": "Caltech-101, 15/class: 83.8 +- 0.5 vs 22.8 +- 1.5; 30/class: 86.5 vs 46.5",
-         "ours": {f"{n}_per_class": {"pretrained": pre[n], "scratch": scr[n]} for n in result.per_class},
-         "pretrained_better_at": [n for n in result.per_class if pre[n] > scr[n]],
-         "held": all(pre[n] > scr[n] for n in small)},
-    ]
+    held = all(pre[n] > scr[n] for n in small)
+    cells = ", ".join(f"{n}: {pre[n]:.1f} vs {scr[n]:.1f}" for n in result.per_class)
+    reading = (f"Mean per-class accuracy (%), pretrained + softmax vs from scratch, by images per class: {cells}. "
+               + ("Pretrained features win at small N, as in the paper." if held else
+                  f"Pretrained features do not win at every small N here (better at "
+                  f"{[n for n in result.per_class if pre[n] > scr[n]] or 'none'})."))
+    return [Finding("a softmax on the fixed pretrained layers 1-7 beats the same model trained from scratch at "
+                    f"small N (held if better at every N <= 15: {small})",
+                    "Caltech-101, 15/class: 83.8 +- 0.5 vs 22.8 +- 1.5; 30/class: 86.5 vs 46.5",
+                    {f"{n}_per_class": {"pretrained": pre[n], "scratch": scr[n]} for n in result.per_class},
+                    held, reading)]
 
 
 def to_json(result: TransferResult) -> dict:
@@ -217,7 +222,7 @@ def to_json(result: TransferResult) -> dict:
                         "nearest_correlation_max": round(float(max(result.nearest, default=float("nan"))), 4),
                         "nearest_correlation_median": round(float(np.median(result.nearest)), 4)
                         if result.nearest else None},
-            "findings": findings(result)}
+            "findings": to_findings_json(findings(result))}
 
 
 def plot(result: TransferResult, path=None) -> Figure:

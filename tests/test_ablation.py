@@ -94,7 +94,7 @@ def test_findings_on_a_hand_made_table():
     result = AblationResult("zfnet-small", "digits", 1, None,
                             {k: {"train_top1": train.get(k, 10), "test_top1": v, "test_top5": 1, "params": 1}
                              for k, v in rows.items()})
-    held = [f["held"] for f in findings(result)]
+    held = [f.held for f in findings(result)]
     assert held == [True, True, True, True]
     result.rows["no-3-4-6-7"]["test_top1"] = 23  # +3 is not twice the worse pair's +2
-    assert findings(result)[0]["held"] is False
+    assert findings(result)[0].held is False

@@ -78,8 +78,8 @@ def test_compare_runs_and_findings(tmp_path):
         assert sum(r.metrics["bands"].values()) == pytest.approx(1, abs=1e-4)
     claims = findings(runs)
     assert runs[0].aliasing == 0.0 and runs[1].aliasing > 0  # conv1 stride 1 vs 2
-    assert len(claims) == 7 and all(isinstance(c["held"], bool) for c in claims)
-    assert claims[-1]["claim"].startswith("zfnet-small: RMS renormalisation")
+    assert len(claims) == 7 and all(isinstance(c.held, bool) and c.reading for c in claims)
+    assert claims[-1].claim.startswith("zfnet-small: RMS renormalisation")
     json.dumps(to_json(runs))
     plot(runs, tmp_path / "architecture.png")
     assert (tmp_path / "architecture.png").stat().st_size > 0

@@ -58,7 +58,8 @@ def test_random_draws_follow_the_seed():
     assert torch.equal(a.hamming["random"]["flat"], b.hamming["random"]["flat"])
     findings = correspondence_findings(a)
     mean = {k: float(v["conv"].mean()) for k, v in a.hamming.items()}
-    assert findings["holds"] == (mean["corner"] < mean["random"])
+    assert findings[0].held == (mean["corner"] < mean["random"])
+    assert findings[0].ours["mean_hamming"]["corner"]["conv"] == pytest.approx(mean["corner"])
 
 
 def test_boxes_from_the_object():

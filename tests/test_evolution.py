@@ -48,7 +48,7 @@ def test_unchanged_weights_are_stable(tmp_path):
         assert (layer.images[:, 1] == layer.images[:, 2]).all()
         assert layer.correlation[:, 1] == pytest.approx([1.0, 1.0])
         assert all(e <= 2 for e in layer.stable_epoch)
-    assert findings(result)[0]["claim"].startswith("lower layers converge")
+    assert findings(result)[0].claim.startswith("lower layers converge")
 
 
 def test_evolution_command(tmp_path):

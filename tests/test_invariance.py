@@ -74,14 +74,13 @@ def test_findings_from_hand_made_curves():
         probability={"translation": p_t, "scale": torch.tensor([[1.0, 0.9]] * 2),
                      "rotation": torch.tensor([[1.0, 0.2]] * 2)},
         clean_probability=torch.tensor([1.0, 1.0]), norm={"a": torch.full((2,), 10.0), "b": torch.full((2,), 10.0)})
-    f = invariance_findings(result)
-    small = f["small_translation"]
-    assert small["shift_px"] == 1.0 and small["holds"]
-    assert small["relative_distance"] == pytest.approx({"a": 0.5, "b": 0.2})
-    assert small["share_of_largest_distance"] == pytest.approx({"a": 1.0, "b": 0.5})
-    stable = f["output_stability"]
-    assert stable["mean_drop_of_p_true"] == pytest.approx({"translation": 0.15, "scale": 0.1, "rotation": 0.8})
-    assert stable["holds"]
+    small, stable = invariance_findings(result)
+    assert small.ours["shift_px"] == 1.0 and small.held
+    assert small.ours["relative_distance"] == pytest.approx({"a": 0.5, "b": 0.2})
+    assert small.ours["share_of_largest_distance"] == pytest.approx({"a": 1.0, "b": 0.5})
+    assert "by 50.0% of their norm and b's by 20.0%" in small.reading
+    assert stable.ours["mean_drop_of_p_true"] == pytest.approx({"translation": 0.15, "scale": 0.1, "rotation": 0.8})
+    assert stable.held and "0.15 under translation, 0.10 under scaling and 0.80 under rotation" in stable.reading
 
 
 def test_cli_invariance(tiny_checkpoint, tmp_path):
@@ -94,6 +93,7 @@ def test_cli_invariance(tiny_checkpoint, tmp_path):
     sweep = record["sweeps"]["translation"]
     assert sweep["amounts"] == [-2.0, 0.0, 2.0] and max(d[1] for d in sweep["distance"]["norm1"]) <= 1e-6
     assert sweep["p_true"][0][1] == pytest.approx(record["p_true_untransformed"][0])
-    assert set(record["findings"]) == {"small_translation", "output_stability"}
+    assert [f["claim"].split(" ")[0] for f in record["findings"]] == ["a", "p(true)"]
+    assert all(set(f) == {"claim", "paper", "ours", "held", "reading"} for f in record["findings"])
     assert main(["invariance", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
                  "--layers", "nope,relu7", "--out", str(tmp_path)]) == 2

@@ -147,7 +147,9 @@ def test_cli_occlude(tiny_checkpoint, tmp_path):
     assert first["true_label"] == 9 and first["target"] == 9
     assert first["grid"] == [6, 6]  # tops 0, 4, .., 20: the last square ends at the border
     assert len(first["positions"]) == 36 and first["positions"][-1] == [20, 20]
-    findings = record["findings"]
-    assert findings["images_with_both"] >= 1 and 0 <= findings["p_square_on_object"] <= 1
-    assert findings["holds"] == (findings["p_square_on_object"] < findings["p_square_on_background"])
+    (finding,) = record["findings"]
+    ours = finding["ours"]
+    assert ours["images_with_both"] >= 1 and 0 <= ours["p_square_on_object"] <= 1
+    assert finding["held"] == (ours["p_square_on_object"] < ours["p_square_on_background"])
+    assert f"{ours['p_square_on_object']:.3f} with the square on the object" in finding["reading"]
     assert main(["occlude", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)]) == 2

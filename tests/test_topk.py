@@ -82,8 +82,8 @@ def test_class_purity_of_top_images():
     high = TopK(torch.tensor([[3.0, 2, 1], [5, 4, 0]]), torch.tensor([[0, 1, 2], [3, 4, 5]]), zeros, zeros)
     findings = topk_findings({"conv1": low, "conv5": high}, labels)
     # conv1: map 0 has labels 0, 1, 2 -> 1/3; map 1 does not fire. conv5: 2/3 and 3/3.
-    assert findings["class_purity"] == {"conv1": 1 / 3, "conv5": (2 / 3 + 1) / 2}
-    assert findings["held"] is True
+    assert findings[0].ours == {"conv1": round(1 / 3, 3), "conv5": round((2 / 3 + 1) / 2, 3)}
+    assert findings[0].held is True and "33.3% of the time in conv1 and 83.3% in conv5" in findings[0].reading
 
 
 def test_gallery_tiles_hold_the_receptive_field_patches():
