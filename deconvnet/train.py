@@ -197,12 +197,12 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.SGD:
                            weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, total_steps: int | None = None):
     if cfg.schedule == "onecycle":
         # At least 8 steps: OneCycleLR divides by zero when its warm-up phase is under one step (a tiny
         # --limit); such a run then simply stops before the schedule's end.
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=max(8, cfg.epochs * steps_per_epoch), pct_start=0.25)
+        total = cfg.epochs * steps_per_epoch if total_steps is None else total_steps
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(8, total), pct_start=0.25)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.1, patience=cfg.plateau_patience)
 
@@ -226,22 +226,33 @@ def sgd_step(cfg: TrainConfig, net: nn.Module, optimizer, scheduler, x: torch.Te
 MARGIN = 0.03  # of a time budget, kept free for what the plan cannot see (start-up, checkpoint writes)
 
 
-def plan_epochs(budget_s: float, spent_s: float, train_images: int, val_images: int, train_rate: float,
-                eval_rate: float, ceiling: int, ten_crop: bool) -> dict:
-    """How many epochs fit in what is left of ``budget_s`` seconds, and whether the 10-crop evaluation does.
+def plan_epochs(budget_s: float, spent_s: float, steps_per_epoch: int, batch_size: int, val_images: int,
+                train_rate: float, eval_rate: float, ceiling: int, ten_crop: bool) -> dict:
+    """How many training steps fit in what is left of ``budget_s`` seconds, and whether the 10-crop
+    evaluation does; the last epoch may be cut short (a slow machine does not lose most of an epoch).
 
-    An epoch costs its training images at ``train_rate`` (images/s) plus one evaluation of the
-    validation images at ``eval_rate``; the final 10-crop evaluation costs ten evaluations and is
+    A step costs ``batch_size`` images at ``train_rate`` (images/s); every epoch, the cut one too, ends
+    with one evaluation of ``val_images`` at ``eval_rate``; the final 10-crop evaluation costs ten and is
     dropped when that is more than a tenth of the budget. At most ``ceiling`` epochs.
     """
-    epoch_s = train_images / train_rate + val_images / eval_rate
     ten_s = 10 * val_images / eval_rate
     ten_crop = ten_crop and ten_s <= 0.1 * budget_s
     left = budget_s * (1 - MARGIN) - spent_s - (ten_s if ten_crop else 0.0)
-    epochs = max(0, min(ceiling, math.floor(left / epoch_s)))
+    steps = _steps_that_fit(left, steps_per_epoch, batch_size / train_rate, val_images / eval_rate)
+    steps = min(steps, ceiling * steps_per_epoch)
+    epochs = math.ceil(steps / steps_per_epoch)
+    estimate = spent_s + steps * batch_size / train_rate + epochs * val_images / eval_rate
     return {"budget_minutes": round(budget_s / 60, 3), "train_images_per_s": round(train_rate, 1),
-            "eval_images_per_s": round(eval_rate, 1), "epochs": epochs, "ten_crop": ten_crop,
-            "estimated_seconds": round(spent_s + epochs * epoch_s + (ten_s if ten_crop else 0.0), 1)}
+            "eval_images_per_s": round(eval_rate, 1), "steps": steps, "epochs": epochs, "ten_crop": ten_crop,
+            "estimated_seconds": round(estimate + (ten_s if ten_crop else 0.0), 1)}
+
+
+def _steps_that_fit(left_s: float, steps_per_epoch: int, step_s: float, eval_s: float) -> int:
+    """Training steps, in whole epochs and a last cut one, each with its evaluation, within ``left_s``."""
+    epoch_s = steps_per_epoch * step_s + eval_s
+    whole = max(0, math.floor(left_s / epoch_s))
+    part = max(0, min(steps_per_epoch - 1, math.floor((left_s - whole * epoch_s - eval_s) / step_s)))
+    return whole * steps_per_epoch + part
 
 
 def measure_speed(cfg: TrainConfig, model: nn.Module, source: Source, preprocess: Preprocess,
@@ -348,31 +359,36 @@ REPLAN_MARGIN = 0.01  # a run re-plans only when it would eat into all but this 
 
 def _replan(cfg: TrainConfig, epoch: int, epoch_s: float, val_images: int, clock: float, scheduler,
             steps_per_epoch: int) -> TrainConfig:
-    """After ``epoch``: the run re-sized to the epochs that fit at the last epoch's pace, or unchanged.
-
-    It is cut whenever it would overrun; it grows (up to the plan's ceiling) only in its first half, so
-    the annealing phase is not stretched late.
+    """After ``epoch`` (which took ``epoch_s``, evaluation included): the run re-sized to the steps that
+    fit at that pace, or unchanged. It is cut whenever it would overrun; it grows (up to the plan's
+    ceiling) only in its first half, so the annealing phase is not stretched late.
     """
     _, procs = world()
     spent = all_sum([time.time() - clock])[0] / procs
-    ten_s = 10 * val_images / cfg.plan["eval_images_per_s"] if cfg.final_ten_crop else 0.0
+    eval_s = val_images / cfg.plan["eval_images_per_s"]
+    ten_s = 10 * eval_s if cfg.final_ten_crop else 0.0
+    step_s = max(epoch_s - eval_s, 0.5 * epoch_s) / steps_per_epoch
     budget = cfg.time_budget * 60
-    fit = epoch + max(0, math.floor((budget * (1 - REPLAN_MARGIN) - spent - ten_s) / epoch_s))
-    grow = epoch + max(0, math.floor((budget * (1 - MARGIN) - spent - ten_s) / epoch_s))
-    if fit < cfg.epochs:
-        epochs, why = fit, "slower"
-    elif 2 * epoch <= cfg.epochs and min(grow, cfg.plan.get("ceiling", cfg.epochs)) > cfg.epochs:
-        epochs, why = min(grow, cfg.plan["ceiling"]), "faster"
+    done = epoch * steps_per_epoch
+    fit = done + _steps_that_fit(budget * (1 - REPLAN_MARGIN) - spent - ten_s, steps_per_epoch, step_s, eval_s)
+    grow = done + _steps_that_fit(budget * (1 - MARGIN) - spent - ten_s, steps_per_epoch, step_s, eval_s)
+    planned = cfg.plan["steps"]
+    if fit < planned:
+        steps, why = fit, "slower"
+    elif 2 * done <= planned and min(grow, cfg.plan["ceiling"] * steps_per_epoch) > planned:
+        steps, why = min(grow, cfg.plan["ceiling"] * steps_per_epoch), "faster"
     else:
         return cfg
+    epochs = max(epoch, math.ceil(steps / steps_per_epoch))
+    steps = max(steps, done)
     if world()[0] == 0:
         print(f"time budget: epoch {epoch} took {epoch_s:.0f} s, {why} than planned; the run ends after "
-              f"epoch {epochs} instead of {cfg.epochs}", flush=True)
+              f"{steps / steps_per_epoch:.2f} epochs instead of {planned / steps_per_epoch:.2f}", flush=True)
     if cfg.schedule == "onecycle":
-        resize_schedule(scheduler, max(8, epochs * steps_per_epoch), epoch * steps_per_epoch)
+        resize_schedule(scheduler, max(8, steps), done)
     replans = [*cfg.plan.get("replanned", []), {"after_epoch": epoch, "epoch_seconds": round(epoch_s, 1),
-                                                "epochs": epochs}]
-    return dataclasses.replace(cfg.with_epochs(epochs), plan={**cfg.plan, "replanned": replans})
+                                                "steps": steps, "epochs": epochs}]
+    return dataclasses.replace(cfg.with_epochs(epochs), plan={**cfg.plan, "steps": steps, "replanned": replans})
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
@@ -450,9 +466,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
     if cfg.time_budget is not None and cfg.plan is None:  # a new budgeted run: measure, then size it
         *rates, threads = measure_speed(cfg, model, source, preprocess, train_idx, val_source, val_idx)
         spent = all_sum([time.time() - clock])[0] / procs
-        plan = plan_epochs(cfg.time_budget * 60, spent, steps_per_epoch * cfg.batch_size, len(val_idx), *rates,
+        plan = plan_epochs(cfg.time_budget * 60, spent, steps_per_epoch, cfg.batch_size, len(val_idx), *rates,
                            ceiling=cfg.epochs, ten_crop=cfg.final_ten_crop)
-        if plan["epochs"] < 1:
+        if plan["steps"] < 1:
             raise UserError(f"--time-budget {cfg.time_budget:g} min is too short: one epoch of {len(train_idx)} "
                             f"images takes about {steps_per_epoch * cfg.batch_size / rates[0]:.0f} s here "
                             f"({rates[0]:.0f} images/s measured); give more minutes or a smaller --limit")
@@ -462,7 +478,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
         if rank == 0:
             print(f"time budget {cfg.time_budget:g} min: measured {plan['train_images_per_s']:,.0f} training and "
                   f"{plan['eval_images_per_s']:,.0f} evaluation images/s ({cfg.precision}, "
-                  f"{plan['threads']} thread{'s' if plan['threads'] > 1 else ''}) -> {cfg.epochs} epochs, "
+                  f"{plan['threads']} thread{'s' if plan['threads'] > 1 else ''}) -> "
+                  f"{plan['steps'] / steps_per_epoch:.2f} epochs ({plan['steps']} steps), "
                   f"{'with' if cfg.final_ten_crop else 'without'} the final 10-crop evaluation "
                   f"(estimated {plan['estimated_seconds'] / 60:.1f} min)", flush=True)
     if cfg.plan and cfg.plan.get("threads") and cfg.device == "cpu" and procs == 1:
@@ -471,7 +488,13 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
     if procs > 1:
         net = nn.parallel.DistributedDataParallel(model)
     optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch, cfg.plan["steps"] if cfg.plan else None)
+
+    def steps_in(epoch: int) -> int:  # a budgeted run's last epoch may be cut short
+        if cfg.plan and epoch == cfg.epochs:
+            return cfg.plan["steps"] - (epoch - 1) * steps_per_epoch
+        return steps_per_epoch
+
     augment = torch.Generator().manual_seed(cfg.seed + 1)  # crop choice for the whole global batch
     metrics: list[dict] = []
     epoch, step = 1, 0  # next step to run
@@ -506,7 +529,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
     while epoch <= cfg.epochs:
         started = time.time()
         net.train()
-        batches = epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, epoch)
+        batches = epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, epoch)[:steps_in(epoch)]
         first_step = step
         total_loss = torch.zeros((), dtype=torch.float64)
         if state is not None and step:

@@ -162,17 +162,22 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 # ----------------------------------------------------------------------------- time budget
 
-def test_plan_epochs_fits_training_evaluation_and_ten_crop_in_the_budget():
+def test_plan_fits_training_evaluation_and_ten_crop_in_the_budget():
     from deconvnet.train import MARGIN, plan_epochs
 
-    # 60k images at 2,000/s = 30 s, 10k evaluated at 5,000/s = 2 s: 32 s an epoch; 10 crops = 20 s
-    plan = plan_epochs(600, 10, 60_000, 10_000, 2000, 5000, ceiling=30, ten_crop=True)
-    assert plan["epochs"] == int((600 * (1 - MARGIN) - 10 - 20) // 32) == 17 and plan["ten_crop"]
-    assert plan["estimated_seconds"] == 10 + 17 * 32 + 20 <= 600
-    assert plan_epochs(600, 10, 60_000, 10_000, 20_000, 50_000, ceiling=30, ten_crop=True)["epochs"] == 30
-    slow = plan_epochs(600, 10, 60_000, 10_000, 2000, 1000, ceiling=30, ten_crop=True)  # 10 crops: 100 s > 60
-    assert not slow["ten_crop"] and slow["epochs"] == int((600 * (1 - MARGIN) - 10) // 40)
-    assert plan_epochs(60, 10, 60_000, 10_000, 1000, 1000, ceiling=30, ten_crop=False)["epochs"] == 0
+    # 468 steps of 128 at 2,000 images/s = 29.95 s, 10k evaluated at 5,000/s = 2 s; 10 crops = 20 s
+    plan = plan_epochs(600, 10, 468, 128, 10_000, 2000, 5000, ceiling=30, ten_crop=True)
+    left = 600 * (1 - MARGIN) - 10 - 20
+    epoch = 468 * 0.064 + 2
+    assert plan["ten_crop"] and plan["steps"] == 17 * 468 + int((left - 17 * epoch - 2) / 0.064)  # + a cut 18th
+    assert plan["epochs"] == 18 and 600 * (1 - MARGIN) - 1 < plan["estimated_seconds"] <= 600 * (1 - MARGIN)
+    fast = plan_epochs(600, 10, 468, 128, 10_000, 20_000, 50_000, ceiling=30, ten_crop=True)
+    assert (fast["epochs"], fast["steps"]) == (30, 30 * 468)
+    slow = plan_epochs(600, 10, 468, 128, 10_000, 2000, 1000, ceiling=30, ten_crop=True)  # 10 crops: 100 s > 60
+    assert not slow["ten_crop"] and slow["estimated_seconds"] <= 600 * (1 - MARGIN)
+    short = plan_epochs(60, 10, 468, 128, 10_000, 1000, 1000, ceiling=30, ten_crop=False)  # part of one epoch
+    assert (short["epochs"], short["steps"]) == (1, int((60 * (1 - MARGIN) - 10 - 10) / 0.128))
+    assert plan_epochs(20, 10, 468, 128, 10_000, 1000, 1000, ceiling=30, ten_crop=False)["steps"] == 0
 
 
 def _fake_speed(monkeypatch, epoch_seconds=10.0):
@@ -192,15 +197,18 @@ def _fake_speed(monkeypatch, epoch_seconds=10.0):
 
 def test_time_budget_sizes_the_run_and_records_its_plan(tmp_path, monkeypatch):
     calls = _fake_speed(monkeypatch)
-    # 1 min: (58.2 s - start-up) / 10 s = 5 epochs; 10 crops (10 s) exceed a tenth of the budget
+    # 1 min: (58.2 s - start-up) / 10 s = 5 epochs and a cut 6th; 10 crops (10 s) exceed a tenth of the budget
     metrics = train(TrainConfig(limit=256, batch_size=32, time_budget=1), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert len(calls) == 1 and config["epochs"] == 5 and metrics["epoch"] == 5
-    assert config["plan"]["epochs"] == 5 and config["plan"]["train_images_per_s"] == round(256 / 9, 1)
+    assert len(calls) == 1 and 3 * 8 <= config["plan"]["steps"] < 6 * 8  # start-up varies with the load
+    assert config["epochs"] == metrics["epoch"] == -(-config["plan"]["steps"] // 8)
+    assert config["plan"]["train_images_per_s"] == round(256 / 9, 1)
     assert config["plan"]["threads"] == 1 and config["final_ten_crop"] is False
     assert "val_top1_10crop" not in metrics
+    last = config["epochs"]
+    snapshots = sorted({e for e in (1, 2, 5) if e <= last} | {last})  # the paper's that fit, and the last
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
-        ["epoch-1.pt", "epoch-2.pt", "epoch-5.pt", "last.pt"]  # the paper's snapshots that fit, and the last
+        [f"epoch-{e}.pt" for e in snapshots] + ["last.pt"]
     _, info = load_checkpoint(tmp_path / "final.pt")
     assert info.train_config["plan"] == config["plan"]
 
@@ -221,9 +229,10 @@ def test_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
     before = (tmp_path / "config.json").read_text()
     monkeypatch.setattr(t, "evaluate", real_evaluate)
     metrics = train(TrainConfig(limit=256, batch_size=32, time_budget=1), tmp_path, resume=True)
-    assert len(calls) == 1 and metrics["epoch"] == 5  # no second measurement, the same 5 epochs
+    epochs = json.loads(before)["epochs"]
+    assert len(calls) == 1 and metrics["epoch"] == epochs  # no second measurement, the same plan
     assert (tmp_path / "config.json").read_text() == before
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == epochs
     with pytest.raises(UserError, match="arguments differ"):
         train(TrainConfig(limit=256, batch_size=32, time_budget=2), tmp_path, resume=True)
 
@@ -234,23 +243,25 @@ def test_a_run_slower_than_planned_ends_sooner_with_its_schedule_annealed():
     from deconvnet.train import _replan, make_optimizer, make_scheduler
 
     cfg = TrainConfig(limit=256, batch_size=32, time_budget=1, epochs=5, final_ten_crop=False,
-                      plan={"eval_images_per_s": 256.0}).resolved()
+                      plan={"eval_images_per_s": 256.0, "steps": 40, "ceiling": 5}).resolved()
     optimizer = make_optimizer(cfg, nn.Linear(2, 2))
-    scheduler = make_scheduler(cfg, optimizer, 8)
+    scheduler = make_scheduler(cfg, optimizer, 8, 40)
     for _ in range(16):
         optimizer.step()
         scheduler.step()
-    # after epoch 2, 45 s spent and 10 s an epoch: one more epoch fits, not three
+    # after epoch 2 of 8 steps, 45 s spent, 10 s an epoch (1 s of it evaluating, 9/8 s a step): 14.4 s
+    # left = one more epoch and 3 steps of a fourth, evaluated
     cut = _replan(cfg, 2, 10.0, 256, time.time() - 45, scheduler, 8)
-    assert cut.epochs == 3 and cut.snapshots == [1, 2, 3] and cut.plan["replanned"][0]["epochs"] == 3
-    for _ in range(8):
+    assert (cut.epochs, cut.plan["steps"]) == (4, 27) and cut.snapshots == [1, 2, 4]
+    assert cut.plan["replanned"][0]["steps"] == 27
+    for _ in range(11):
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] < 0.02 * cfg.lr  # annealed by the end of the shorter run
     assert _replan(cut, 2, 3.0, 256, time.time() - 45, scheduler, 8) is cut  # in its second half: unchanged
-    fast = dataclasses.replace(cfg, plan={"eval_images_per_s": 256.0, "ceiling": 8})
+    fast = dataclasses.replace(cfg, plan={"eval_images_per_s": 256.0, "steps": 40, "ceiling": 8})
     grown = _replan(fast, 2, 5.0, 256, time.time() - 10, scheduler, 8)  # 48 s left at 5 s an epoch
-    assert grown.epochs == 8 and grown.plan["replanned"][0]["epochs"] == 8  # up to the ceiling
+    assert (grown.epochs, grown.plan["steps"]) == (8, 64)  # up to the ceiling
 
 
 def test_time_budget_errors_are_one_line(tmp_path):
