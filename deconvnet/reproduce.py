@@ -85,18 +85,18 @@ def size_demo(speed: dict, minutes: float = DEMO_MINUTES, data_images: int = 600
             for name in ("fig6-zfnet", "fig6-alexnet", "fig6-norenorm")}  # strided conv1: ~0.4x the work
     left = total - OVERHEAD - sum(estimates.values())
     wanted = sum(fig6.values()) + (SCALED["table3"] + SCALED["tables4-5"]) / f
-    share = min(1.0, 0.45 * left / wanted)  # the main training keeps at least 55% of what is left
+    share = max(0.0, min(1.0, 0.45 * left / wanted))  # the main training keeps at least 55% of what is left
     sizes = {}
     for name, whole in fig6.items():
-        one = START + (whole - START) / FIG6_EPOCHS  # at least one epoch
-        budget = max(one, whole * share) / 0.9  # room for the trainer's margin: a run that fits is not cut
+        least = START + 2 * val_images / speed["eval_images_per_s"] + 10  # a few steps and their evaluation
+        budget = max(least, whole * share / 0.9)  # room for the trainer's margin: a run that fits is not cut
         sizes[name] = round(budget / 60, 2)
         estimates[name] = min(whole, budget)
-    sizes["table3"] = max(2000, int(ABLATE_LIMIT * share) // 1000 * 1000)
+    sizes["table3"] = max(1000, int(ABLATE_LIMIT * share) // 1000 * 1000)
     estimates["table3"] = SCALED["table3"] / f * sizes["table3"] / ABLATE_LIMIT
-    sizes["tables4-5"] = max(50, int(SCRATCH_STEPS * share) // 10 * 10)
+    sizes["tables4-5"] = max(30, int(SCRATCH_STEPS * share) // 10 * 10)
     estimates["tables4-5"] = SCALED["tables4-5"] / f * sizes["tables4-5"] / SCRATCH_STEPS
-    train = total - OVERHEAD - sum(estimates.values())
+    train = max(0.4 * left, total - OVERHEAD - sum(estimates.values()))  # a very slow machine overruns
     sizes["train"] = round(train / 60, 2)
     whole = START + TRAIN_EPOCHS * epoch + 10 * val_images / speed["eval_images_per_s"]
     estimates["train"] = min(whole, train * 0.98)

@@ -122,7 +122,7 @@ def test_demo_steps_are_sized_from_one_measured_speed():
     to the budget, and the commands carry the sizes."""
     from deconvnet.reproduce import OVERHEAD, plan, size_demo
 
-    for train_rate, eval_rate in [(20000, 20000), (4100, 3500), (1200, 1400), (500, 700)]:
+    for train_rate, eval_rate in [(20000, 20000), (4100, 3500), (1200, 1400), (500, 700), (329, 518)]:
         demo = size_demo({"train_images_per_s": train_rate, "eval_images_per_s": eval_rate}, minutes=20)
         assert sum(demo["estimates"].values()) + OVERHEAD <= 20 * 60, (train_rate, demo)
         if train_rate >= 1200:  # the main training keeps the larger part
