@@ -106,16 +106,16 @@ def test_interrupted_atlas_resumes_where_it_stopped(tmp_path, tiny_checkpoint, m
 
     monkeypatch.setattr(atlas_module, "gallery", killed_at_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        build_atlas(model, source, info.preprocess, ["conv1", "conv3"], tmp_path, k=3, indices=range(16))
-    assert calls == ["conv1", "conv3"]  # one chunk per layer at 28 px: conv1 finished, then killed
+        build_atlas(model, source, info.preprocess, ["conv1", "conv2"], tmp_path, k=3, indices=range(16))
+    assert calls == ["conv1", "conv2"]  # one chunk per layer at 28 px: conv1 finished, then killed
     assert not (tmp_path / "index.html").exists()
     monkeypatch.setattr(atlas_module, "gallery", real)
-    summary = build_atlas(model, source, info.preprocess, ["conv1", "conv3"], tmp_path, k=3, indices=range(16))
-    assert summary["topk_reused"] and summary["reused"] == 32 and summary["projected"] == 96
-    assert _parse(tmp_path / "conv3.html").maps == [str(c) for c in range(96)]
+    summary = build_atlas(model, source, info.preprocess, ["conv1", "conv2"], tmp_path, k=3, indices=range(16))
+    assert summary["topk_reused"] and summary["reused"] == 32 and summary["projected"] == 64
+    assert _parse(tmp_path / "conv2.html").maps == [str(c) for c in range(64)]
     assert not list(tmp_path.glob(".manifest-rank*"))
-    other = build_atlas(model, source, info.preprocess, ["conv1", "conv3"], tmp_path, k=2, indices=range(16))
-    assert not other["topk_reused"] and other["projected"] == 128  # other inputs: nothing reused
+    other = build_atlas(model, source, info.preprocess, ["conv1"], tmp_path, k=2, indices=range(16))
+    assert not other["topk_reused"] and other["projected"] == 32  # other inputs: nothing reused
 
 
 def _free_port() -> int:
@@ -125,8 +125,8 @@ def _free_port() -> int:
 
 
 def test_atlas_under_torchrun_writes_the_same_site(tmp_path, tiny_checkpoint):
-    args = ["atlas", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--limit", "20",
-            "--layers", "conv1,conv2", "--k", "3"]
+    args = ["atlas", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--limit", "12",
+            "--layers", "conv1,conv2", "--k", "2"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
