@@ -402,10 +402,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     """
     clock = time.time()
     out = Path(out)
+    threads = torch.get_num_threads()
     started_group = init_distributed()
     try:
         return _train(cfg.resolved(), out, resume, clock)
     finally:
+        torch.set_num_threads(threads)  # a budgeted run may have chosen fewer for itself
         if started_group:
             dist.destroy_process_group()
 
