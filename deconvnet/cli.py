@@ -118,6 +118,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-size", type=_positive_int, default=None, help="the model's input size (default 224)")
     g.add_argument("--mean", type=_float_list, default=None, help="per-channel mean on [0, 1] pixels, e.g. 0.5,0.5,0.5")
     g.add_argument("--std", type=_float_list, default=None, help="per-channel std on [0, 1] pixels")
+    g.add_argument("--other-activations", choices=["error", "gradient"], default="error",
+                   help="projections through ReLU6/SiLU/GELU/Hardswish/...: error (default; the paper has no rule "
+                        "for them) or gradient (they act as in back-propagation)")
 
 
 def _subject(args):
@@ -130,7 +133,8 @@ def _subject(args):
     if not spec and not checkpoint:
         raise UserError("give the model: --model SPEC (a checkpoint, torchvision:NAME or module:CALLABLE)")
     return load_subject(spec or checkpoint, weights=args.weights, classes=args.classes,
-                        preprocess=args.preprocess, input_size=args.input_size, mean=args.mean, std=args.std)
+                        preprocess=args.preprocess, input_size=args.input_size, mean=args.mean, std=args.std,
+                        other_activations=args.other_activations)
 
 
 def _default_layers(subject, given: list[str] | None, numbers: list[int] | None = None) -> list[str]:
@@ -228,7 +232,8 @@ def cmd_occlude(args) -> None:
     results = []
     for x, label, name, pic in zip(subject.prepare(raw), labels, names, pictures):
         target = _class_index(args.target, subject.classes) if args.target is not None else label
-        result = occlusion(subject.model, x, target, size=args.size, stride=args.stride, layer=layer)
+        result = occlusion(subject.model, x, target, size=args.size, stride=args.stride, layer=layer,
+                           other_activations=subject.other_activations)
         draw_occlusion(result, out / f"occlusion-{name}.png", pic, subject.classes)
         results.append(result)
     # object masks by threshold hold for Fashion-MNIST's black backgrounds, not for photos
@@ -354,7 +359,8 @@ def cmd_topk(args) -> None:
     chosen = {}
     for name, table in tables.items():
         chosen[name] = choose_maps(table, args.maps, args.seed)
-        draw_gallery(gallery(model, source, pre, name, table, chosen[name]), out / f"gallery-{name}.png",
+        draw_gallery(gallery(model, source, pre, name, table, chosen[name], subject.other_activations),
+                     out / f"gallery-{name}.png",
                      f"{name}: top {args.k} of {n} images of {args.data}, projected (left) and input patches (right)")
     findings = topk_findings(tables, source.labels)
     atomic_write_json(out / "topk.json", {"args": _run_record(args), "model": subject.describe(), "images": n, "k": args.k,
@@ -409,7 +415,7 @@ def cmd_project(args) -> None:
     if a.dim() != 3:
         raise UserError(f"layer {args.layer!r} has no feature maps (output shape {tuple(a.shape)})")
     unit = tuple(args.unit) if args.unit is not None else strongest_units(a)[0]
-    projection = Deconvnet(model).project(x, args.layer, [unit], rule=args.rule)[0]
+    projection = Deconvnet(model, subject.other_activations).project(x, args.layer, [unit], rule=args.rule)[0]
     value = float(a[unit])
     box = unit_box(model, args.layer, unit[1], unit[2], subject.preprocess.input_size)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -594,6 +600,8 @@ def _model_argv(args) -> list[str]:
         value = getattr(args, dest)
         if value is not None:
             argv += [flag, absolute(value) if is_path else str(value)]
+    if args.other_activations != "error":
+        argv += ["--other-activations", args.other_activations]
     for flag, dest in (("--mean", "mean"), ("--std", "std")):
         if getattr(args, dest) is not None:
             argv += [flag, ",".join(str(v) for v in getattr(args, dest))]
@@ -618,7 +626,7 @@ def cmd_serve(args) -> None:
         raise UserError(f"serve needs the 'serve' extra ({e.name} is missing): pip install -e '.[serve]'") from None
     subject = _subject(args)
     serve(subject, args.data, host=args.host, port=args.port, limit=args.limit,
-          layers=_default_layers(subject, args.layers))
+          layers=_default_layers(subject, args.layers), atlas=args.atlas)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -791,6 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", default=None, help="data set shown (default: the checkpoint's validation data)")
     p.add_argument("--layers", type=_name_list, default=None, help="layers shown (default: conv1..conv5 or the model's stages)")
+    p.add_argument("--atlas", default=None, metavar="DIR",
+                   help="a `deconvnet atlas` site of this model: each feature map links to its page there")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--limit", type=_positive_int, default=5000, help="top-k over the first N images (default 5000)")

@@ -389,8 +389,8 @@ def measured_box(model: nn.Module, layer: str, y: int, x: int, input_hw, samples
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         gen = torch.Generator().manual_seed(0)
-        x_in = torch.randn(samples, _in_channels(model), h, w, generator=gen).to(device).requires_grad_(True)
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # also when called under inference mode (top_k)
+            x_in = torch.randn(samples, _in_channels(model), h, w, generator=gen).to(device).requires_grad_(True)
             out = apply_at(model, x_in, layer, lambda _n, o: o)[layer]
             (grad,) = torch.autograd.grad(out[:, :, y, x].pow(2).sum(), x_in)
     finally:

@@ -221,9 +221,12 @@ class Viewer:
     """
 
     def __init__(self, subject: Subject, data: str | None, limit: int, cache_dir: Path,
-                 layers: list[str] | None = None):
+                 layers: list[str] | None = None, atlas: str | Path | None = None):
         if limit < 1:
             raise UserError(f"--limit must be at least 1, got {limit}")
+        self.atlas = Path(atlas) if atlas else None  # a `deconvnet atlas` site, served under /atlas/
+        if self.atlas and not (self.atlas / "index.html").is_file():
+            raise UserError(f"--atlas {atlas}: no atlas there (index.html missing); make one with `deconvnet atlas`")
         self.subject, self.model = subject, subject.model
         self.data = data or (subject.info.accuracy.get("data") if subject.info else None)
         if not self.data:
@@ -262,6 +265,7 @@ class Viewer:
             "data": self.data, "data_images": len(self.source), "topk_images": self.topk.total, "k": K,
             "layers": [{"name": name, "maps": self.maps[name]} for name in self.layers],
             "rules": list(RULES), "max_upload": MAX_UPLOAD,
+            "atlas": "/atlas/" if self.atlas else None,  # each map at /atlas/LAYER.html#MAP
         }
 
     def thumbnails(self, offset: int, count: int) -> dict:
@@ -289,7 +293,8 @@ class Viewer:
             return self._galleries[layer, feature]
 
     def _gallery(self, layer: str, table: TopK, feature: int) -> dict:
-        result = gallery(self.model, self.source, self.preprocess, layer, table, [feature])
+        result = gallery(self.model, self.source, self.preprocess, layer, table, [feature],
+                         self.subject.other_activations)
         entries = []
         for j in range(K):
             image = int(table.images[feature, j])
@@ -331,7 +336,8 @@ class Viewer:
             probabilities = torch.softmax(acts[self.output][0], 0)
             projected = {name: self._project_strongest(name, x, acts[name][0]) for name in self.layers}
             target = int(probabilities.argmax()) if target is None else target
-            occluded = occlusion(self.model, x[0], target, layer=self.layers[-1])
+            occluded = occlusion(self.model, x[0], target, layer=self.layers[-1],
+                                 other_activations=self.subject.other_activations)
         top = probabilities.argsort(descending=True)[:5].tolist()
         return {
             "picture": _png(shown),
@@ -349,7 +355,7 @@ class Viewer:
         projections = {}
         for rule in RULES:
             try:
-                projections[rule] = Deconvnet(self.model).project(batch, layer, units, rule)
+                projections[rule] = Deconvnet(self.model, self.subject.other_activations).project(batch, layer, units, rule)
             except UserError as e:  # e.g. an activation the rule has no definition for: say so in the page
                 projections[rule] = str(e)
         return units, projections
@@ -381,7 +387,7 @@ class Viewer:
         labels = result.label.unique().tolist()
         palette = _palette()
         codes = palette[(result.label % len(palette)).numpy()]
-        projection = _rgb(contrast_stretch(result.projection[None])[0])
+        projection = None if result.projection is None else _rgb(contrast_stretch(result.projection[None])[0])
         return {
             "layer": result.layer, "feature": result.feature, "target": result.target,
             "target_name": classes[result.target], "size": result.size, "stride": result.stride,
@@ -390,7 +396,8 @@ class Viewer:
                            "label": classes[result.clean_label]},
             "covered": _png(covered),
             "activity": _png(_colored(result.activity, float(result.activity.min()), float(result.activity.max()))),
-            "projection": _png(_outlined(projection, result.receptive_field)),
+            "projection": None if projection is None else _png(_outlined(projection, result.receptive_field)),
+            "projection_missing": result.projection_missing,
             "probability": _png(_colored(result.probability, 0.0, 1.0)),
             "label": _png(codes),
             "legend": [{"class": k, "name": classes[k], "color": "#%02x%02x%02x" % tuple(palette[k % len(palette)])}
@@ -459,16 +466,19 @@ def create_app(viewer: Viewer) -> Starlette:
         Route("/api/upload", upload, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
+    if viewer.atlas:
+        routes.append(Mount("/atlas", StaticFiles(directory=viewer.atlas, html=True)))
     return Starlette(routes=routes, exception_handlers={UserError: user_error, HTTPException: http_error,
                                                         Exception: server_error})
 
 
 def serve(subject: Subject, data: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          limit: int = 5000, layers: list[str] | None = None) -> None:
-    """Run the viewer until interrupted; the top-k pass over ``limit`` images starts at once."""
+          limit: int = 5000, layers: list[str] | None = None, atlas: str | Path | None = None) -> None:
+    """Run the viewer until interrupted; the top-k pass over ``limit`` images starts at once. With
+    ``atlas`` (a ``deconvnet atlas`` site) each feature map links to its page there."""
     import uvicorn
 
-    viewer = Viewer(subject, data, limit, default_cache_dir(), layers)
+    viewer = Viewer(subject, data, limit, default_cache_dir(), layers, atlas)
     print(f"deconvnet serve: http://{host}:{port}/  ({subject.name} on {viewer.data}; "
           f"top-k over {viewer.topk.total} images runs in the background)", flush=True)
     uvicorn.run(create_app(viewer), host=host, port=port, log_level="warning")

@@ -59,6 +59,7 @@ class Subject:
     weights: str | None = None
     info: CheckpointInfo | None = None
     chosen: list[str] = field(default_factory=list)  # how the defaults were chosen, said once by the CLI
+    other_activations: str = "error"  # projections through ReLU6/SiLU/GELU/...: refuse, or as the gradient
 
     @property
     def name(self) -> str:
@@ -122,10 +123,26 @@ class Subject:
 
 def load_subject(spec: str, weights: str | None = None, classes: str | None = None,
                  preprocess: str | None = None, input_size: int | None = None,
-                 mean: list[float] | None = None, std: list[float] | None = None) -> Subject:
+                 mean: list[float] | None = None, std: list[float] | None = None,
+                 other_activations: str = "error") -> Subject:
     """The model under study from a model spec (see the module docstring); one-line :class:`UserError`
     for every user mistake: unknown names, modules that do not import, weights that do not fit, a class
-    list of the wrong length, a model that cannot take the input size."""
+    list of the wrong length, a model that cannot take the input size.
+
+    ``other_activations``: how projections (Sec. 2.1) pass activations the paper has no rule for
+    (ReLU6, SiLU, GELU, Hardswish, ...): ``"error"`` refuses, naming the first one on the path;
+    ``"gradient"`` lets them act as they do for back-propagation.
+    """
+    from .deconvnet import OTHER_ACTIVATIONS
+
+    if other_activations not in OTHER_ACTIVATIONS:
+        raise UserError(f"unknown --other-activations {other_activations!r}; use {' or '.join(OTHER_ACTIVATIONS)}")
+    subject = _load(spec, weights, classes, preprocess, input_size, mean, std)
+    subject.other_activations = other_activations
+    return subject
+
+
+def _load(spec, weights, classes, preprocess, input_size, mean, std) -> Subject:
     path = Path(spec)
     if path.is_dir() or (path.is_file() and _is_our_checkpoint(path)):
         if weights or classes or preprocess or input_size or mean or std:

@@ -116,7 +116,11 @@ def top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list
         tables = {name: _gather_ranks(t, k) for name, t in tables.items()}
     size = preprocess.input_size
     for name, t in tables.items():
-        t.boxes = torch.tensor([[unit_box(model, name, y, x, size) for y, x in zip(ys, xs)]
+        boxes: dict[tuple[int, int], tuple] = {}  # one per position: a measured field costs a backward pass
+        for y, x in zip(t.ys.flatten().tolist(), t.xs.flatten().tolist()):
+            if (y, x) not in boxes:
+                boxes[y, x] = unit_box(model, name, y, x, size)
+        t.boxes = torch.tensor([[boxes[y, x] for y, x in zip(ys, xs)]
                                 for ys, xs in zip(t.ys.tolist(), t.xs.tolist())], dtype=torch.long)
     return tables
 
@@ -146,9 +150,9 @@ def choose_maps(table: TopK, count: int, seed: int = 0) -> list[int]:
 
 
 def gallery(model: nn.Module, source: Source, preprocess: Preprocess, layer: str, table: TopK,
-            maps: list[int]) -> Gallery:
+            maps: list[int], other_activations: str = "error") -> Gallery:
     """Project the top activations of ``maps`` in ``layer`` (one batched deconvnet pass) and cut the
-    input patch under each receptive field (Fig. 2)."""
+    input patch under each receptive field (Fig. 2). ``other_activations``: as in :class:`Deconvnet`."""
     entries = [(c, j) for c in maps for j in range(table.values.shape[1]) if table.images[c, j] >= 0]
     wanted = sorted({int(table.images[c, j]) for c, j in entries})
     raw = source.get(wanted)
@@ -156,16 +160,24 @@ def gallery(model: nn.Module, source: Source, preprocess: Preprocess, layer: str
     which = torch.tensor([row[int(table.images[c, j])] for c, j in entries], dtype=torch.long)
     units = [(c, int(table.ys[c, j]), int(table.xs[c, j])) for c, j in entries]
     with eval_mode(model):
-        projections = Deconvnet(model).project(preprocess.eval(raw)[which], layer, units)
+        projections = Deconvnet(model, other_activations).project(preprocess.eval(raw)[which], layer, units)
     pictures = picture(preprocess, raw)[which]
-    field = layer_field(model, layer, preprocess.input_size)[0][0]
+    field = layer_field(model, layer, preprocess.input_size)
+    boxes = [table.boxes[c, j].tolist() for c, j in entries]
+    if field is not None:  # the field's full size; a box cut by the border sits where the image was
+        size = max(field[0])
+    else:  # a field the geometry had to measure: the largest box, each at the tile's corner
+        size = max([b[2] - b[0] + 1 for b in boxes] + [b[3] - b[1] + 1 for b in boxes] + [1])
     k = table.values.shape[1]
-    shape = (len(maps), k, projections.shape[1], field, field)
+    shape = (len(maps), k, projections.shape[1], size, size)
     tiles_p, tiles_x = torch.full(shape, torch.nan), torch.full(shape, torch.nan)
     for n, (c, j) in enumerate(entries):
-        y0, x0, y1, x1 = table.boxes[c, j].tolist()
-        full_top, full_left, _, _ = unit_box(model, layer, units[n][1], units[n][2], preprocess.input_size, clip=False)
-        dy, dx = y0 - full_top, x0 - full_left
+        y0, x0, y1, x1 = boxes[n]
+        dy = dx = 0
+        if field is not None:
+            full_top, full_left, _, _ = unit_box(model, layer, units[n][1], units[n][2], preprocess.input_size,
+                                                 clip=False)
+            dy, dx = y0 - full_top, x0 - full_left
         m = maps.index(c)
         tiles_p[m, j, :, dy:dy + y1 - y0 + 1, dx:dx + x1 - x0 + 1] = projections[n, :, y0:y1 + 1, x0:x1 + 1]
         tiles_x[m, j, :, dy:dy + y1 - y0 + 1, dx:dx + x1 - x0 + 1] = pictures[n, :, y0:y1 + 1, x0:x1 + 1]

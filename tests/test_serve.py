@@ -48,7 +48,10 @@ def one_torch_thread():
 def server(tiny_checkpoint, tmp_path_factory):
     """The app over the tiny checkpoint, served by uvicorn on a free port in a background thread."""
     cache = tmp_path_factory.mktemp("serve-cache")
-    viewer = Viewer(from_checkpoint(tiny_checkpoint), DATA, LIMIT, cache)
+    atlas = tmp_path_factory.mktemp("atlas")  # stands in for a `deconvnet atlas` site
+    (atlas / "index.html").write_text("<html>atlas</html>")
+    (atlas / "conv1.html").write_text('<html><div id="3">conv1 map 3</div></html>')
+    viewer = Viewer(from_checkpoint(tiny_checkpoint), DATA, LIMIT, cache, atlas=atlas)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     uv = uvicorn.Server(uvicorn.Config(create_app(viewer), log_level="warning"))
@@ -280,6 +283,7 @@ def test_browser_pick_a_unit_and_see_its_top_9(page):
     page.wait_for_selector("#feature-status:has-text('conv2 map 2: top 9')")
     assert loaded_images(page, "#gallery-projections img") == 9
     assert loaded_images(page, "#gallery-patches img") == 9
+    assert page.get_attribute("#atlas-link", "href") == "/atlas/conv2.html#2"  # the atlas's address of this map
     page.screenshot(path=str(ARTIFACTS / "serve-topk.png"))
     assert page.errors == []
 
@@ -310,3 +314,12 @@ def test_browser_pick_and_upload_images_and_see_the_maps(page, server):
     page.wait_for_selector(f"#feature-status:has-text('conv5 map {feature.split(':')[0].split()[1]}: top')")
     assert loaded_images(page, "#gallery-projections img") == 9
     assert page.errors == []
+
+
+def test_maps_link_to_the_atlas(server):
+    status, info = call(server, "/api/info")
+    assert status == 200 and info["atlas"] == "/atlas/"
+    with urllib.request.urlopen(server["url"] + "/atlas/conv1.html", timeout=30) as response:
+        assert 'id="3"' in response.read().decode()
+    with pytest.raises(Exception, match="no atlas there"):
+        Viewer(server["viewer"].subject, DATA, LIMIT, server["cache"], atlas=server["cache"])

@@ -257,20 +257,35 @@ def test_report_for_a_user_model_is_cached_per_step(user_model, photos, tmp_path
     assert capsys.readouterr().out.count("cached") == 3  # nothing changed: every step reused
 
 
-def test_serve_api_on_a_torchvision_model(photos, tmp_path):
+@pytest.mark.parametrize("name", ["alexnet", "vgg11", "resnet18", "densenet121", "mobilenet_v2"])
+def test_serve_api_on_torchvision_models(name, photos, tmp_path):
+    """The viewer's API on torchvision's classes: top-9 of a map, one image's analysis. MobileNetV2's
+    ReLU6 has no deconvnet rule: the page says so for those rules and for panel (c), and shows the rest."""
     pytest.importorskip("starlette")
     from deconvnet.serve import Viewer
 
     import_torchvision()
-    subject = load_subject("torchvision:resnet18", input_size=64)
+    subject = load_subject(f"torchvision:{name}", input_size=64)
     viewer = Viewer(subject, f"folder:{photos}", 6, tmp_path / "cache")
     viewer.topk.thread.join()
     assert viewer.topk.state["state"] == "done", viewer.topk.state
     info = viewer.describe()
     assert [layer["name"] for layer in info["layers"]] == subject.stages
-    assert info["layers"][2]["maps"] == 128  # layer2
-    shown = viewer.feature("layer2", 5)
-    assert len(shown["entries"]) == 6 and all(e["projection"].startswith("data:image/png") for e in shown["entries"])
+    calls = {c.name: c.shape for c in subject.calls()}
+    assert [layer["maps"] for layer in info["layers"]] == [calls[n][0] for n in subject.stages]
     result = viewer.dataset_image(0)
     assert len(result["probabilities"]) == 1000
     assert [layer["layer"] for layer in result["layers"]] == subject.stages
+    projections = result["layers"][-1]["features"][0]["projections"]
+    assert projections["gradient"].startswith("data:image/png")
+    if name == "mobilenet_v2":
+        assert projections["deconvnet"] is None
+        assert "ReLU6" in result["layers"][-1]["features"][0]["errors"]["deconvnet"]
+        assert result["occlusion"]["projection"] is None and "ReLU6" in result["occlusion"]["projection_missing"]
+        with pytest.raises(UserError, match="ReLU6"):
+            viewer.feature(subject.stages[1], 0)
+        subject.other_activations = "gradient"  # the documented option: ReLU6 acts as for the gradient
+    else:
+        assert projections["deconvnet"].startswith("data:image/png") and result["occlusion"]["projection"]
+    shown = viewer.feature(subject.stages[1], 3)
+    assert len(shown["entries"]) == 6 and all(e["projection"].startswith("data:image/png") for e in shown["entries"])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -104,6 +105,35 @@ def test_gallery_tiles_hold_the_receptive_field_patches():
     tile = g.patches[1, j, 0, dy:dy + bottom - top + 1, dx:dx + right - left + 1]
     assert torch.equal(tile, image[0, 0, top:bottom + 1, left:right + 1])
     assert torch.isnan(g.patches[1, j, 0]).sum() == field * field - tile.numel()
+
+
+class Shuffled(nn.Module):
+    """A pixel shuffle, which the geometry measures instead of reasoning about."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+        self.head = nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        return self.head(self.shuffle(torch.relu(self.conv(x))))
+
+
+def test_gallery_of_a_layer_whose_field_is_measured():
+    torch.manual_seed(0)
+    model = Shuffled().eval()
+    source, pre = random_source(6), preprocess_for(28, 1)
+    with pytest.warns(UserWarning, match="measured"):
+        table = top_k(model, source, pre, ["head"], k=2)["head"]
+        g = gallery(model, source, pre, "head", table, [0, 1], other_activations="gradient")
+    sizes = [(b[2] - b[0] + 1, b[3] - b[1] + 1) for b in table.boxes[:2].flatten(0, 1).tolist()]
+    side = max(max(h, w) for h, w in sizes)
+    assert g.patches.shape == (2, 2, 1, side, side)
+    top, left, bottom, right = table.boxes[0, 0].tolist()  # placed at the tile's corner
+    image = source.get([int(table.images[0, 0])]).float() / 255
+    assert torch.equal(g.patches[0, 0, 0, :bottom - top + 1, :right - left + 1],
+                       image[0, 0, top:bottom + 1, left:right + 1])
 
 
 def _free_port() -> int:

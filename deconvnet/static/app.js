@@ -82,6 +82,9 @@ async function showFeature() {
     $("gallery-patches").replaceChildren(...patches);
     const strongest = result.entries.length ? result.entries[0].value.toFixed(3) : "none";
     setStatus("feature-status", `${layer.name} map ${feature}: top ${result.entries.length} of ${info.topk_images} images, strongest activation ${strongest}`);
+    const link = $("atlas-link");  // the same map in the atlas: LAYER.html#MAP
+    link.hidden = !info.atlas;
+    if (info.atlas) link.href = `${info.atlas}${encodeURIComponent(layer.name)}.html#${feature}`;
   } catch (e) {
     if (request === featureRequest) setStatus("feature-status", e.message, true);
   }
@@ -155,7 +158,8 @@ function drawAnalysis(result, caption) {
   $("occlusion").replaceChildren(
     figure(o.covered, "(a) square where p is lowest", "pix big"),
     figure(o.activity, `(b) ${o.layer} map ${o.feature}: total activation`, "pix big"),
-    figure(o.projection, `(c) projection of map ${o.feature}`, "pix big"),
+    o.projection ? figure(o.projection, `(c) projection of map ${o.feature}`, "pix big")
+      : el("figure", {}, el("figcaption", {className: "error", textContent: `(c) no projection: ${o.projection_missing}`})),
     figure(o.probability, `(d) p(${o.target_name}), 0 (blue) to 1 (red)`, "pix big"),
     el("figure", {}, el("img", {src: o.label, className: "pix big", alt: "most probable label"}),
       el("figcaption", {textContent: "(e) most probable label"}), legend));
