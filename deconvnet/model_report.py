@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .report import SECTIONS, _img, findings_html
+from .report import SECTIONS, STYLE, _img, findings_html
 from .reproduce import Step, run_step
 from .runner import atomic_write_text
 
@@ -88,16 +88,7 @@ def write_page(root: Path, steps: list[Step], records: dict, description: dict, 
     model = html.escape(json.dumps(description, indent=1))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>deconvnet report: {html.escape(description['model'])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
-h2 {{ border-bottom: 2px solid #ddd; padding-bottom: .2em; margin-top: 2em; }}
-figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
-figcaption {{ color: #777; font-size: .8em; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: .9em; }}
-td, th {{ border: 1px solid #ccc; padding: .3em .6em; vertical-align: top; }}
-td.held {{ background: #e6f4e6; }} td.not {{ background: #fbe9e7; }} td.none {{ background: #f3f3f3; }}
-.paper {{ color: #555; }} pre {{ background: #f6f6f6; padding: .6em; overflow-x: auto; }}
-</style></head><body>
+{STYLE}</head><body>
 <h1>{html.escape(description['model'])} on {html.escape(data)}</h1>
 <p>The analyses of Zeiler &amp; Fergus (ECCV 2014) run by <code>deconvnet report</code> on your model and images:
 top activations projected to pixels (Fig. 2), invariance (Fig. 5), occlusion sensitivity (Fig. 7) and, with a

@@ -65,6 +65,18 @@ OFFLINE = {
 }
 
 
+STYLE = """<style>
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h2 { border-bottom: 2px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #777; font-size: .8em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .9em; }
+td, th { border: 1px solid #ccc; padding: .3em .6em; vertical-align: top; }
+td.held { background: #e6f4e6; } td.not { background: #fbe9e7; } td.none { background: #f3f3f3; }
+.paper { color: #555; } .reading { font-size: 1.05em; } pre { background: #f6f6f6; padding: .6em; overflow-x: auto; }
+</style>"""  # shared by the report of `deconvnet report`
+
+
 def _value(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -162,16 +174,7 @@ def write_report(root: Path, steps, records: dict, budget: str, argv: list[str])
                 f"numpy {numpy.__version__}, {platform.platform()}")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>deconvnet: Zeiler &amp; Fergus 2014, reproduced</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
-h2 {{ border-bottom: 2px solid #ddd; padding-bottom: .2em; margin-top: 2em; }}
-figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
-figcaption {{ color: #777; font-size: .8em; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: .9em; }}
-td, th {{ border: 1px solid #ccc; padding: .3em .6em; vertical-align: top; }}
-td.held {{ background: #e6f4e6; }} td.not {{ background: #fbe9e7; }} td.none {{ background: #f3f3f3; }}
-.paper {{ color: #555; }} .reading {{ font-size: 1.05em; }} pre {{ background: #f6f6f6; padding: .6em; overflow-x: auto; }}
-</style></head><body>
+{STYLE}</head><body>
 <h1>Visualizing and Understanding Convolutional Networks, reproduced</h1>
 <p>Zeiler &amp; Fergus (ECCV 2014), run by <code>deconvnet reproduce</code> ({html.escape(budget)} budget) on the
 embedded data. Each section shows our figure, our numbers beside the paper's, and whether its claim held at

@@ -9,19 +9,7 @@ from torch import nn
 
 from deconvnet import UserError
 from deconvnet.occlusion import occlusion, occlusion_to_json
-from tv import import_torchvision
-
-
-def torchvision_model(name: str) -> nn.Module:
-    tv = import_torchvision()
-    kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
-    torch.manual_seed(0)
-    return getattr(tv.models, name)(num_classes=7, **kwargs).eval()
-
-
-def no_hooks(model: nn.Module) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-               and not m._backward_pre_hooks for m in model.modules())
+from tv import no_hooks, torchvision_model
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from deconvnet.data import TensorSource, open_source, preprocess_for
 from deconvnet.geometry import unit_box
 from deconvnet.probe import activations
 from deconvnet.topk import TopK, choose_maps, gallery, top_k, topk_findings
+from test_dag import Reshaping
 
 
 def random_source(n: int, seed: int = 0) -> TensorSource:
@@ -107,29 +108,17 @@ def test_gallery_tiles_hold_the_receptive_field_patches():
     assert torch.isnan(g.patches[1, j, 0]).sum() == field * field - tile.numel()
 
 
-class Shuffled(nn.Module):
-    """A pixel shuffle, which the geometry measures instead of reasoning about."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 8, 3, padding=1)
-        self.shuffle = nn.PixelShuffle(2)
-        self.head = nn.Conv2d(2, 2, 3)
-
-    def forward(self, x):
-        return self.head(self.shuffle(torch.relu(self.conv(x))))
-
-
 def test_gallery_of_a_layer_whose_field_is_measured():
     torch.manual_seed(0)
-    model = Shuffled().eval()
-    source, pre = random_source(6), preprocess_for(28, 1)
+    model = Reshaping().eval()  # a pixel shuffle: the geometry measures its field
+    images = torch.randint(0, 256, (6, 3, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    source, pre = TensorSource("random", images, torch.zeros(6), ["x"], 28, 3), preprocess_for(28, 3)
     with pytest.warns(UserWarning, match="measured"):
         table = top_k(model, source, pre, ["head"], k=2)["head"]
         g = gallery(model, source, pre, "head", table, [0, 1], other_activations="gradient")
     sizes = [(b[2] - b[0] + 1, b[3] - b[1] + 1) for b in table.boxes[:2].flatten(0, 1).tolist()]
     side = max(max(h, w) for h, w in sizes)
-    assert g.patches.shape == (2, 2, 1, side, side)
+    assert g.patches.shape == (2, 2, 3, side, side)
     top, left, bottom, right = table.boxes[0, 0].tolist()  # placed at the tile's corner
     image = source.get([int(table.images[0, 0])]).float() / 255
     assert torch.equal(g.patches[0, 0, 0, :bottom - top + 1, :right - left + 1],

@@ -10,6 +10,8 @@ import sys
 import types
 
 import pytest
+import torch
+from torch import nn
 
 
 def import_torchvision():
@@ -25,3 +27,18 @@ def import_torchvision():
         sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
         import torchvision  # noqa: F401
     return sys.modules["torchvision"]
+
+
+def torchvision_model(name: str, num_classes: int = 7) -> nn.Module:
+    """torchvision's ``name`` with seeded random weights, in eval mode (GoogLeNet/Inception without
+    their auxiliary heads)."""
+    tv = import_torchvision()
+    kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    torch.manual_seed(0)
+    return getattr(tv.models, name)(num_classes=num_classes, **kwargs).eval()
+
+
+def no_hooks(model: nn.Module) -> bool:
+    """Whether every module is free of hooks (the tools remove theirs, also after errors)."""
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+               and not m._backward_pre_hooks for m in model.modules())
