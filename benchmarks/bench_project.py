@@ -3,6 +3,7 @@
 
     .venv/bin/pip install --no-deps captum   # the benchmark's only extra; the package never imports it
     .venv/bin/python benchmarks/bench_project.py [--settings independent,project] [--threads 2,1]
+    .venv/bin/python benchmarks/bench_project.py --interleaved --threads 1   # BENCHMARKS.md's table
 
 Two settings, 9 images each, one unit per image per layer conv1..conv5 (45 projections): the
 strongest position of a random map that fires on that image, as in the Fig. 2 gallery.
@@ -407,6 +408,54 @@ def run_setting(name: str, args) -> dict:
     }
 
 
+def interleaved(name: str, args) -> dict:
+    """Captum, ours, lean and cone in turn for ``--rounds`` rounds; the smallest wall-clock and CPU time
+    of each. On a shared machine the load changes within minutes; turns keep the comparison fair."""
+    from captum.attr import NeuronDeconvolution
+
+    model, x = setting(name, args.images, args.seed)
+    jobs = units_for(model, x, args.seed)
+    dn, lean = Deconvnet(model), lean_copy(model)
+
+    def captum():
+        hooks = [m.register_forward_hook(lambda _m, inputs, output: _SkipBackward.apply(inputs[0], output.detach()))
+                 for m in model.modules() if isinstance(m, nn.LocalResponseNorm)]
+        try:
+            return {l: torch.cat([NeuronDeconvolution(model, getattr(model, l)).attribute(
+                x[i:i + 1], neuron_selector=u) for i, u in enumerate(jobs[l])]) for l in LAYERS}
+        finally:
+            for h in hooks:
+                h.remove()
+
+    fns = {"captum": captum,
+           "ours": lambda: {l: dn.project(x, l, jobs[l]) for l in LAYERS},
+           "lean": lambda: {l: lean_project(lean, model, x, l, jobs[l], 32) for l in LAYERS},
+           "cone": lambda: {l: cone_project(lean, model, x, l, jobs[l]) for l in LAYERS}}
+    warnings.filterwarnings("ignore")
+    flops, wall, cpu = {}, {k: [] for k in fns}, {k: [] for k in fns}
+    for k, f in fns.items():
+        f()  # warm-up (the package traces the model's graph once)
+        with CountFlops() as counter:
+            f()
+        flops[k] = counter.total
+    peak = matmul_peak(torch.get_num_threads())
+    for _ in range(args.rounds):
+        for k, f in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            f()
+            wall[k].append(time.perf_counter() - w)
+            cpu[k].append(time.process_time() - c)
+    peak = max(peak, matmul_peak(torch.get_num_threads()))
+    row = {"setting": name, "projections": len(x) * len(LAYERS), "threads": torch.get_num_threads(),
+           "matmul_peak_gflop_per_s": round(peak, 1)}
+    for k in fns:
+        row[k] = {"gflop": round(flops[k] / 1e9, 2), "wall_s": round(min(wall[k]), 3), "cpu_s": round(min(cpu[k]), 3),
+                  "gflop_per_cpu_s": round(flops[k] / min(cpu[k]) / 1e9, 1),
+                  "vs_captum_wall": round(min(wall["captum"]) / min(wall[k]), 2),
+                  "vs_captum_cpu": round(min(cpu["captum"]) / min(cpu[k]), 2)}
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=9)
@@ -415,7 +464,16 @@ def main() -> None:
     parser.add_argument("--settings", default="independent,project")
     parser.add_argument("--threads", default=str(torch.get_num_threads()),
                         help="comma-separated thread counts to run every setting at")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="Captum, ours and the prototypes in turn, --rounds rounds, smallest times (the table)")
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
+    if args.interleaved:
+        for threads in [int(t) for t in args.threads.split(",")]:
+            torch.set_num_threads(threads)
+            for name in args.settings.split(","):
+                print(json.dumps(interleaved(name, args)), flush=True)
+        return
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for name in args.settings.split(","):
