@@ -22,12 +22,18 @@ pairs go through in one batch.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .errors import UserError
 from .geometry import _field, _Unknown, cone_strides, graph_of, stride_of
 from .probe import apply_at, hooks, module_calls, resolve
+from .figures import finish, new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RULES = ("deconvnet", "guided", "gradient")
 OTHER_ACTIVATIONS = ("error", "gradient")
@@ -276,13 +282,10 @@ def contrast_stretch(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(1e-12)
 
 
-def draw_projection(picture: torch.Tensor, projection: torch.Tensor, box: tuple[int, int, int, int], path,
-                    title: str = "") -> None:
+def draw_projection(picture: torch.Tensor, projection: torch.Tensor, box: tuple[int, int, int, int], path=None,
+                    title: str = "") -> Figure:
     """One PNG: the input (C, H, W) in [0, 1] with the unit's receptive field ``box`` outlined, the
     projection (C, H, W) contrast-stretched, and both cut to the field side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     from ._analysis import to_rgb
@@ -294,7 +297,7 @@ def draw_projection(picture: torch.Tensor, projection: torch.Tensor, box: tuple[
     patch = picture[:, top:bottom + 1, left:right + 1]
     panels = [("input and receptive field", picture), ("projection", stretched),
               ("in the field: projection | input", torch.cat([field, gap, patch], 2))]
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    fig, axes = new_figure(1, 3, figsize=(10, 3.6))
     for ax, (name, img) in zip(axes, panels):
         ax.imshow(to_rgb(img), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(name, fontsize=9)
@@ -302,6 +305,4 @@ def draw_projection(picture: torch.Tensor, projection: torch.Tensor, box: tuple[
     axes[0].add_patch(Rectangle((left - 0.5, top - 0.5), right - left + 1, bottom - top + 1,
                                 fill=False, edgecolor="red", linewidth=1.5))
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return finish(fig, path)

@@ -18,6 +18,8 @@ Panel (c) is an extra: where no projection can be made (an activation the paper 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import textwrap
 from dataclasses import dataclass
 
@@ -32,6 +34,10 @@ from .errors import UserError
 from .findings import Finding
 from .geometry import Graph, Node, Ref, reach, trace, unit_box
 from .probe import hooks, resolve
+from .figures import finish, new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CHUNK = 128  # occluder positions per batch
 OBJECT, BACKGROUND = 0.5, 0.1  # a square "covers the object" / "covers background" (fraction of object pixels)
@@ -468,16 +474,14 @@ def occlusion_to_json(result: Occlusion, classes: list[str] | None = None) -> di
     }
 
 
-def draw_occlusion(result: Occlusion, path, picture: torch.Tensor | None = None,
-                   classes: list[str] | None = None) -> None:
+def draw_occlusion(result: Occlusion, path=None, picture: torch.Tensor | None = None,
+                   classes: list[str] | None = None) -> Figure:
     """Fig. 7's row as a PNG: (a) the image with the square where p(target) is lowest, (b) activity,
     (c) projection with its receptive field, (d) p(target), (e) most probable label.
 
     ``picture``: the image to show, (C, H, W) in [0, 1]; default ``result.image`` rescaled.
     """
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
 
     img = result.image
@@ -489,7 +493,7 @@ def draw_occlusion(result: Occlusion, path, picture: torch.Tensor | None = None,
     extent = (l0 + half - step - 0.5, l1 + half + step - 0.5, t1 + half + step - 0.5, t0 + half - step - 0.5)
     name = (lambda k: classes[k]) if classes else str
 
-    fig, axes = plt.subplots(1, 5, figsize=(17, 3.6))
+    fig, axes = new_figure(1, 5, figsize=(17, 3.6))
     ax = axes[0]
     ax.imshow(to_rgb(picture), cmap="gray", vmin=0, vmax=1)
     t, l = result.positions[int(result.probability.argmin())]
@@ -517,7 +521,7 @@ def draw_occlusion(result: Occlusion, path, picture: torch.Tensor | None = None,
     ax = axes[4]
     labels = result.label.unique().tolist()
     index = {k: i for i, k in enumerate(labels)}
-    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20", len(labels))
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"].resampled(len(labels))
     codes = result.label.clone().apply_(lambda k: index[k])
     ax.imshow(codes.numpy(), cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5, extent=extent, interpolation="nearest")
     ax.legend(handles=[Patch(color=cmap(index[k]), label=name(k)) for k in labels], fontsize=7,
@@ -528,6 +532,4 @@ def draw_occlusion(result: Occlusion, path, picture: torch.Tensor | None = None,
         ax.set_ylim(img.shape[1] - 0.5, -0.5)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return finish(fig, path)

@@ -9,6 +9,8 @@ the same however the data is split over ``torchrun`` processes.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from dataclasses import dataclass
 
@@ -25,6 +27,10 @@ from .geometry import layer_field, unit_box
 from .probe import apply_at
 from .runner import progress
 from .runner import world
+from .figures import finish, new_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -201,16 +207,12 @@ def mosaic(tiles: torch.Tensor, stretch: bool) -> torch.Tensor:
     return out
 
 
-def draw_gallery(result: Gallery, path, title: str = "") -> None:
+def draw_gallery(result: Gallery, path=None, title: str = "") -> Figure:
     """One PNG: per map, its top-k projections (each contrast-stretched) beside the input patches."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(result.maps)
     cols = min(3, n) or 1
     rows = -(-n // cols) or 1
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.3 * rows + 0.5), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(4.2 * cols, 2.3 * rows + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for m, (c, ax) in enumerate(zip(result.maps, axes.flat)):
@@ -221,9 +223,7 @@ def draw_gallery(result: Gallery, path, title: str = "") -> None:
                   interpolation="nearest")
         ax.set_title(f"map {c}", fontsize=9)
     fig.suptitle(title or f"{result.layer}: top activations projected (left), input patches (right)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return finish(fig, path)
 
 
 def class_purity(tables: dict[str, TopK], labels: torch.Tensor) -> dict[str, float | None]:

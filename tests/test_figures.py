@@ -20,6 +20,9 @@ assert type(fig).__name__ == "Figure" and len(fig.axes) == 3, fig.axes
 layers = LayerResult("t", {{1: "x", 2: "y"}}, [5], 2, {{1: 3, 2: 3}},
                      {{(k, 5, n): [0.5, 0.6] for k in ("svm", "softmax") for n in (1, 2)}})
 plot(layers, r"{tmp_path / 'layers.png'}")
+from deconvnet.deconvnet import draw_projection
+fig = draw_projection(torch.rand(3, 20, 20), torch.randn(3, 20, 20), (2, 3, 10, 12))
+assert len(fig.axes) == 3
 print(matplotlib.get_backend())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
