@@ -28,3 +28,18 @@ print(matplotlib.get_backend())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "svg"
     assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_atomic_writes_take_the_umask_without_changing_it(tmp_path):
+    import os
+
+    from deconvnet.runner import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a" / "out.json", "{}")
+        assert os.umask(0o027) == 0o027  # the process umask is left as it was
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "out.json").stat().st_mode & 0o777 == 0o640
+    assert os.listdir(tmp_path / "a") == ["out.json"]  # no temporary file left behind
