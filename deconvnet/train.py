@@ -388,7 +388,8 @@ def _replan(cfg: TrainConfig, epoch: int, epoch_s: float, val_images: int, clock
         resize_schedule(scheduler, max(8, steps), done)
     replans = [*cfg.plan.get("replanned", []), {"after_epoch": epoch, "epoch_seconds": round(epoch_s, 1),
                                                 "steps": steps, "epochs": epochs}]
-    return dataclasses.replace(cfg.with_epochs(epochs), plan={**cfg.plan, "steps": steps, "replanned": replans})
+    return dataclasses.replace(cfg.with_epochs(epochs), plan={**cfg.plan, "steps": steps, "epochs": epochs,
+                                                               "replanned": replans})
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:

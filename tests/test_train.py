@@ -253,7 +253,7 @@ def test_a_run_slower_than_planned_ends_sooner_with_its_schedule_annealed():
     # left = one more epoch and 3 steps of a fourth, evaluated
     cut = _replan(cfg, 2, 10.0, 256, time.time() - 45, scheduler, 8)
     assert (cut.epochs, cut.plan["steps"]) == (4, 27) and cut.snapshots == [1, 2, 4]
-    assert cut.plan["replanned"][0]["steps"] == 27
+    assert cut.plan["replanned"][0]["steps"] == 27 and cut.plan["epochs"] == 4
     for _ in range(11):
         optimizer.step()
         scheduler.step()
