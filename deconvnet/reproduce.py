@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .runner import atomic_write_json
+from .runner import atomic_write_json, file_sha256
 
 # Budgets: "quick" is what the tests run end to end (about a minute); "default" is `make demo`, sized
 # at run time from one measured calibration to end within --time-budget minutes (20 by default); "full"
@@ -148,19 +148,11 @@ def plan(data: str, model: str, budget: str, sizes: dict | None = None) -> list[
     ]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def step_key(step: Step, root: Path) -> str:
     """The cache key: the command and the content of every input file."""
     from . import __version__
 
-    inputs = {p: _sha256(root / p) for p in step.inputs}
+    inputs = {p: file_sha256(root / p) for p in step.inputs}
     text = json.dumps({"argv": step.argv, "inputs": inputs, "version": __version__}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -1,6 +1,7 @@
 """The runner of long work: progress bars and atomic writes (a killed write never leaves a bad file)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -36,6 +37,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (cache keys of reproduce and serve)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -43,7 +43,7 @@ from .errors import UserError
 from .geometry import unit_box
 from .occlusion import occlusion
 from .probe import activations
-from .runner import atomic_torch_save
+from .runner import atomic_torch_save, file_sha256
 from .subject import Subject
 from .topk import TopK, gallery, top_k
 
@@ -162,15 +162,6 @@ class _Counted(Source):
         return images
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class TopKJob:
     """The top-``K`` table of every layer over the first ``n`` images of ``source``, computed once in
     a background thread on a copy of the model, or read from ``cache`` (a file written atomically)."""
@@ -250,7 +241,7 @@ class Viewer:
         self._galleries: dict[tuple[str, int], dict] = {}
         n = min(limit, len(self.source))
         origin = subject.info and Path(subject.spec)
-        digests = [file_digest(f) for f in (origin, subject.weights) if f and Path(f).is_file()]
+        digests = [file_sha256(f) for f in (origin, subject.weights) if f and Path(f).is_file()]
         key = json.dumps([subject.spec, digests, self.data, n, K, self.layers])
         cache = cache_dir / f"topk-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
         self.topk = TopKJob(self.model, self.source, pre, self.layers, n, cache)
