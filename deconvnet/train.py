@@ -4,8 +4,8 @@ Paper recipe (``recipe="paper"``, the default for ``zfnet`` and ``alexnet``): SG
 lr 1e-2, momentum 0.9, dropout 0.5 in fc6/fc7, weights N(0, 1e-2) and biases 0, lr divided by 10
 when the validation error plateaus, and every conv filter renormalised to RMS <= 0.1 after each step.
 The small models default to ``recipe="small"``, tuned to reach 92% on Fashion-MNIST within ten
-minutes on 2 CPU cores (see README): He init, a one-cycle schedule, Nesterov momentum, weight decay,
-no dropout, 30 epochs. Where the hardware computes bf16 natively the convs run under bf16 autocast
+minutes on 2 CPU cores with native bf16 (see README): He init, a one-cycle schedule, Nesterov momentum,
+weight decay, no dropout, 30 epochs. Where the hardware computes bf16 natively the convs run under bf16 autocast
 (``precision="auto"``), 1.5-1.9x faster on this project's CPU; weights, optimizer and evaluation stay fp32.
 With ``time_budget`` (minutes) the trainer measures its own speed for a few seconds and sizes the run
 (epochs, and the one-cycle schedule with them) to end within the budget, evaluation included.
