@@ -51,13 +51,18 @@ def cmd_train(args) -> None:
 def cmd_evaluate(args) -> None:
     from .train import evaluate
 
+    import torch
+
     subject = _subject(args)
     source = subject.open_data(args.data)
-    if subject.info is not None:
-        _check_classes(source.classes, subject.classes, args.data)
-    elif list(source.classes) != list(subject.classes):
-        raise UserError(f"{args.data} has classes {source.classes[:5]}... but the model's classes are "
-                        f"{subject.classes[:5]}...; give --classes FILE naming the model's outputs in order")
+    to_model = _data_labels(subject, source, args.data)
+    unknown = [name for name, i in zip(source.classes, to_model) if i is None]
+    if unknown:
+        raise UserError(f"{len(unknown)} of {args.data}'s {len(source.classes)} classes are not the model's "
+                        f"(e.g. {unknown[0]!r}); give --classes FILE naming its outputs (folder names or "
+                        "ImageNet's index with WordNet ids)")
+    source.labels = torch.tensor(to_model)[source.labels]  # the data's labels as the model's class indices
+    source.classes = subject.classes
     indices = None if args.limit is None else list(range(min(args.limit, len(source))))
     result = evaluate(subject.model, source, subject.preprocess, indices, ten_crop=args.ten_crop)
     print(json.dumps({"top1": result["top1"], "top5": result["top5"], "n": result["n"]}))

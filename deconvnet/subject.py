@@ -60,6 +60,7 @@ class Subject:
     info: CheckpointInfo | None = None
     chosen: list[str] = field(default_factory=list)  # how the defaults were chosen, said once by the CLI
     other_activations: str = "error"  # projections through ReLU6/SiLU/GELU/...: refuse, or as the gradient
+    aliases: dict[str, int] = field(default_factory=dict)  # other names of classes (ImageNet's WordNet ids)
 
     @property
     def name(self) -> str:
@@ -98,8 +99,9 @@ class Subject:
         return torch.stack(raw)
 
     def class_index(self, labels: list[str]) -> list[int | None]:
-        """Data labels (class names of a data source) -> this model's class indices, None where unknown."""
-        index = {name: i for i, name in enumerate(self.classes)}
+        """Data labels (class names of a data source, or ImageNet's WordNet ids given in the class
+        file) -> this model's class indices, None where unknown."""
+        index = {**self.aliases, **{name: i for i, name in enumerate(self.classes)}}
         return [index.get(name) for name in labels]
 
     def describe(self) -> dict:
@@ -163,8 +165,9 @@ def _load(spec, weights, classes, preprocess, input_size, mean, std) -> Subject:
     model.eval()
     pre = _preprocess(model, spec, preprocess, input_size, mean, std)
     outputs = _outputs(model, pre, spec)
-    names = read_classes(classes, outputs) if classes else [str(i) for i in range(outputs)]
-    subject = Subject(model, pre, names, spec, [], {}, weights=weights)
+    every = read_class_names(classes, outputs) if classes else [[str(i)] for i in range(outputs)]
+    subject = Subject(model, pre, [n[-1] for n in every], spec, [], {}, weights=weights,
+                      aliases={name: i for i, names in enumerate(every) for name in names[:-1]})
     subject.stages, subject.layer_numbers, subject.chosen = default_layers(subject.calls(), model)
     return subject
 
@@ -300,17 +303,23 @@ def load_weights(model: nn.Module, path: str) -> None:
 def read_classes(path: str, outputs: int | None = None) -> list[str]:
     """Class names from a file: one per line, a JSON list, or ImageNet's ``{"0": ["n01440764",
     "tench"], ...}`` index; checked against the model's number of ``outputs`` when given."""
+    return [names[-1] for names in read_class_names(path, outputs)]
+
+
+def read_class_names(path: str, outputs: int | None = None) -> list[list[str]]:
+    """Every name of each class in a class file, the display name last: ImageNet's index gives
+    ``["n01440764", "tench"]`` (a folder named by the WordNet id then maps to its class)."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"classes file not found: {path}")
     text = file.read_text(encoding="utf-8", errors="replace")
-    names: list[str]
+    names: list[list[str]]
     try:
         data = json.loads(text)
     except ValueError:
         data = None
     if isinstance(data, list):
-        names = [str(v) for v in data]
+        names = [[str(v)] for v in data]
     elif isinstance(data, dict):
         try:
             items = sorted(data.items(), key=lambda kv: int(kv[0]))
@@ -318,9 +327,9 @@ def read_classes(path: str, outputs: int | None = None) -> list[str]:
             raise UserError(f"{path}: a JSON object of classes needs keys 0..K-1") from None
         if [int(k) for k, _ in items] != list(range(len(items))):
             raise UserError(f"{path}: the class indices are not 0..{len(items) - 1}")
-        names = [str(v[-1]) if isinstance(v, list) and v else str(v) for _, v in items]
+        names = [[str(n) for n in v] if isinstance(v, list) and v else [str(v)] for _, v in items]
     else:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
+        names = [[line.strip()] for line in text.splitlines() if line.strip()]
     if not names:
         raise UserError(f"{path} holds no class names")
     if outputs is not None and len(names) != outputs:

@@ -289,3 +289,31 @@ def test_serve_api_on_torchvision_models(name, photos, tmp_path):
         assert projections["deconvnet"].startswith("data:image/png") and result["occlusion"]["projection"]
     shown = viewer.feature(subject.stages[1], 3)
     assert len(shown["entries"]) == 6 and all(e["projection"].startswith("data:image/png") for e in shown["entries"])
+
+
+def test_evaluate_a_user_model_on_folders_named_by_wordnet_id(user_model, photos, tmp_path, capsys):
+    """ImageNet's val layout: folders named by WordNet id, mapped to the model's classes through the index."""
+    root, reference = user_model
+    data = tmp_path / "val"
+    for wnid, cls in (("n001", "cat"), ("n003", "dog")):
+        (data / wnid).mkdir(parents=True)
+        for f in (photos / cls).iterdir():
+            (data / wnid / f.name).write_bytes(f.read_bytes())
+    index = {"0": ["n000", "zero"], "1": ["n001", "cat"], "2": ["n002", "two"], "3": ["n003", "dog"]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    model = ["--model", f"{root}/nets.py:build", "--weights", str(root / "tiny.pth"), "--input-size", "32",
+             "--classes", str(tmp_path / "index.json")]
+    assert main(["evaluate", *model, "--data", f"folder:{data}"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    subject = load_subject(f"{root}/nets.py:build", weights=str(root / "tiny.pth"), input_size=32,
+                           classes=str(tmp_path / "index.json"))
+    from deconvnet.data import open_source
+    source = open_source(f"folder:{data}", subject.preprocess.stored_size, 3)
+    with torch.no_grad():
+        predicted = reference(subject.prepare(source.get(range(len(source))))).argmax(1)
+    truth = torch.tensor([1, 3])[source.labels]
+    assert result["n"] == 6 and result["top1"] == pytest.approx(float((predicted == truth).float().mean()))
+    (data / "n009").mkdir()
+    (data / "n009" / "x.jpg").write_bytes((photos / "cat" / "0.jpg").read_bytes())
+    assert main(["evaluate", *model, "--data", f"folder:{data}"]) == 2
+    assert "1 of folder" in capsys.readouterr().err
