@@ -251,7 +251,8 @@ class Viewer:
         """What the page needs to draw its controls."""
         subject = self.subject
         return {
-            "checkpoint": Path(subject.spec).name if subject.info else subject.spec, "model": subject.name,
+            "checkpoint": Path(subject.spec if subject.info else subject.weights or "random weights").name,
+            "model": subject.name,
             "classes": subject.classes,
             "data": self.data, "data_images": len(self.source), "topk_images": self.topk.total, "k": K,
             "layers": [{"name": name, "maps": self.maps[name]} for name in self.layers],
