@@ -373,9 +373,9 @@ def _replan(cfg: TrainConfig, epoch: int, epoch_s: float, val_images: int, clock
     fit = done + _steps_that_fit(budget * (1 - REPLAN_MARGIN) - spent - ten_s, steps_per_epoch, step_s, eval_s)
     grow = done + _steps_that_fit(budget * (1 - MARGIN) - spent - ten_s, steps_per_epoch, step_s, eval_s)
     planned = cfg.plan["steps"]
-    if fit < planned:
+    if fit < planned - steps_per_epoch // 20:  # over by more than a twentieth of an epoch (no jitter)
         steps, why = fit, "slower"
-    elif 2 * done <= planned and min(grow, cfg.plan["ceiling"] * steps_per_epoch) > planned:
+    elif 2 * done <= planned and min(grow, cfg.plan["ceiling"] * steps_per_epoch) > planned + steps_per_epoch // 4:
         steps, why = min(grow, cfg.plan["ceiling"] * steps_per_epoch), "faster"
     else:
         return cfg
