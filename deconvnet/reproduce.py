@@ -101,7 +101,8 @@ def size_demo(speed: dict, minutes: float = DEMO_MINUTES, data_images: int = 600
     sizes["train"] = round(train / 60, 2)
     whole = START + TRAIN_EPOCHS * epoch + 10 * val_images / speed["eval_images_per_s"]
     estimates["train"] = min(whole, train * 0.98)
-    return {"minutes": minutes, "speed": speed, "sizes": sizes, "estimates": {k: round(v) for k, v in estimates.items()}}
+    return {"minutes": minutes, "speed": speed, "sizes": sizes,
+            "estimates": {k: round(v) for k, v in estimates.items()}}
 
 
 @dataclass
