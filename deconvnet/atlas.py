@@ -56,8 +56,9 @@ def fingerprint(model: nn.Module, preprocess: Preprocess) -> str:
 
 def build_atlas(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], out: str | Path,
                 k: int = 9, classes: list[str] | None = None, indices=None, about: dict | None = None,
-                batch_size: int = 256) -> dict:
+                batch_size: int = 256, other_activations: str = "error") -> dict:
     """Write the atlas of ``layers`` over ``source`` (or its ``indices``) to the directory ``out``.
+    ``other_activations``: as in :class:`Deconvnet` (ReLU6, SiLU, ... on the way down).
 
     ``classes`` names the labels (default: the source's); ``about`` (``{"model": ..., "data": ...}``,
     strings) is shown on the index page. Returns a summary: maps per layer, maps projected by this
@@ -97,7 +98,7 @@ def build_atlas(model: nn.Module, source: Source, preprocess: Preprocess, layers
             maps = [c for layer, c in todo if layer == name]
             for start in range(0, len(maps), chunk):
                 part = maps[start:start + chunk]
-                g = gallery(model, source, preprocess, name, tables[name], part)
+                g = gallery(model, source, preprocess, name, tables[name], part, other_activations)
                 for m, c in enumerate(part):
                     atomic_write_bytes(out / name / f"{c}.png", _png(g.projections[m], g.patches[m]))
                     done.setdefault(name, set()).add(c)

@@ -162,6 +162,16 @@ def _default_layers(subject, given: list[str] | None, numbers: list[int] | None 
     return chosen
 
 
+def _add_topk_args(p: argparse.ArgumentParser) -> None:
+    """The model and the dataset pass of ``topk`` and ``atlas`` (Fig. 2)."""
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="data spec, e.g. fashion-mnist:test or folder:PATH")
+    p.add_argument("--layers", type=_name_list, default=None,
+                   help="comma-separated layers (default: conv1..conv5, or the model's stages; see inspect)")
+    p.add_argument("--k", type=_positive_int, default=9, help="activations kept per feature map (default 9, Fig. 2)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images")
+
+
 def _add_image_args(p: argparse.ArgumentParser, count: int) -> None:
     """The model and the image selection of the per-image commands (see :func:`_select_images`)."""
     _add_model_args(p)
@@ -392,7 +402,7 @@ def cmd_atlas(args) -> None:
     started = init_distributed()
     try:
         summary = build_atlas(subject.model, source, subject.preprocess, layers, args.out, k=args.k,
-                              indices=list(range(n)), about=about)
+                              indices=list(range(n)), about=about, other_activations=subject.other_activations)
         rank = world()[0]
     finally:
         if started:
@@ -708,24 +718,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_correspond)
 
     p = sub.add_parser("topk", help="top-k activations per feature map over a dataset and the Fig. 2 gallery")
-    _add_model_args(p)
-    p.add_argument("--data", required=True, help="data spec, e.g. fashion-mnist:test")
-    p.add_argument("--layers", type=_name_list, default=None,
-                   help="comma-separated layers (default: conv1..conv5, or the model's stages; see inspect)")
-    p.add_argument("--k", type=int, default=9, help="activations kept per feature map (default 9, Fig. 2)")
+    _add_topk_args(p)
     p.add_argument("--maps", type=_positive_int, default=9, help="feature maps drawn per layer, chosen at random")
-    p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice of maps")
     p.add_argument("--out", required=True, help="output directory (gallery-LAYER.png + topk.json)")
     p.set_defaults(func=cmd_topk)
 
     p = sub.add_parser("atlas", help="Fig. 2 for every feature map: a static site, LAYER.html#MAP per map")
-    _add_model_args(p)
-    p.add_argument("--data", required=True, help="data spec, e.g. fashion-mnist:test")
-    p.add_argument("--layers", type=_name_list, default=None,
-                   help="comma-separated layers (default: conv1..conv5, or the model's stages; see inspect)")
-    p.add_argument("--k", type=_positive_int, default=9, help="activations shown per feature map (default 9, Fig. 2)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images")
+    _add_topk_args(p)
     p.add_argument("--out", required=True, help="output directory (index.html, LAYER.html, LAYER/MAP.png); "
                                                 "a rerun resumes or reuses it")
     p.set_defaults(func=cmd_atlas)
