@@ -498,7 +498,7 @@ def draw_occlusion(result: Occlusion, path=None, picture: torch.Tensor | None = 
     ax.imshow(to_rgb(picture), cmap="gray", vmin=0, vmax=1)
     t, l = result.positions[int(result.probability.argmin())]
     ax.add_patch(Rectangle((l - 0.5, t - 0.5), result.size, result.size, color="0.5"))
-    ax.set_title(f"(a) input, true: {name(result.target)}")
+    ax.set_title(f"(a) input, class followed: {name(result.target)}")
     ax = axes[1]
     im = ax.imshow(result.activity.numpy(), cmap="jet", extent=extent)
     fig.colorbar(im, ax=ax, fraction=0.046)
