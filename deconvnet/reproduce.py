@@ -7,6 +7,7 @@ interrupted training step resumes from its last checkpoint. ``DIR/index.html`` i
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
@@ -149,12 +150,48 @@ def plan(data: str, model: str, budget: str, sizes: dict | None = None) -> list[
     ]
 
 
-def step_key(step: Step, root: Path) -> str:
-    """The cache key: the command and the content of every input file."""
-    from . import __version__
+# The module that does each command's work: a step's key holds the source of that module and of every
+# package module it imports, so a code edit redoes exactly the steps that can see it (an edit to
+# occlusion.py redoes Fig. 7 and keeps the training).
+# The analyses also load their model through the model under study (subject.py).
+COMMAND_MODULES = {"train": ["train"], "ablate": ["ablation"], "evolution": ["evolution"],
+                   "compare": ["architecture"], "topk": ["topk", "subject"], "invariance": ["invariance", "subject"],
+                   "occlude": ["occlusion", "subject"], "correspond": ["correspondence", "subject"],
+                   "transfer": ["transfer", "subject"], "layers": ["layer_features", "subject"]}
+PACKAGE = Path(__file__).parent
 
+
+def _imports(module: str) -> set[str]:
+    """The package modules ``module`` imports (``from .x import``, at any depth of the file), by name."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:  # from . import x
+                found.update(alias.name for alias in node.names)
+    return {m for m in found if (PACKAGE / f"{m}.py").is_file()}
+
+
+def source_key(command: str) -> str:
+    """SHA-256 over the source of the command's module and everything it imports from the package."""
+    todo, seen = list(COMMAND_MODULES.get(command, ["cli"])), set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_imports(module) - seen)
+    digest = hashlib.sha256()
+    for module in sorted(seen):
+        digest.update(module.encode() + b"\0" + (PACKAGE / f"{module}.py").read_bytes())
+    return digest.hexdigest()
+
+
+def step_key(step: Step, root: Path) -> str:
+    """The cache key: the command, the content of every input file and the source it runs."""
     inputs = {p: file_sha256(root / p) for p in step.inputs}
-    text = json.dumps({"argv": step.argv, "inputs": inputs, "version": __version__}, sort_keys=True)
+    text = json.dumps({"argv": step.argv, "inputs": inputs, "source": source_key(step.argv[0])}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

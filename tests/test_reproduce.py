@@ -134,3 +134,24 @@ def test_demo_steps_are_sized_from_one_measured_speed():
     assert steps["train"][-4:] == ["--time-budget", f"{slow['train']:g}", "--out", "train"]
     assert "--time-budget" in steps["fig6-alexnet"] and steps["table3"][-4:-2] == ["--limit", str(slow["table3"])]
     assert "--time-budget" not in plan("fashion-mnist", "zfnet-small", "quick")[0].argv
+
+
+def test_a_code_edit_redoes_only_the_steps_that_run_it(tmp_path, monkeypatch):
+    """Issue 13: an edit to occlusion.py changes the Fig. 7 step's key and not the training's."""
+    from deconvnet import reproduce
+    from deconvnet.reproduce import Step, step_key
+
+    package = tmp_path / "deconvnet"
+    shutil.copytree(reproduce.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__", "static"))
+    monkeypatch.setattr(reproduce, "PACKAGE", package)
+    steps = {name: Step(name, argv) for name, argv in [
+        ("train", ["train", "--model", "zfnet-small", "--out", "train"]),
+        ("fig2", ["topk", "--checkpoint", "train/final.pt", "--out", "fig2"]),
+        ("fig7", ["occlude", "--checkpoint", "train/final.pt", "--out", "fig7"])]}
+    before = {name: step_key(step, tmp_path) for name, step in steps.items()}
+    (package / "occlusion.py").write_text((package / "occlusion.py").read_text() + "\n# an edit\n")
+    after = {name: step_key(step, tmp_path) for name, step in steps.items()}
+    assert after["fig7"] != before["fig7"]
+    assert after["train"] == before["train"] and after["fig2"] == before["fig2"]
+    (package / "data.py").write_text((package / "data.py").read_text() + "\n# an edit\n")
+    assert all(step_key(step, tmp_path) != after[name] for name, step in steps.items())  # everyone reads data
