@@ -628,7 +628,8 @@ def cmd_report(args) -> None:
 
     subject = _subject(args)  # fails fast on a bad spec, before any step runs
     images = min(args.images, len(subject.open_data(args.data)))
-    model_report(args.out, _model_argv(args), args.data, subject.describe(), images=images,
+    inputs = subject.files() + ([args.classes] if args.classes else [])
+    model_report(args.out, _model_argv(args), inputs, args.data, subject.describe(), images=images,
                  limit=args.limit, target=args.target)
 
 

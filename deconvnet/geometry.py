@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import UserError
-from .probe import hooks, module_calls, resolve
+from .probe import hooks, input_channels, module_calls, resolve
 
 Interval = tuple[int, int]  # inclusive (lo, hi) along one axis
 
@@ -269,13 +269,6 @@ def trace(model: nn.Module, x: torch.Tensor, keep_values: bool = False) -> Graph
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _in_channels(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            return m.in_channels if isinstance(m, nn.Conv2d) else 1
-    return 3
-
-
 def _hw(input_hw) -> tuple[int, int]:
     return (int(input_hw), int(input_hw)) if isinstance(input_hw, int) else (int(input_hw[0]), int(input_hw[1]))
 
@@ -293,7 +286,7 @@ def graph_of(model: nn.Module, input_hw) -> Graph:
         model.eval()
         try:
             per_model.clear()
-            per_model[key] = trace(model, torch.zeros(1, _in_channels(model), h, w, device=device))
+            per_model[key] = trace(model, torch.zeros(1, input_channels(model), h, w, device=device))
         finally:
             model.train(was_training)
     return per_model[key]
@@ -390,7 +383,7 @@ def measured_box(model: nn.Module, layer: str, y: int, x: int, input_hw, samples
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         gen = torch.Generator().manual_seed(0)
         with torch.inference_mode(False), torch.enable_grad():  # also when called under inference mode (top_k)
-            x_in = torch.randn(samples, _in_channels(model), h, w, generator=gen).to(device).requires_grad_(True)
+            x_in = torch.randn(samples, input_channels(model), h, w, generator=gen).to(device).requires_grad_(True)
             out = apply_at(model, x_in, layer, lambda _n, o: o)[layer]
             (grad,) = torch.autograd.grad(out[:, :, y, x].pow(2).sum(), x_in)
     finally:

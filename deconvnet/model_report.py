@@ -23,16 +23,12 @@ OUTPUTS = {"fig2": ("Fig. 2", "topk.json"), "fig5": ("Fig. 5", "invariance.json"
            "fig7": ("Fig. 7", "occlusion.json"), "table7": ("Table 7", "layers.json")}
 
 
-def plan(model_args: list[str], data: str, images: int, limit: int | None, target: str | None,
-         maps: int = 9) -> list[Step]:
-    """The steps for one model and data set; ``model_args`` are the ``--model ...`` options (absolute paths)."""
+def plan(model_args: list[str], inputs: list[str], data: str, images: int, limit: int | None,
+         target: str | None, maps: int = 9) -> list[Step]:
+    """The steps for one model and data set; ``model_args`` are the ``--model ...`` options (absolute
+    paths), ``inputs`` the files whose content keys the steps (weights, model file, class names)."""
     first = ",".join(str(i) for i in range(images))
     few = ",".join(str(i) for i in range(min(images, 3)))
-    inputs = [model_args[i + 1] for i, a in enumerate(model_args[:-1])
-              if a in ("--weights", "--classes", "--checkpoint") or (a == "--model" and Path(model_args[i + 1]).is_file())]
-    spec = next((model_args[i + 1] for i, a in enumerate(model_args[:-1]) if a == "--model"), "")
-    if ".py:" in spec:  # the user's model file keys the cache too
-        inputs.append(spec.rsplit(":", 1)[0])
     limit_args = ["--limit", str(limit)] if limit else []
     steps = [Step("fig2", ["topk", *model_args, "--data", data, *limit_args, "--maps", str(maps), "--out", "fig2"], inputs),
              Step("fig5", ["invariance", *model_args, "--data", data, "--index", first, "--out", "fig5"], inputs),
@@ -43,14 +39,14 @@ def plan(model_args: list[str], data: str, images: int, limit: int | None, targe
     return steps
 
 
-def model_report(out: str | Path, model_args: list[str], data: str, description: dict, images: int = 5,
-                 limit: int | None = None, target: str | None = None) -> Path:
+def model_report(out: str | Path, model_args: list[str], inputs: list[str], data: str, description: dict,
+                 images: int = 5, limit: int | None = None, target: str | None = None) -> Path:
     """Run the steps (cached) and write ``out/index.html``; returns its path."""
     if images < 1:
         raise UserError(f"--images must be at least 1, got {images}")
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    steps = plan(model_args, data, images, limit, target)
+    steps = plan(model_args, [str(Path(f).resolve()) for f in inputs], data, images, limit, target)
     records, started = {}, time.time()
     for i, step in enumerate(steps, 1):
         records[step.name] = run_step(step, root, "user", f"[{i}/{len(steps)}]")

@@ -92,6 +92,12 @@ def module_calls(model: nn.Module, on_output: Callable[[str, nn.Module, tuple, A
     return [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
 
 
+def input_channels(model: nn.Module) -> int:
+    """The channels a model takes: those of its first convolution (3 when it has none)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
 @torch.no_grad()
 def layer_calls(model: nn.Module, x: torch.Tensor) -> list[LayerCall]:
     """Every module call of one forward pass on ``x`` whose output is a tensor, leaves and containers

@@ -236,13 +236,11 @@ class Viewer:
             raise UserError(f"layer(s) {flat} have no feature maps; the viewer shows spatial layers")
         self.maps = {name: shapes[name][0] for name in self.layers}
         self.output = output_layer(self.model)
-        self.labelled = list(self.source.classes) == list(subject.classes)  # data labels are model classes
+        self.to_model = subject.class_index(self.source.classes)  # data label -> model class (None: not one)
         self.lock = threading.Lock()
         self._galleries: dict[tuple[str, int], dict] = {}
         n = min(limit, len(self.source))
-        origin = subject.info and Path(subject.spec)
-        digests = [file_sha256(f) for f in (origin, subject.weights) if f and Path(f).is_file()]
-        key = json.dumps([subject.spec, digests, self.data, n, K, self.layers])
+        key = json.dumps([subject.spec, [file_sha256(f) for f in subject.files()], self.data, n, K, self.layers])
         cache = cache_dir / f"topk-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
         self.topk = TopKJob(self.model, self.source, pre, self.layers, n, cache)
         self.topk.thread.start()
@@ -307,7 +305,7 @@ class Viewer:
         if not 0 <= index < len(self.source):
             raise UserError(f"image {index} is outside {self.data}'s {len(self.source)} images")
         label = int(self.source.labels[index])
-        result = self.analyse(self.source.get([index])[0], label if self.labelled else None)
+        result = self.analyse(self.source.get([index])[0], self.to_model[label])
         return {"image": {"index": index, "label": self.source.classes[label]}, **result}
 
     def upload(self, data: bytes) -> dict:

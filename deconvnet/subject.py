@@ -19,6 +19,7 @@ import difflib
 import importlib
 import importlib.util
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import FORMAT, CheckpointInfo, load_checkpoint, read_checkpoint
+from .checkpoint import CheckpointInfo, load_checkpoint
 from .data import Preprocess, Source, load_image, open_source
 from .errors import UserError
 from .features import feature_layers
 from .models import CONV_NAMES
-from .probe import LayerCall, layer_calls
+from .probe import LayerCall, input_channels, layer_calls
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,9 +59,9 @@ class Subject:
     layer_numbers: dict[int, str]
     weights: str | None = None
     info: CheckpointInfo | None = None
-    chosen: list[str] = field(default_factory=list)  # how the defaults were chosen, said once by the CLI
     other_activations: str = "error"  # projections through ReLU6/SiLU/GELU/...: refuse, or as the gradient
     aliases: dict[str, int] = field(default_factory=dict)  # other names of classes (ImageNet's WordNet ids)
+    _calls: list[LayerCall] | None = field(default=None, repr=False)  # the traced calls, once
 
     @property
     def name(self) -> str:
@@ -104,6 +105,14 @@ class Subject:
         index = {**self.aliases, **{name: i for i, name in enumerate(self.classes)}}
         return [index.get(name) for name in labels]
 
+    def files(self) -> list[str]:
+        """The files the model is made from (our checkpoint; or its weights and model file): caches of
+        results on this model are keyed by their content."""
+        if self.info is not None:
+            return [self.spec]
+        where = self.spec.rpartition(":")[0]
+        return [f for f in (self.weights, where if where.endswith(".py") else None) if f]
+
     def describe(self) -> dict:
         """Provenance for JSON outputs and pages."""
         return {"model": self.spec, "weights": self.weights, "name": self.name,
@@ -112,8 +121,11 @@ class Subject:
                 "stages": self.stages, "layer_numbers": {str(k): v for k, v in self.layer_numbers.items()}}
 
     def calls(self) -> list[LayerCall]:
-        """Every layer a command accepts, in the order the forward pass produces them, at the input size."""
-        return layer_calls(self.model, self.example())
+        """Every layer a command accepts, in the order the forward pass produces them, at the input size
+        (one forward pass, the first time it is asked)."""
+        if self._calls is None:
+            self._calls = layer_calls(self.model, self.example())
+        return self._calls
 
     def example(self) -> torch.Tensor:
         """One all-zeros input at the model's input size (the mean image after preprocessing)."""
@@ -146,29 +158,28 @@ def load_subject(spec: str, weights: str | None = None, classes: str | None = No
 
 def _load(spec, weights, classes, preprocess, input_size, mean, std) -> Subject:
     path = Path(spec)
-    if path.is_dir() or (path.is_file() and _is_our_checkpoint(path)):
-        if weights or classes or preprocess or input_size or mean or std:
-            raise UserError(f"{spec} is a deconvnet checkpoint: it carries its weights, classes and "
-                            "preprocessing; --weights/--classes/--preprocess/--input-size/--mean/--std do not apply")
-        return from_checkpoint(path / "final.pt" if path.is_dir() else path)
-    if path.is_file() or (path.suffix in (".pt", ".pth", ".ckpt") and ":" not in spec):
-        try:
-            read_checkpoint(path)  # says why it is not one: missing, unreadable, or another kind of file
+    if path.exists() or (path.suffix in (".pt", ".pth", ".ckpt") and ":" not in spec):
+        try:  # a checkpoint of ours, or a one-line error saying why it is not one (read once)
+            subject = from_checkpoint(path / "final.pt" if path.is_dir() else path)
         except UserError as e:
             if not path.is_file():
                 raise
             raise UserError(f"{e}; for a weights file give the architecture with --model torchvision:NAME or "
                             f"module:CALLABLE and the file with --weights") from None
+        if weights or classes or preprocess or input_size or mean or std:
+            raise UserError(f"{spec} is a deconvnet checkpoint: it carries its weights, classes and "
+                            "preprocessing; --weights/--classes/--preprocess/--input-size/--mean/--std do not apply")
+        return subject
     model = _build(spec)
     if weights:
         load_weights(model, weights)
     model.eval()
-    pre = _preprocess(model, spec, preprocess, input_size, mean, std)
-    outputs = _outputs(model, pre, spec)
+    subject = Subject(model, _preprocess(model, preprocess, input_size, mean, std), [], spec, [], {}, weights=weights)
+    outputs = _outputs(subject)
     every = read_class_names(classes, outputs) if classes else [[str(i)] for i in range(outputs)]
-    subject = Subject(model, pre, [n[-1] for n in every], spec, [], {}, weights=weights,
-                      aliases={name: i for i, names in enumerate(every) for name in names[:-1]})
-    subject.stages, subject.layer_numbers, subject.chosen = default_layers(subject.calls(), model)
+    subject.classes = [names[-1] for names in every]
+    subject.aliases = {name: i for i, names in enumerate(every) for name in names[:-1]}
+    subject.stages, subject.layer_numbers = default_layers(subject.calls())
     return subject
 
 
@@ -178,14 +189,6 @@ def from_checkpoint(path: str | Path) -> Subject:
     modules = dict(model.named_modules())
     stages = [name for name in CONV_NAMES if name in modules]
     return Subject(model, info.preprocess, list(info.classes), str(path), stages, feature_layers(model), info=info)
-
-
-def _is_our_checkpoint(path: Path) -> bool:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not readable as our checkpoint; the caller says what it is
-        return False
-    return isinstance(payload, dict) and payload.get("format") == FORMAT
 
 
 def _build(spec: str) -> nn.Module:
@@ -339,11 +342,7 @@ def read_class_names(path: str, outputs: int | None = None) -> list[list[str]]:
 
 # ----------------------------------------------------------------------------- preprocessing
 
-def _first_conv(model: nn.Module) -> nn.Conv2d | None:
-    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-
-
-def _preprocess(model: nn.Module, spec: str, kind: str | None, input_size: int | None,
+def _preprocess(model: nn.Module, kind: str | None, input_size: int | None,
                 mean: list[float] | None, std: list[float] | None) -> Preprocess:
     """``imagenet`` (default): short side ``input_size * 256 / 224``, center crop ``input_size`` (224),
     then per channel ``(x - mean) / std`` on [0, 1] pixels. ``unit``: [0, 1] pixels, resized and cropped
@@ -351,8 +350,7 @@ def _preprocess(model: nn.Module, spec: str, kind: str | None, input_size: int |
     kind = kind or "imagenet"
     if kind not in PREPROCESSING:
         raise UserError(f"unknown --preprocess {kind!r}; use {' or '.join(PREPROCESSING)}")
-    conv = _first_conv(model)
-    channels = conv.in_channels if conv is not None else 3
+    channels = input_channels(model)
     size = input_size or 224
     if size < 8:
         raise UserError(f"--input-size {size} is too small")
@@ -376,12 +374,12 @@ def _preprocess(model: nn.Module, spec: str, kind: str | None, input_size: int |
     return Preprocess(size, stored, channels, mean_t, scale=1.0, pad=0, std=std_t)
 
 
-def _outputs(model: nn.Module, pre: Preprocess, spec: str) -> int:
+def _outputs(subject: Subject) -> int:
     """The number of class scores the model gives for one input; a one-line error if it cannot run."""
-    x = torch.zeros(1, pre.channels, pre.input_size, pre.input_size)
+    pre, spec = subject.preprocess, subject.spec
     try:
         with torch.no_grad():
-            out = model(x)
+            out = subject.model(subject.example())
     except Exception as e:  # noqa: BLE001 - the model cannot take this input
         raise UserError(f"{spec} cannot take a {pre.channels}x{pre.input_size}x{pre.input_size} input "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -394,8 +392,8 @@ def _outputs(model: nn.Module, pre: Preprocess, spec: str) -> int:
 
 # ----------------------------------------------------------------------------- default layers
 
-def default_layers(calls: list[LayerCall], model: nn.Module) -> tuple[list[str], dict[int, str], list[str]]:
-    """Sensible default layers for a model that is not ours: ``(stages, layer numbers, explanation)``.
+def default_layers(calls: list[LayerCall]) -> tuple[list[str], dict[int, str]]:
+    """Sensible default layers for a model that is not ours: ``(stages, layer numbers)``.
 
     The stages are the calls at the shallowest depth of the module tree where the forward pass runs
     through more than one spatial resolution (ResNet: its top-level modules; VGG, DenseNet,
@@ -419,9 +417,7 @@ def default_layers(calls: list[LayerCall], model: nn.Module) -> tuple[list[str],
     penultimate = _penultimate(calls)
     if penultimate:
         numbers[7] = penultimate
-    said = [f"stages {', '.join(stages) or '(none found)'}",
-            f"penultimate {penultimate}" if penultimate else "no penultimate layer found"]
-    return stages, numbers, said
+    return stages, numbers
 
 
 def _penultimate(calls: list[LayerCall]) -> str | None:
@@ -433,9 +429,6 @@ def _penultimate(calls: list[LayerCall]) -> str | None:
     for c in reversed(calls[:last]):
         if isinstance(c.module, _DROPOUT):
             continue
-        size = 1
-        for d in c.shape:
-            size *= d
-        if size == width or (len(c.shape) == 3 and c.shape[0] == width):
+        if math.prod(c.shape) == width or (len(c.shape) == 3 and c.shape[0] == width):
             return c.name
     return None
