@@ -32,10 +32,9 @@ from torch import nn
 
 from ._analysis import eval_mode
 from .data import Preprocess, Source
-from .deconvnet import contrast_stretch
 from .errors import UserError
 from .runner import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, progress, world
-from .topk import TopK, class_purity, gallery, top_k
+from .topk import TopK, class_purity, gallery, tile_pixels, top_k
 
 VERSION = 1  # of the drawings: a change invalidates finished maps
 TILE = 48  # a tile's least side in the PNG (small receptive fields are enlarged, nearest neighbour)
@@ -173,11 +172,8 @@ def _png(projections: torch.Tensor, patches: torch.Tensor) -> bytes:
     canvas = np.ones((2 * side + gap, k * side + (k - 1) * gap, 3), dtype=np.float32)
     for j in range(k):
         for row, tile in enumerate((projections[j], patches[j])):
-            inside = ~tile.isnan()
-            if row == 0 and inside.any():
-                tile = contrast_stretch(torch.where(inside, tile, tile[inside].min())[None])[0]
-            rgb = tile.clamp(0, 1).expand(3, -1, -1) if tile.shape[0] == 1 else tile.clamp(0, 1)
-            rgb = torch.where(inside[:1].expand(3, -1, -1), rgb, torch.tensor(_OUTSIDE).view(3, 1, 1))
+            rgb = tile_pixels(tile, stretch=row == 0).expand(3, -1, -1)  # grey -> RGB; RGB unchanged
+            rgb = torch.where(tile[:1].isnan().expand(3, -1, -1), torch.tensor(_OUTSIDE).view(3, 1, 1), rgb)
             rgb = rgb.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0).numpy()
             y, x = row * (side + gap), j * (side + gap)
             canvas[y:y + side, x:x + side] = rgb

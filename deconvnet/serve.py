@@ -45,7 +45,7 @@ from .occlusion import occlusion
 from .probe import activations
 from .runner import atomic_torch_save, file_sha256
 from .subject import Subject
-from .topk import TopK, gallery, top_k
+from .topk import TopK, gallery, tile_pixels, top_k
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 10 * 1024 * 1024  # bytes
@@ -99,14 +99,6 @@ def _outlined(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     out[top, left:right + 1] = out[bottom, left:right + 1] = red
     out[top:bottom + 1, left] = out[top:bottom + 1, right] = red
     return out
-
-
-def _tile(tile: torch.Tensor, stretch: bool) -> np.ndarray:
-    """A gallery tile (C, R, R), NaN outside the image -> uint8, each projection stretched over its own range."""
-    inside = ~tile.isnan()
-    if stretch and inside.any():
-        tile = contrast_stretch(torch.where(inside, tile, tile[inside].min())[None])[0]
-    return _pixels(torch.where(inside, tile, torch.ones(())))
 
 
 # ----------------------------------------------------------------------------- uploads
@@ -295,8 +287,8 @@ class Viewer:
                 "value": float(table.values[feature, j]),
                 "unit": [feature, int(table.ys[feature, j]), int(table.xs[feature, j])],
                 "box": table.boxes[feature, j].tolist(),
-                "projection": _png(_tile(result.projections[0, j], stretch=True)),
-                "patch": _png(_tile(result.patches[0, j], stretch=False))})
+                "projection": _png(_pixels(tile_pixels(result.projections[0, j], stretch=True))),
+                "patch": _png(_pixels(tile_pixels(result.patches[0, j], stretch=False)))})
         return {"layer": layer, "feature": feature, "entries": entries}
 
     def dataset_image(self, index: int) -> dict:

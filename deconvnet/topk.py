@@ -190,6 +190,16 @@ def gallery(model: nn.Module, source: Source, preprocess: Preprocess, layer: str
     return Gallery(layer, list(maps), tiles_p, tiles_x)
 
 
+def tile_pixels(tile: torch.Tensor, stretch: bool) -> torch.Tensor:
+    """A gallery tile (C, R, R), NaN outside the image -> values in [0, 1] to show, 1 (white) outside.
+    ``stretch``: a projection, contrast-stretched over its own range as in Fig. 2. The one tile
+    renderer of the gallery, the atlas and the viewer."""
+    inside = ~tile.isnan()
+    if stretch and inside.any():
+        tile = contrast_stretch(torch.where(inside, tile, tile[inside].min())[None])[0]
+    return torch.where(inside, tile.clamp(0, 1), torch.ones(()))
+
+
 def mosaic(tiles: torch.Tensor, stretch: bool) -> torch.Tensor:
     """(k, C, R, R) tiles -> one (C, rows*R, cols*R) square-ish mosaic with 1 px white gaps."""
     k, c, r, _ = tiles.shape
@@ -197,11 +207,7 @@ def mosaic(tiles: torch.Tensor, stretch: bool) -> torch.Tensor:
     rows = -(-k // cols)
     out = torch.ones(c, rows * (r + 1) - 1, cols * (r + 1) - 1)
     for j, tile in enumerate(tiles):
-        inside = ~tile.isnan()
-        if stretch and inside.any():  # each projection stretched over its own range, as in the paper
-            tile = torch.where(inside, tile, tile[inside].min())
-            tile = contrast_stretch(tile[None])[0]
-        tile = torch.where(inside, tile, torch.ones(()))
+        tile = tile_pixels(tile, stretch)
         y, x = divmod(j, cols)
         out[:, y * (r + 1):y * (r + 1) + r, x * (r + 1):x * (r + 1) + r] = tile
     return out
