@@ -324,16 +324,7 @@ def calibrate(cfg: TrainConfig, seconds: float = 4.0) -> dict:
     What ``reproduce`` sizes every step of the demo from; the same measurement a budgeted run makes.
     """
     cfg = cfg.resolved()
-    torch.manual_seed(cfg.seed)
-    config = model_config(cfg.model)
-    preprocess = preprocess_for(config.input_size, config.in_channels)
-    source = open_source(cfg.data, preprocess.stored_size, config.in_channels)
-    val_source, train_idx, val_idx = split_indices(cfg, source)
-    model = build_model(cfg.model, num_classes=len(source.classes), in_channels=config.in_channels, init=cfg.init)
-    preprocess.mean = mean_image(source, preprocess, train_idx)
-    device = torch.device(cfg.device)
-    preprocess.mean = preprocess.mean.to(device)
-    model.to(device, memory_format=torch.channels_last)
+    model, preprocess, source, val_source, train_idx, val_idx = _setup(cfg)
     threads = torch.get_num_threads()
     train_rate, eval_rate, best = measure_speed(cfg, model, source, preprocess, train_idx, val_source, val_idx,
                                                 seconds)
@@ -422,6 +413,33 @@ def _same_run(saved: TrainConfig, cfg: TrainConfig) -> bool:
     return a == b
 
 
+def _setup(cfg: TrainConfig):
+    """A run's seeded model (on its device, channels-last), preprocessing with the training set's mean
+    image, data and split: ``(model, preprocess, source, val_source, train_idx, val_idx)``."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    probe_config = model_config(cfg.model)
+    channels = probe_config.in_channels
+    preprocess = preprocess_for(probe_config.input_size, channels)
+    source = open_source(cfg.data, preprocess.stored_size, channels)
+    val_source, train_idx, val_idx = split_indices(cfg, source)
+    changes = dict(cfg.model_changes)
+    changes["init"] = cfg.init
+    if cfg.dropout is not None:
+        changes["dropout"] = cfg.dropout
+    try:
+        model = build_model(cfg.model, num_classes=len(source.classes), in_channels=channels, **changes)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad model settings: {e}") from None
+    preprocess.mean = mean_image(source, preprocess, train_idx)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device}: this PyTorch build sees no CUDA device")
+    preprocess.mean = preprocess.mean.to(cfg.device)
+    model.to(torch.device(cfg.device), memory_format=torch.channels_last)  # faster convs and pools on CPU
+    return model, preprocess, source, val_source, train_idx, val_idx
+
+
 def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
     rank, procs = world()
     if cfg.batch_size % procs:
@@ -441,30 +459,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
     elif (out / "final.pt").exists() or last_path.exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    probe_config = model_config(cfg.model)
-    channels = probe_config.in_channels
-    preprocess = preprocess_for(probe_config.input_size, channels)
-    source = open_source(cfg.data, preprocess.stored_size, channels)
-    val_source, train_idx, val_idx = split_indices(cfg, source)
-    changes = dict(cfg.model_changes)
-    changes["init"] = cfg.init
-    if cfg.dropout is not None:
-        changes["dropout"] = cfg.dropout
-    try:
-        model = build_model(cfg.model, num_classes=len(source.classes), in_channels=channels, **changes)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"bad model settings: {e}") from None
-    preprocess.mean = mean_image(source, preprocess, train_idx)
+    model, preprocess, source, val_source, train_idx, val_idx = _setup(cfg)
     info = CheckpointInfo(model.config, source.classes, preprocess, train_config=dataclasses.asdict(cfg))
-
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device}: this PyTorch build sees no CUDA device")
     device = torch.device(cfg.device)
-    preprocess.mean = preprocess.mean.to(device)
-    model.to(device, memory_format=torch.channels_last)  # faster convs and pools on CPU
     steps_per_epoch = len(epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, 1))
     if cfg.time_budget is not None and cfg.plan is None:  # a new budgeted run: measure, then size it
         *rates, threads = measure_speed(cfg, model, source, preprocess, train_idx, val_source, val_idx)
