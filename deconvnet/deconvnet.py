@@ -16,19 +16,27 @@ the signal through its linear map, average pools spread it. Activations the pape
 (ReLU6, SiLU, GELU, Hardswish, sigmoid gates, ...) are an error naming the first one the signal
 meets, unless ``other_activations="gradient"`` lets them act as they do for the gradient.
 
-Speed: a unit depends only on the input under its receptive field (:mod:`geometry`, from the traced
-graph), so each projection runs forward and backward over that crop alone, and many (image, unit)
-pairs go through in one batch.
+Speed: a unit depends only on its cone, the positions of every map below it that reach it
+(:mod:`geometry`, from the traced graph: the receptive field layer by layer). So a projection replays
+the traced graph over the cone alone: each op computes just the box of its map the unit depends on,
+convolutions and pools unpadded over a region of their input in which positions past the map's border
+hold the padding value, so every value and switch is the full image's; many (image, unit) pairs go
+through in one batch. Where the cone cannot be replayed (an op the geometry does not follow, a map
+broadcast over another, a pool that hides its padding) the receptive-field crop of the input runs
+through the model instead, or else the full image.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.utils._pytree import tree_map
 
 from .errors import UserError
-from .geometry import _field, _Unknown, cone_strides, graph_of, stride_of
+from .geometry import Graph, Node, Ref, _down, _field, _Unknown, cone_strides, graph_of, stride_of, unpadded
 from .probe import apply_at, hooks, module_calls, resolve
 from .figures import finish, new_figure
 
@@ -55,6 +63,31 @@ class _SkipBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
+
+
+class _ImageConv(torch.autograd.Function):
+    """``F.conv2d`` (no padding, no dilation, one group) whose input gradient is ATen's im2col kernel:
+    on CPU, oneDNN's is 2-8x slower when the input has an image's few channels (BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias, stride) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.stride = stride
+        return F.conv2d(x, weight, bias, stride)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.ops.aten._slow_conv2d_backward.output_mask(
+            grad, x, weight, weight.shape[2:], ctx.stride, (0, 0), (True, False, False))[0]
+        return grad_x, None, None, None
+
+
+def _image_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """``F.conv2d`` for the convolution that reads the image: :class:`_ImageConv` where it applies."""
+    if x.device.type == "cpu" and x.shape[1] <= 4 and padding == 0 and groups == 1 and tuple(dilation) == (1, 1):
+        return _ImageConv.apply(x, weight, bias, stride)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def _relu_hook(rule: str):
@@ -113,6 +146,9 @@ class Deconvnet:
     the rule. ``other_activations``: ``"error"`` (default) refuses a projection through an activation
     the paper has no rule for, naming it; ``"gradient"`` lets such activations act as they do in
     back-propagation (the rule still applies at every ReLU).
+
+    After each :meth:`project`, ``method`` says how it ran: ``"cone"``, ``"crop: WHY"`` or
+    ``"full image: WHY"``, WHY being the reason the cone did not apply.
     """
 
     def __init__(self, model: nn.Module, other_activations: str = "error"):
@@ -120,6 +156,7 @@ class Deconvnet:
             raise UserError(f"unknown other_activations {other_activations!r}; use one of {', '.join(OTHER_ACTIVATIONS)}")
         self.model = model
         self.other_activations = other_activations
+        self.method: str | None = None
 
     def project(self, images: torch.Tensor, layer: str, units, rule: str = "deconvnet") -> torch.Tensor:
         """Project one activation per image down to pixel space.
@@ -136,12 +173,13 @@ class Deconvnet:
             (N, C, H, W) projections. The seed is the activation's own value with every other
             activation of the layer zero (Sec. 2.1), so a projection scales with how strongly it fires.
 
-        Each unit runs forward and backward over the crop of the input under its receptive field
-        alone (the union over all paths of the traced graph), the crop's origin a multiple of every
-        total stride in the unit's cone so that every window and switch lines up with the full
-        image: the result is that of the full image. Where the geometry cannot vouch for that (an op
-        it cannot reason about, uneven adaptive pools, a field as large as the image) the full
-        image runs.
+        Each unit runs forward and backward over its cone alone (module docstring), with the values
+        and switches of the full image, so the result is the full image's. Where the cone does not
+        apply, over the crop of the input under its receptive field (the union over all paths of the
+        traced graph), the crop's origin a multiple of every total stride in the unit's cone so that
+        every window and switch lines up with the full image. Where the geometry cannot vouch for
+        either (an op it cannot reason about, uneven adaptive pools, a field as large as the image)
+        the full image runs. ``method`` records which.
         """
         if rule not in RULES:
             raise UserError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
@@ -153,12 +191,42 @@ class Deconvnet:
         units = [tuple(int(v) for v in u) for u in units]
         if len(units) != len(images):
             raise UserError(f"{len(units)} units for {len(images)} images; give one (channel, y, x) per image")
+        why = "the layer has no spatial units"
         if units and all(len(u) == 3 for u in units):
+            try:
+                result = self._project_cone(images, layer, units, rule)
+                self.method = "cone"
+                return result
+            except _NoCone as e:
+                why = str(e)
             result = self._project_crops(images, layer, units, rule)
             if result is not None:
+                self.method = f"crop: {why}"
                 return result
+        self.method = f"full image: {why}"
         return torch.cat([self._run(images[i:i + _CHUNK], layer, units[i:i + _CHUNK], rule)
                           for i in range(0, len(images), _CHUNK)])
+
+    def _project_cone(self, images, layer, units, rule) -> torch.Tensor:
+        """Projections computed over the units' cones; :class:`_NoCone` where the cone does not apply."""
+        plan = _Cone.plan(self.model, images, layer, units)
+        result = torch.zeros_like(images)
+        (top, bottom), (left, right) = plan.margin
+        (sy, sx), origins = plan.size[0], plan.origin[0].tolist()
+        for start in range(0, len(units), _CHUNK):
+            chunk = range(start, min(start + _CHUNK, len(units)))
+            padded = nn.functional.pad(images[start:chunk.stop], (left, right, top, bottom))
+            x = torch.stack([padded[i - start, :, origins[i][0] + top:origins[i][0] + top + sy,
+                                    origins[i][1] + left:origins[i][1] + left + sx] for i in chunk])
+            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)  # faster pools
+            with torch.enable_grad():
+                out, names = plan.forward(x, chunk)
+                grads = self._down(out, x, [(units[i][0], 0, 0) for i in chunk], rule, names, layer)
+            for grad, i in zip(grads, chunk):  # paste the part inside the image
+                y0, x0 = origins[i]
+                y1, x1 = min(y0 + sy, images.shape[2]), min(x0 + sx, images.shape[3])
+                result[i, :, max(y0, 0):y1, max(x0, 0):x1] = grad[:, max(-y0, 0):y1 - y0, max(-x0, 0):x1 - x0]
+        return result
 
     def _crops(self, images, layer, units) -> tuple | None:
         """``(crop_h, crop_w, origins, stride)`` for the units, or None where the full image must run."""
@@ -226,7 +294,6 @@ class Deconvnet:
         """One forward/backward pass. On a crop (``crop``): None if a unit falls outside the map."""
         x = x.detach().clone().requires_grad_(True)  # a leaf of our own (also from inference-mode tensors)
         names: dict = {}  # autograd node -> per-call name of the module whose output it made
-        node_handles: list = []
 
         def on_output(name, module, inputs, output):
             if not isinstance(output, torch.Tensor) or output.grad_fn is None:
@@ -236,15 +303,24 @@ class Deconvnet:
             names.setdefault(output.grad_fn, name)
             return output
 
-        with torch.enable_grad(), hooks(node_handles), hooks(module_calls(self.model, on_output)):
+        with torch.enable_grad(), hooks(module_calls(self.model, on_output)):
             out = apply_at(self.model, x, layer, lambda _name, output: output)[layer]  # in the graph
             for u in units:
                 if len(u) != out.dim() - 1 or not all(0 <= v < s for v, s in zip(u, out.shape[1:])):
                     if crop:
                         return None
                     raise UserError(f"unit {u} is outside {layer}'s output of shape {tuple(out.shape[1:])}")
-            if out.grad_fn is None:
-                raise UserError(f"{layer!r} does not depend on the input")
+            return self._down(out, x, units, rule, names, layer)
+
+    def _down(self, out: torch.Tensor, x: torch.Tensor, units: list[tuple], rule: str, names: dict,
+              layer: str) -> torch.Tensor:
+        """The pass down from ``out`` (N, ...), the layer's output computed from the leaf ``x``: the seed
+        is each unit's own value, every ReLU on the way gets the rule. ``names``: autograd node ->
+        layer name, for errors."""
+        if out.grad_fn is None:
+            raise UserError(f"{layer!r} does not depend on the input")
+        node_handles: list = []
+        with torch.enable_grad(), hooks(node_handles):
             on_path = [node for node, leads in _leads_to(out.grad_fn, x).items() if leads]
             if rule != "gradient":
                 others = [n for n in on_path if _other_kind(n)]
@@ -260,6 +336,134 @@ class Deconvnet:
             seed[index] = out.detach()[index]
             (grad,) = torch.autograd.grad(out, x, seed)
         return grad
+
+
+class _NoCone(Exception):
+    """The cone cannot be replayed for these units; the message says why."""
+
+
+@dataclass
+class _Cone:
+    """A cone pass planned for units of one layer: the traced ops under the layer that reach the units,
+    in execution order, each over a box of its map of the same size for every unit.
+
+    ``size[i]``: the box's (rows, cols) at node ``i``; ``origin[i]``: (N, 2) its first row and column
+    per unit (negative, or past the map, where the cone reaches past a border); ``cut[i, j]``: the
+    region of input ``j``'s box that node ``i`` reads (row offset, col offset, rows, cols);
+    ``inside[i]``: (N, 1, rows, cols), which positions of that region lie inside the input's map, for
+    the window ops whose region reaches past it; ``skip``: the contrast normalisations (passed
+    unchanged on the way down); ``margin``: ((top, bottom), (left, right)) padding of the images
+    that holds every unit's input box.
+    """
+
+    nodes: list[Node]
+    output: int
+    size: dict[int, tuple[int, int]]
+    origin: dict[int, torch.Tensor]
+    cut: dict[tuple[int, int], tuple[int, int, int, int]]
+    inside: dict[int, torch.Tensor]
+    skip: set[int]
+    margin: tuple
+
+    @staticmethod
+    def plan(model: nn.Module, images: torch.Tensor, layer: str, units: list[tuple]) -> _Cone:
+        """The cone pass for ``units`` (channel, y, x) of ``layer``, one per image; :class:`_NoCone`
+        where it does not apply."""
+        try:
+            graph = graph_of(model, tuple(images.shape[-2:]))
+        except Exception as e:  # noqa: BLE001 - a model the tracer cannot follow runs otherwise
+            raise _NoCone(f"the model cannot be traced ({type(e).__name__})") from None
+        if layer not in graph.names or not graph.nodes[graph.names[layer]].spatial:
+            raise _NoCone(f"{layer!r} is not a traced feature map")
+        top = graph.nodes[graph.names[layer]]
+        per_position: dict[tuple[int, int], tuple] = {}
+        for c, y, x in units:
+            if not (0 <= c < top.shape[1] and 0 <= y < top.shape[2] and 0 <= x < top.shape[3]):
+                raise _NoCone(f"unit ({c}, {y}, {x}) is outside the map")  # the full image says so
+            if (y, x) not in per_position:
+                per_position[y, x] = _Cone._boxes(graph, top, y, x)
+        boxes, cuts = next(iter(per_position.values()))
+        size = {i: (b[0][1] - b[0][0] + 1, b[1][1] - b[1][0] + 1) for i, b in boxes.items()}
+        for other, other_cuts in per_position.values():  # one batch needs one shape per node
+            if other_cuts != cuts or {i: (b[0][1] - b[0][0] + 1, b[1][1] - b[1][0] + 1) for i, b in other.items()} != size:
+                raise _NoCone("the cone's boxes differ in shape between units")
+        origin = {i: torch.tensor([[per_position[y, x][0][i][0][0], per_position[y, x][0][i][1][0]] for _, y, x in units])
+                  for i in boxes}
+        nodes = [graph.nodes[i] for i in sorted(boxes) if i > 0]
+        inside = {}
+        for n in nodes:
+            if n.kind == "pointwise":
+                continue
+            j = n.inputs[0]
+            dy, dx, rows, cols = cuts[n.index, j]
+            at_rows = origin[j][:, :1] + dy + torch.arange(rows)  # (N, rows): positions in j's map
+            at_cols = origin[j][:, 1:] + dx + torch.arange(cols)
+            ok_rows = (at_rows >= 0) & (at_rows < graph.nodes[j].shape[2])
+            ok_cols = (at_cols >= 0) & (at_cols < graph.nodes[j].shape[3])
+            if not (ok_rows.all() and ok_cols.all()):
+                inside[n.index] = (ok_rows[:, None, :, None] & ok_cols[:, None, None, :]).to(images.device)
+        skip = {n.index for n in nodes
+                if any(isinstance(resolve(model, name)[0], nn.LocalResponseNorm) for name in n.names)}
+        (h, w), corner = size[0], origin[0]
+        margin = ((max(0, -int(corner[:, 0].min())), max(0, int(corner[:, 0].max()) + h - images.shape[2])),
+                  (max(0, -int(corner[:, 1].min())), max(0, int(corner[:, 1].max()) + w - images.shape[3])))
+        return _Cone(nodes, top.index, size, origin, cuts, inside, skip, margin)
+
+    @staticmethod
+    def _boxes(graph: Graph, top: Node, y: int, x: int) -> tuple[dict, dict]:
+        """Unit (y, x) of ``top``: its cone's box per node (padding positions included) and where
+        each op reads each input inside that input's box."""
+        try:
+            boxes, _ = _field(graph, top, y, x, clip=False)
+            cuts = {}
+            for i in sorted(boxes):
+                n = graph.nodes[i]
+                if i == 0:
+                    continue
+                if n.kind not in ("window", "adaptive", "pointwise") or (n.kind != "pointwise" and n.fill is None):
+                    raise _NoCone(f"the cone holds {n.describe()}, which runs on whole maps or hides its padding")
+                if n.kind == "pointwise" and any(graph.nodes[j].shape[2:] != n.shape[2:] for j in n.inputs):
+                    raise _NoCone(f"{n.describe()} broadcasts one map over another")
+                for j, ((top_, bottom), (left, right)) in _down(n, graph.nodes, boxes[i], clip=False):
+                    cuts[i, j] = (top_ - boxes[j][0][0], left - boxes[j][1][0], bottom - top_ + 1, right - left + 1)
+        except _Unknown as e:
+            raise _NoCone(f"the cone holds {e}, which the geometry does not follow") from None
+        return boxes, cuts
+
+    def forward(self, x: torch.Tensor, chunk: range) -> tuple[torch.Tensor, dict]:
+        """Replay the cone on input boxes ``x`` (B, C, rows, cols) of units ``chunk``: the layer's output
+        (B, C', 1, 1) and, per autograd node, the layer name it belongs to."""
+        values, names = {0: x}, {}
+        for n in self.nodes:
+            def read(a, n=n):  # a traced argument -> the region of its box this op reads
+                if not isinstance(a, Ref):
+                    return a
+                t, (dy, dx, rows, cols) = values[a.index], self.cut[n.index, a.index]
+                return t if (dy, dx, rows, cols) == (0, 0, *t.shape[2:]) else t[:, :, dy:dy + rows, dx:dx + cols]
+
+            if n.kind == "pointwise":
+                args, kwargs = tree_map(read, n.args), tree_map(read, n.kwargs)
+                try:
+                    if n.index in self.skip:  # no contrast normalisation on the way down
+                        with torch.no_grad():
+                            out = n.func(*args, **kwargs)
+                        out = _SkipBackward.apply(read(Ref(n.inputs[0])), out)
+                    else:
+                        out = n.func(*args, **kwargs)
+                except RuntimeError as e:
+                    raise _NoCone(f"{n.describe()} cannot run on its box ({str(e).splitlines()[0]})") from None
+            else:
+                region = read(Ref(n.inputs[0]))
+                if n.index in self.inside:  # past the map's border: the padding value
+                    fill = torch.tensor(n.fill, dtype=region.dtype, device=region.device)
+                    region = torch.where(self.inside[n.index][chunk.start:chunk.stop], region, fill)
+                out = unpadded(n, region, _image_conv2d if n.inputs[0] == 0 else F.conv2d)
+            if not isinstance(out, torch.Tensor) or out.shape[0] != len(x) or tuple(out.shape[2:]) != self.size[n.index]:
+                raise _NoCone(f"{n.describe()} did not keep its box")
+            values[n.index] = out
+            if n.names and out.grad_fn is not None:
+                names.setdefault(out.grad_fn, n.names[0])
+        return values[self.output], names
 
 
 def _crop_size(n: int, field: int, slack: int, stride: int) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -273,23 +274,53 @@ def _hw(input_hw) -> tuple[int, int]:
     return (int(input_hw), int(input_hw)) if isinstance(input_hw, int) else (int(input_hw[0]), int(input_hw[1]))
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None for inference tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def graph_of(model: nn.Module, input_hw) -> Graph:
     """The traced graph (without values) for an input of ``input_hw`` (rows, cols) or a square size;
-    cached per model, input size and module layout."""
+    cached per model, input size, module layout and hooks, and the identity, dtype, device and
+    version (in-place changes) of its parameters and buffers: the graph's arguments hold tensors the
+    forward pass used, so a replay of it is the model as it is now."""
     h, w = _hw(input_hw)
-    layout = tuple((n, id(m)) for n, m in model.named_modules())
+    layout = tuple((n, id(m), tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for n, m in model.named_modules())
+    tensors = tuple((id(t), t.dtype, t.device, _version(t)) for t in [*model.parameters(), *model.buffers()])
     per_model = _CACHE.setdefault(model, {})
-    key = (h, w, layout)
+    key = (h, w, layout, tensors)
     if key not in per_model:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        like = next(model.parameters(), torch.zeros(()))
         was_training = model.training
         model.eval()
         try:
             per_model.clear()
-            per_model[key] = trace(model, torch.zeros(1, input_channels(model), h, w, device=device))
+            with torch.inference_mode(False):  # constants made in the forward pass can take part in autograd
+                per_model[key] = trace(model, torch.zeros(1, input_channels(model), h, w, dtype=like.dtype,
+                                                          device=like.device))
         finally:
             model.train(was_training)
     return per_model[key]
+
+
+def unpadded(node: Node, x: torch.Tensor, conv2d=F.conv2d) -> torch.Tensor:
+    """The conv or pool of a ``window`` node over ``x``, a region of its input that already holds the
+    padding (its ``fill``) where it reaches past the map: the node's kernel, stride and dilation, no
+    padding of its own. ``x`` spans whole windows: ``(outputs - 1) * stride + span`` per axis.
+    ``conv2d``: the function convolutions run with (``F.conv2d``'s signature)."""
+    name = _name(node.func)
+    kernel = tuple(a.kernel for a in node.axes)
+    stride = tuple(a.stride for a in node.axes)
+    dilation = tuple(a.dilation for a in node.axes)
+    if name == "conv2d":
+        b = _bound(name, node.args, node.kwargs)
+        return conv2d(x, b["weight"], b.get("bias"), stride, 0, dilation, b.get("groups", 1))
+    if "max" in name:
+        return F.max_pool2d(x, kernel, stride, 0, dilation)
+    return F.avg_pool2d(x, kernel, stride, 0)
 
 
 # ----------------------------------------------------------------------------- receptive fields

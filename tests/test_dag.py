@@ -167,7 +167,7 @@ def test_projections_equal_autograd_with_every_relu_the_rule(name, size, layer, 
         assert torch.equal(model(image[None]), logits)
 
 
-def test_crops_on_a_resnet_equal_the_full_image(monkeypatch):
+def test_cone_and_crops_on_a_resnet_equal_the_full_image(monkeypatch):
     model = torchvision_model("resnet18")
     torch.manual_seed(2)
     images = torch.randn(3, 3, 112, 112)
@@ -180,10 +180,23 @@ def test_crops_on_a_resnet_equal_the_full_image(monkeypatch):
 
     monkeypatch.setattr(Deconvnet, "_run", recorded)
     dn = Deconvnet(model)
-    out = dn.project(images, "layer1", units)
-    assert shapes == [(3, 3, 48, 48)]  # the 43 px field from a multiple of 4: 48 px of 112
     full = run(dn, images, "layer1", units, "deconvnet")
+    out = dn.project(images, "layer1", units)  # residual additions (in place), BatchNorm, in-place ReLUs
+    assert dn.method == "cone" and shapes == []
     assert (out - full).abs().max() <= 1e-5 * full.abs().max()
+    out = dn._project_crops(images, "layer1", units, "deconvnet")  # the fallback
+    assert shapes == [(3, 3, 48, 48)]  # the 43 px field from a multiple of 4: 48 px of 112
+    assert (out - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_an_unknown_op_in_the_cone_runs_the_full_image(monkeypatch):
+    torch.manual_seed(3)
+    model = Reshaping().eval()
+    image = torch.randn(3, 16, 16)
+    dn = Deconvnet(model)
+    ours = dn.project(image[None], "head", [(1, 10, 10)])
+    assert dn.method == "full image: the cone holds pixel_shuffle (shuffle), which the geometry does not follow"
+    assert torch.allclose(ours[0], reference_projection(model, image, "head", (1, 10, 10), "deconvnet", monkeypatch))
 
 
 def test_relu6_is_a_named_error_or_acts_as_the_gradient():

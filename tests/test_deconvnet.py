@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deconvnet import Deconvnet, UserError, build_model
@@ -312,10 +313,10 @@ def test_fully_connected_unit_is_the_scaled_gradient():
     assert torch.allclose(out, hidden[0, 7].detach() * grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item())
 
 
-# ----------------------------------------------------------------------------- crops
+# ----------------------------------------------------------------------------- cone and crops
 
 def record_runs(monkeypatch) -> tuple[list, object]:
-    """Record the input shape of every forward/backward pass; returns (shapes, the original pass)."""
+    """Record the input shape of every pass through the model; returns (shapes, the original pass)."""
     shapes, run = [], Deconvnet._run
 
     def recorded(self, x, *args, **kwargs):
@@ -326,7 +327,24 @@ def record_runs(monkeypatch) -> tuple[list, object]:
     return shapes, run
 
 
-def test_crop_runs_only_the_receptive_field_and_equals_the_full_image(monkeypatch):
+@pytest.mark.parametrize("rule", RULES)
+def test_cone_equals_the_full_image_with_padding_and_ceil_mode_pools(rule, monkeypatch):
+    torch.manual_seed(6)
+    model = _small_net()  # padded strided conv, ceil-mode pool, LRN, padded pool, in-place ReLU
+    images = torch.randn(4, 2, 23, 23, dtype=torch.float64)
+    dn = Deconvnet(model)
+    shapes, run = record_runs(monkeypatch)
+    for layer in layer_names(model):
+        last = activations(model, images[:1], layer)[layer].shape[-1] - 1
+        units = strongest(model, images, layer, at={0: (0, 0), 1: (last, last), 2: (0, last)})  # corners
+        shapes.clear()
+        out = dn.project(images, layer, units, rule=rule)
+        assert dn.method == "cone" and shapes == []  # no pass through the model itself
+        full = run(dn, images, layer, units, rule)
+        assert (out - full).abs().max() <= 1e-12 * full.abs().max(), layer
+
+
+def test_cone_and_crops_on_zfnet_equal_the_full_image(monkeypatch):
     torch.manual_seed(4)
     model = build_model("zfnet", 10).eval()
     images = torch.randn(3, 3, 224, 224)
@@ -334,10 +352,13 @@ def test_crop_runs_only_the_receptive_field_and_equals_the_full_image(monkeypatc
     shapes, run = record_runs(monkeypatch)
     for layer, crop, last in (("conv1", 8, 109), ("conv3", 96, 12), ("conv5", 160, 12)):
         units = strongest(model, images, layer, at={0: (0, 0), 2: (5, last)})  # a corner, the right border
-        shapes.clear()
-        out = dn.project(images, layer, units)
-        assert shapes == [(3, 3, crop, crop)]  # one batch of equal crops; ZFNet fields 7, 75, 139 px
         full = run(dn, images, layer, units, "deconvnet")
+        out = dn.project(images, layer, units)
+        assert dn.method == "cone"
+        assert (out - full).abs().max() <= 1e-5 * full.abs().max()
+        shapes.clear()
+        out = dn._project_crops(images, layer, units, "deconvnet")  # the fallback where the cone does not apply
+        assert shapes == [(3, 3, crop, crop)]  # one batch of equal crops; ZFNet fields 7, 75, 139 px
         assert (out - full).abs().max() <= 1e-5 * full.abs().max()
 
 
@@ -354,18 +375,54 @@ class _Residual(nn.Module):
         return self.conv2(self.pool(self.relu1(self.conv1(x))) + self.skip(x))
 
 
-def test_a_branching_model_runs_on_crops_equal_to_the_full_image(monkeypatch):
+def test_a_branching_model_runs_its_cone_or_crops_equal_to_the_full_image(monkeypatch):
     torch.manual_seed(5)
     model = _Residual().eval()
     images = torch.randn(2, 1, 16, 16)
     units = [(1, 3, 4), (2, 7, 0)]
     shapes, run = record_runs(monkeypatch)
     dn = Deconvnet(model)
+    full = run(dn, images, "conv2", units, "deconvnet")
     out = dn.project(images, "conv2", units)
+    assert dn.method == "cone" and torch.allclose(out, full, atol=1e-6)  # the skip reads a part of the input's box
+    shapes.clear()
+    out = dn._project_crops(images, "conv2", units, "deconvnet")
     # conv2's field: 3 pooled positions (6 px of conv1's map) under conv1's 3x3: 8 px, the skip's 5 px
     # (1x1 at stride 2) inside it; crops start at even pixels, one more for the odd start: 10 px
     assert shapes == [(2, 1, 10, 10)]
-    assert torch.allclose(out, run(dn, images, "conv2", units, "deconvnet"), atol=1e-6)
+    assert torch.allclose(out, full, atol=1e-6)
+
+
+class _Gated(nn.Module):
+    """A map scaled by its own mean (squeeze-excitation without the excitation): a 1x1 map broadcast
+    over a larger one, which the cone does not replay; and an avg-pool whose ceil mode hides its padding."""
+
+    def __init__(self, ceil: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d(2, ceil_mode=ceil)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.ceil = ceil
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.conv1(x)))
+        return self.conv2(y if self.ceil else y * F.adaptive_avg_pool2d(y, 1))
+
+
+@pytest.mark.parametrize("ceil, method", [(True, "crop: the cone holds avg_pool2d (pool)"),
+                                          (False, "full image: mul broadcasts one map over another")])
+def test_where_the_cone_does_not_apply_crops_or_the_full_image_run(ceil, method, monkeypatch):
+    torch.manual_seed(7)
+    model = _Gated(ceil).eval()
+    images = torch.randn(2, 1, 15, 15)
+    units = [(1, 0, 0), (3, 4, 6)]
+    shapes, run = record_runs(monkeypatch)
+    dn = Deconvnet(model)
+    out = dn.project(images, "conv2", units)
+    assert dn.method.startswith(method)
+    full = run(dn, images, "conv2", units, "deconvnet")
+    assert (out - full).abs().max() <= 1e-6 * full.abs().max()
+    assert shapes[0][2:] == ((9, 9) if ceil else (15, 15))  # a crop (the 8 px field, aligned), or the image
 
 
 # ----------------------------------------------------------------------------- errors and hooks
