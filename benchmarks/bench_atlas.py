@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import tempfile
@@ -68,6 +69,7 @@ def main() -> None:
 
     if args.sample_maps:
         return sampled(model, source, pre, n, args)
+    load = os.getloadavg()[0]
     phases: dict = {}
     originals = {name: getattr(atlas_module, name) for name in ("top_k", "gallery", "_png")}
     for name, fn in originals.items():
@@ -102,6 +104,7 @@ def main() -> None:
         "ratio_to_forward": round(atlas_s / forward_s, 1), "ratio_to_forward_cpu": round(atlas_cpu / forward_cpu, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
     }, indent=1))
 
 
