@@ -6,7 +6,9 @@ projection of that map's strongest activation.
 Exact and incremental, as in Krypton (Nakandala et al., SIGMOD 2019), on any graph the model runs:
 the unoccluded image runs once through :func:`geometry.trace`, keeping every op's output; then, per
 batch of squares, each op recomputes only the window of its map the square can reach
-(:func:`geometry.reach`) and reads the clean activations elsewhere. Convolutions and pools run on
+(:func:`geometry.reach`) and reads the clean activations elsewhere. Squares are batched with
+others of similar reach (near a border a square reaches less), as a batch pays per square for its
+largest window. Convolutions and pools run on
 the window cut from their input, pre-padded as PyTorch pads it (zeros; ``-inf`` for max-pools, ceil
 mode's tail included), with the changed window of the input pasted in; per-position ops (ReLU,
 BatchNorm, residual additions, channel concatenations, ...) run on the union of their inputs'
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import itertools
 import textwrap
 from dataclasses import dataclass
 
@@ -39,7 +42,8 @@ from .figures import finish, new_figure
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-CHUNK = 128  # occluder positions per batch
+CHUNK = 128  # occluder positions per batch, at most
+GROUPS = 3  # per axis, groups of square positions of similar reach batched together
 OBJECT, BACKGROUND = 0.5, 0.1  # a square "covers the object" / "covers background" (fraction of object pixels)
 CHECKED = 2  # squares checked against direct forward passes
 
@@ -218,6 +222,21 @@ def _windows(ranges: list, n: int) -> tuple[torch.Tensor, int] | None:
     return torch.tensor([0 if r is None else min(r[0], n - length) for r in ranges]), length
 
 
+def _groups(costs: dict[int, int], k: int) -> list[set[int]]:
+    """Split the keys into at most ``k`` groups, cheapest first, that minimise the sum over groups of
+    size x largest cost: the work of batches that each pay, per square, for their largest window."""
+    order = sorted(costs, key=costs.get)
+    n = len(order)
+
+    def work(cuts: tuple) -> int:
+        bounds = (0, *cuts, n)
+        return sum((b - a) * costs[order[b - 1]] for a, b in zip(bounds, bounds[1:]))
+
+    cuts = min(itertools.combinations(range(1, n), min(k, n) - 1), key=work)
+    bounds = (0, *cuts, n)
+    return [set(order[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
 def _macs(node: Node, rows: int, cols: int) -> int:
     """Multiply-adds of a conv node over ``rows`` x ``cols`` output positions (0 for other ops)."""
     if node.kind != "window" or getattr(node.func, "__name__", "") != "conv2d":
@@ -227,50 +246,93 @@ def _macs(node: Node, rows: int, cols: int) -> int:
 
 
 class _Incremental:
-    """The Krypton-style pass over a traced graph for a list of square positions."""
+    """The Krypton-style pass over a traced graph for a list of square positions.
+
+    A batch of squares recomputes, at each node, one window as large as its largest square's, so the
+    squares are batched by the size of their windows: per axis the square positions are split into
+    ``GROUPS`` groups of similar reach (near a border a square reaches fewer rows and columns), and
+    a batch is a row group x a column group.
+    """
 
     def __init__(self, graph: Graph, layer: Node, feature: int, image, size, fill, positions):
         self.graph, self.layer, self.feature = graph, layer, feature
         self.image, self.size, self.fill, self.positions = image, size, fill, positions
         height, width = image.shape[1:]
         last = graph.nodes[-1].index
-        row_reach = {t: reach(graph, (t, min(t + size, height) - 1), (0, width - 1)) for t in {t for t, _ in positions}}
-        col_reach = {l: reach(graph, (0, height - 1), (l, min(l + size, width) - 1)) for l in {l for _, l in positions}}
-        self.windows: dict[int, tuple] = {}  # node -> (row starts, rows, col starts, cols) over all squares
-        for node in graph.nodes[1:]:
-            if not node.spatial:
-                continue
-            rows = _windows([row_reach[t].get(node.index, (None, None))[0] for t, _ in positions], node.shape[2])
-            cols = _windows([col_reach[l].get(node.index, (None, None))[1] for _, l in positions], node.shape[3])
-            if rows is not None and cols is not None:
-                self.windows[node.index] = (*rows, *cols)
+        self.row_reach = {t: reach(graph, (t, min(t + size, height) - 1), (0, width - 1)) for t, _ in positions}
+        self.col_reach = {l: reach(graph, (0, height - 1), (l, min(l + size, width) - 1)) for _, l in positions}
+        convs = [n for n in graph.nodes if n.spatial and _macs(n, 1, 1)]
+
+        def cost(reached: dict, axis: int) -> int:  # conv multiply-adds of one square, the other axis whole
+            total = 0
+            for n in convs:
+                span = reached.get(n.index, (None, None))[axis]
+                if span is not None:
+                    extent = list(n.shape[2:])
+                    extent[axis] = span[1] - span[0] + 1
+                    total += _macs(n, *extent)
+            return total
+
+        row_groups = _groups({t: cost(r, 0) for t, r in self.row_reach.items()}, GROUPS)
+        col_groups = _groups({l: cost(r, 1) for l, r in self.col_reach.items()}, GROUPS)
+        self.batches = []  # lists of indices into ``positions``
+        for rows in row_groups:
+            for cols in col_groups:
+                batch = [i for i, (t, l) in enumerate(positions) if t in rows and l in cols]
+                self.batches += [batch[i:i + CHUNK] for i in range(0, len(batch), CHUNK)]
         self.last_use = {i: n.index for n in graph.nodes for i in n.inputs}
         self.last_use[graph.output] = last + 1
+        # the tail: the ops after the last map, run once on all squares; the outputs it reads before it
+        self.tail = max(n.index for n in graph.nodes if n.spatial) + 1
+        self.ends = sorted({i for n in graph.nodes[self.tail:] for i in n.inputs if i < self.tail}
+                           | ({graph.output} if graph.output < self.tail else set()))
+        if any(graph.nodes[i].shape is None for i in self.ends):
+            raise _Fallback("the ops after the last feature map read a tuple")
         self.padded: dict[int, torch.Tensor] = {}
-        self.dense: set[int] = set()  # nodes that ran on whole maps
+        self.weights: dict[int, torch.Tensor] = {}
+        self.done = 0  # conv multiply-adds recomputed, summed over squares
+
+    def windows(self, positions: list[tuple[int, int]]) -> dict[int, tuple]:
+        """Per node reached: (row starts, rows, col starts, cols), one start per square."""
+        windows = {}
+        for node in self.graph.nodes[1:]:
+            if not node.spatial:
+                continue
+            rows = _windows([self.row_reach[t].get(node.index, (None, None))[0] for t, _ in positions], node.shape[2])
+            cols = _windows([self.col_reach[l].get(node.index, (None, None))[1] for _, l in positions], node.shape[3])
+            if rows is not None and cols is not None:
+                windows[node.index] = (*rows, *cols)
+        return windows
 
     def all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        activity, scores = [], []
-        for start in range(0, len(self.positions), CHUNK):
-            a, s = self.chunk(slice(start, min(start + CHUNK, len(self.positions))))
+        """(b)'s activity (P,) and the class scores (P, K), in the order of ``positions``."""
+        self.done = 0
+        activity, ends = [], []
+        for batch in self.batches:
+            a, states = self.chunk(batch)
             activity.append(a)
-            scores.append(s)
-        return torch.cat(activity), torch.cat(scores)
+            ends.append(states)
+        # the tail (flatten, linear, ...: no maps left) once for all squares: its weights are read once
+        states = {i: torch.cat([e[i] for e in ends]) for i in self.ends}
+        n = len(self.positions)
+        self.steps(self.graph.nodes[self.tail:], states, {}, n)
+        out = self.graph.nodes[self.graph.output]
+        scores = self.full(out, states.get(out.index), n).flatten(1)
+        inverse = torch.argsort(torch.tensor([i for batch in self.batches for i in batch]))
+        return torch.cat(activity)[inverse], scores[inverse]
 
     def recomputed(self) -> float:
         """Mean share of the conv multiply-adds recomputed per square (windows; whole maps where dense)."""
         total = sum(_macs(n, n.shape[2], n.shape[3]) for n in self.graph.nodes if n.spatial)
-        done = 0
-        for index, (ys, rows, xs, cols) in self.windows.items():
-            node = self.graph.nodes[index]
-            done += _macs(node, *(node.shape[2:] if index in self.dense else (rows, cols)))
-        return done / total if total else 0.0
+        return self.done / (total * len(self.positions)) if total else 0.0
 
     # --- one batch of squares
 
-    def chunk(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = self.positions[sl]
+    def chunk(self, batch: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The squares ``batch`` up to the tail: (b)'s activity and the outputs the tail reads."""
+        positions = [self.positions[i] for i in batch]
         n = len(positions)
+        windows = self.windows(positions)
         height, width = self.image.shape[1:]
         tops = torch.tensor([t for t, _ in positions])
         lefts = torch.tensor([l for _, l in positions])
@@ -281,20 +343,26 @@ class _Incremental:
             win[b] = self.image[:, y:y + self.size, x:x + self.size]
             win[b, :, t - y:, l - x:] = self.fill[:, None, None]
         states: dict[int, object] = {0: _Win(win, wy, wx)}
+        activity = self.steps(self.graph.nodes[1:self.tail], states, windows, n)
+        return activity, {i: self.full(self.graph.nodes[i], states.get(i), n) for i in self.ends}
+
+    def steps(self, nodes: list[Node], states: dict, windows: dict, n: int) -> torch.Tensor | None:
+        """Run ``nodes`` for ``n`` squares, updating ``states`` (a node's window or whole output per
+        square; dropped after its last use); (b)'s activity when the layer followed is among them."""
         activity = None
-        for node in self.graph.nodes[1:]:
+        for node in nodes:
             if any(i in states for i in node.inputs):
-                state = self.run(node, states, sl, n)
+                state = self.run(node, states, windows.get(node.index), n)
                 if state is not None:
                     states[node.index] = state
+                    if node.spatial:  # a window, or the whole map
+                        self.done += n * _macs(node, *(state.t if isinstance(state, _Win) else state).shape[2:])
             if node is self.layer:
                 activity = self.activity(states.get(node.index), n)
             for i in node.inputs:
                 if self.last_use.get(i) == node.index:
                     states.pop(i, None)
-        out = self.graph.nodes[self.graph.output]
-        result = self.full(out, states.get(out.index), n)
-        return activity, result.flatten(1)
+        return activity
 
     def activity(self, state, n: int) -> torch.Tensor:
         clean = self.layer.value[:, self.feature:self.feature + 1]
@@ -317,12 +385,10 @@ class _Incremental:
             return _patch(node.value, state, torch.zeros_like(state.ys), torch.zeros_like(state.xs), *node.shape[2:])
         return state
 
-    def run(self, node: Node, states: dict, sl: slice, n: int):
-        window = self.windows.get(node.index)
+    def run(self, node: Node, states: dict, window: tuple | None, n: int):
         ins = [states.get(i) for i in node.inputs]
         if window is not None and not any(s is not None and not isinstance(s, _Win) for s in ins):
             ys, rows, xs, cols = window
-            ys, xs = ys[sl], xs[sl]
             if node.kind in ("window", "adaptive") and node.fill is not None:
                 return self.windowed(node, ins[0], ys, rows, xs, cols)
             if node.kind == "pointwise":
@@ -350,10 +416,12 @@ class _Incremental:
         name = getattr(node.func, "__name__", "")
         kernel, stride, dilation = (wy.kernel, wx.kernel), (wy.stride, wx.stride), (wy.dilation, wx.dilation)
         if name == "conv2d":
-            weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+            if node.index not in self.weights:  # channels-last, as the windows are: a cheaper reorder per call
+                weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+                self.weights[node.index] = weight.contiguous(memory_format=torch.channels_last)
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-            out = F.conv2d(region, weight, bias, stride, 0, dilation, groups)
+            out = F.conv2d(region, self.weights[node.index], bias, stride, 0, dilation, groups)
         elif "max" in name:
             out = F.max_pool2d(region, kernel, stride, 0, dilation)
         else:
@@ -399,8 +467,6 @@ class _Incremental:
         args, kwargs = tree_map(arg, node.args), tree_map(arg, node.kwargs)
         if node.inplace and isinstance(args[0], torch.Tensor) and states.get(node.inputs[0]) is None:
             args = (args[0].clone(), *args[1:])  # a clean value, expanded: never overwritten
-        if node.spatial:
-            self.dense.add(node.index)
         try:
             out = node.func(*args, **kwargs)
         except RuntimeError as e:
