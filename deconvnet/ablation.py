@@ -22,7 +22,7 @@ from .checkpoint import load_checkpoint
 from .data import open_source
 from .errors import UserError
 from .models import ModelConfig, model_config
-from .runner import atomic_write_json, progress
+from .runner import cache_key, cached, progress
 from .train import TrainConfig, split_indices, evaluate, train
 from .figures import finish, new_figure
 from .findings import Finding
@@ -96,19 +96,19 @@ def _run_variant(cfg: TrainConfig, run: Path) -> None:
 
 
 def _errors(cfg: TrainConfig, run: Path) -> dict:
-    """Train and test error of a finished run (cached in ``run/errors.json`` until final.pt changes)."""
-    cached = run / "errors.json"
-    if cached.exists() and cached.stat().st_mtime_ns >= (run / "final.pt").stat().st_mtime_ns:
-        return json.loads(cached.read_text())
-    model, info = load_checkpoint(run / "final.pt")
-    source = open_source(cfg.data, info.preprocess.stored_size, info.preprocess.channels)
-    _, train_idx, _ = split_indices(cfg.resolved(), source)
-    on_train = evaluate(model, source, info.preprocess, train_idx)
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    row = {"train_top1": 100 * (1 - on_train["top1"]), "test_top1": 100 * (1 - last["val_top1"]),
-           "test_top5": 100 * (1 - last["val_top5"]), "params": sum(p.numel() for p in model.parameters())}
-    atomic_write_json(cached, row)
-    return row
+    """Train and test error of a finished run, through the runner's cache (``run/errors.json``, keyed by
+    the run's settings, its final.pt and this module's source)."""
+    def compute() -> dict:
+        model, info = load_checkpoint(run / "final.pt")
+        source = open_source(cfg.data, info.preprocess.stored_size, info.preprocess.channels)
+        _, train_idx, _ = split_indices(cfg.resolved(), source)
+        on_train = evaluate(model, source, info.preprocess, train_idx)
+        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        return {"train_top1": 100 * (1 - on_train["top1"]), "test_top1": 100 * (1 - last["val_top1"]),
+                "test_top5": 100 * (1 - last["val_top5"]), "params": sum(p.numel() for p in model.parameters())}
+
+    key = cache_key(_errors, dataclasses.asdict(cfg.resolved()), [run / "final.pt", run / "metrics.jsonl"])
+    return cached(run / "errors.json", key, compute)[0]
 
 
 def ablate(base: TrainConfig, out: str | Path, variants: list[str] | None = None) -> AblationResult:
@@ -131,7 +131,7 @@ def ablate(base: TrainConfig, out: str | Path, variants: list[str] | None = None
     return result
 
 
-def findings(result: AblationResult) -> list[Finding]:
+def ablation_findings(result: AblationResult) -> list[Finding]:
     """Table 3's claims, checked against our numbers (test top-1 error)."""
     rows = result.rows
     test = {k: r["test_top1"] for k, r in rows.items()}
@@ -175,16 +175,16 @@ def findings(result: AblationResult) -> list[Finding]:
     return out
 
 
-def to_json(result: AblationResult) -> dict:
+def ablation_to_json(result: AblationResult) -> dict:
     """The table and its findings, ready for ``json.dump``."""
     return {"analysis": "ablation (Table 3)", "model": result.model, "data": result.data,
             "epochs": result.epochs, "limit": result.limit, "error_unit": "%",
             "rows": {k: {"label": LABELS[k], **{m: (round(v, 2) if isinstance(v, float) else v) for m, v in r.items()}}
                      for k, r in result.rows.items()},
-            "findings": to_findings_json(findings(result))}
+            "findings": to_findings_json(ablation_findings(result))}
 
 
-def plot(result: AblationResult, path=None) -> Figure:
+def draw_ablation(result: AblationResult, path=None) -> Figure:
     """Train and test top-1 error of every variant as grouped bars (Table 3 as a figure)."""
     names = list(result.rows)
     fig, ax = new_figure(figsize=(max(6, 1.1 * len(names)), 4.5))

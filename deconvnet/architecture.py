@@ -141,7 +141,7 @@ def _find(runs: list[RunSummary], model: str, renorm: bool) -> RunSummary | None
     return next((r for r in runs if r.model == model and r.renorm == renorm), None)
 
 
-def findings(runs: list[RunSummary]) -> list[Finding]:
+def architecture_findings(runs: list[RunSummary]) -> list[Finding]:
     """Sec. 4.1's claims for the pairs present: ZFNet vs AlexNet (both renormalised), ZFNet with vs
     without renormalisation. Models are matched by name (``zfnet*`` against ``alexnet*`` of the same size).
     A claim holds only by a margin: values within ``TIE`` of each other are a tie."""
@@ -194,7 +194,7 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.3g}"
 
 
-def to_json(runs: list[RunSummary]) -> dict:
+def architecture_to_json(runs: list[RunSummary]) -> dict:
     """Per-run numbers and the findings, ready for ``json.dump``."""
     return {"analysis": "architecture selection (Fig. 6)",
             "definitions": {"dead": f"fraction of layer-1 filters with RMS < {DEAD_RMS} x the median RMS",
@@ -210,7 +210,7 @@ def to_json(runs: list[RunSummary]) -> dict:
                       **r.metrics, "aliasing": r.aliasing, "layer2_high": r.layer2_high, "filter_rms": r.rms,
                       "layer2_maps": r.maps}
                      for r in runs],
-            "findings": to_findings_json(findings(runs))}
+            "findings": to_findings_json(architecture_findings(runs))}
 
 
 def _grid(tiles: torch.Tensor, cols: int, shared_scale: bool) -> torch.Tensor:
@@ -234,7 +234,7 @@ def _grid(tiles: torch.Tensor, cols: int, shared_scale: bool) -> torch.Tensor:
     return out
 
 
-def plot(runs: list[RunSummary], path=None) -> Figure:
+def draw_architecture(runs: list[RunSummary], path=None) -> Figure:
     """Fig. 6 with numbers: per run, its layer-1 filters (one shared grey scale), the layer-2
     projections (each stretched) and the sorted filter RMS."""
     fig, axes = new_figure(len(runs), 3, figsize=(13, 3.8 * len(runs)), squeeze=False,

@@ -137,7 +137,7 @@ def load_snapshots(run: str | Path) -> tuple[list[tuple[int, torch.nn.Module]], 
     return [(epoch, model) for epoch, (model, _) in loaded], loaded[-1][1][1]
 
 
-def findings(result: EvolutionResult) -> list[Finding]:
+def evolution_findings(result: EvolutionResult) -> list[Finding]:
     """Fig. 4's claim with our numbers: lower layers stabilise earlier."""
     stable = {n: layer.mean_stable_epoch for n, layer in result.layers.items()}
     low = [stable[n] for n in (1, 2) if n in stable]
@@ -155,7 +155,7 @@ def findings(result: EvolutionResult) -> list[Finding]:
                     {f"layer{n}": v for n, v in stable.items()}, held, reading)]
 
 
-def to_json(result: EvolutionResult) -> dict:
+def evolution_to_json(result: EvolutionResult) -> dict:
     """Per layer and map: the strongest image, its value and the consecutive correlations per snapshot."""
     return {"analysis": "feature evolution (Fig. 4)", "epochs": result.epochs,
             "stable_definition": f"first snapshot after which the strongest image is unchanged and consecutive "
@@ -167,10 +167,10 @@ def to_json(result: EvolutionResult) -> dict:
                                                "stable_epoch": layer.stable_epoch[m]}
                                               for m, c in enumerate(layer.maps)]}
                        for n, layer in result.layers.items()},
-            "findings": to_findings_json(findings(result))}
+            "findings": to_findings_json(evolution_findings(result))}
 
 
-def plot_layer(result: EvolutionResult, n: int, path=None) -> Figure:
+def draw_evolution_layer(result: EvolutionResult, n: int, path=None) -> Figure:
     """Fig. 4 for layer ``n``: one row per map, one column per snapshot epoch (each tile stretched)."""
     layer = result.layers[n]
     rows, cols = len(layer.maps), len(result.epochs)
@@ -191,7 +191,7 @@ def plot_layer(result: EvolutionResult, n: int, path=None) -> Figure:
     return finish(fig, path)
 
 
-def plot_summary(result: EvolutionResult, path=None) -> Figure:
+def draw_evolution(result: EvolutionResult, path=None) -> Figure:
     """The measured claim: mean stable epoch per layer (each map a dot)."""
     fig, ax = new_figure(figsize=(5, 3.6))
     for n, layer in result.layers.items():

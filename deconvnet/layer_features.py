@@ -84,7 +84,7 @@ def layer_analysis(model: nn.Module, preprocess: Preprocess, target: Source, per
     return result
 
 
-def findings(result: LayerResult) -> list[Finding]:
+def layer_features_findings(result: LayerResult) -> list[Finding]:
     """Table 7's claim: accuracy rises steadily with the layer, for each classifier and N."""
     out = []
     for kind in CLASSIFIERS:
@@ -101,7 +101,7 @@ def findings(result: LayerResult) -> list[Finding]:
     return out
 
 
-def to_json(result: LayerResult) -> dict:
+def layer_features_to_json(result: LayerResult) -> dict:
     """Table 7 (mean, std, folds in %) and the findings, ready for ``json.dump``."""
     table = {}
     for kind in CLASSIFIERS:
@@ -114,10 +114,10 @@ def to_json(result: LayerResult) -> dict:
                    for n in result.per_class}}
     return {"analysis": "per-layer features (Table 7)", "target": result.target, "folds": result.folds,
             "metric": "mean of per-class accuracies (%)", "excluded_overlaps": result.excluded,
-            "table": table, "findings": to_findings_json(findings(result))}
+            "table": table, "findings": to_findings_json(layer_features_findings(result))}
 
 
-def plot(result: LayerResult, path=None) -> Figure:
+def draw_layer_features(result: LayerResult, path=None) -> Figure:
     """Accuracy against the layer the classifier sits on, per classifier and N (Table 7 as a figure)."""
     fig, ax = new_figure(figsize=(6, 4))
     layers = list(result.layers)

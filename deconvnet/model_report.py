@@ -2,8 +2,9 @@
 
 Fig. 2 (top-9 activations projected), Fig. 5 (invariance), Fig. 7 (occlusion) and, given a target
 data set, Table 7 (per-layer linear probes) for any model under study, as one self-contained HTML
-page. Each section is one ``deconvnet`` command run as a cached step, as ``reproduce`` runs the
-paper: a rerun redoes only the steps whose command or input files (weights, model file) changed.
+page. Each section is one command of :mod:`deconvnet.commands` run as a cached step, as ``reproduce``
+runs the paper: a rerun redoes only the steps whose options, input files (weights, model file) or
+source changed.
 """
 from __future__ import annotations
 
@@ -13,43 +14,46 @@ import sys
 import time
 from pathlib import Path
 
+from . import commands
+from .commands import command_line
 from .errors import UserError
-from .report import SECTIONS, STYLE, _img, findings_html
-from .reproduce import Step, run_step
-from .runner import atomic_write_text
+from .report import STYLE, section_html
+from .runner import Step, atomic_write_text, run_step
+from .sections import BY_STEP
 
-PAPER = {label: (title, paper) for label, title, _step, _json, paper in SECTIONS}
-OUTPUTS = {"fig2": ("Fig. 2", "topk.json"), "fig5": ("Fig. 5", "invariance.json"),
-           "fig7": ("Fig. 7", "occlusion.json"), "table7": ("Table 7", "layers.json")}
+STEPS = ("fig2", "fig5", "fig7", "table7")  # the sections of the paper that run on any model and data
 
 
-def plan(model_args: list[str], inputs: list[str], data: str, images: int, limit: int | None,
-         target: str | None, maps: int = 9) -> list[Step]:
-    """The steps for one model and data set; ``model_args`` are the ``--model ...`` options (absolute
-    paths), ``inputs`` the files whose content keys the steps (weights, model file, class names)."""
-    first = ",".join(str(i) for i in range(images))
-    few = ",".join(str(i) for i in range(min(images, 3)))
-    limit_args = ["--limit", str(limit)] if limit else []
-    steps = [Step("fig2", ["topk", *model_args, "--data", data, *limit_args, "--maps", str(maps), "--out", "fig2"], inputs),
-             Step("fig5", ["invariance", *model_args, "--data", data, "--index", first, "--out", "fig5"], inputs),
-             Step("fig7", ["occlude", *model_args, "--data", data, "--index", few, "--out", "fig7"], inputs)]
-    if target:
-        steps.append(Step("table7", ["layers", *model_args, "--target", target, "--per-class", "5,10", "--folds", "3",
-                                     "--out", "table7"], inputs))
+def plan(model: dict, inputs: list[str], data: str, images: int, limit: int | None, target: str | None,
+         maps: int = 9) -> list[Step]:
+    """The steps for one model and data set; ``model`` holds the model options (absolute paths),
+    ``inputs`` the files whose content keys the steps (weights, model file, class names)."""
+    options = {"fig2": dict(data=data, limit=limit, maps=maps),
+               "fig5": dict(data=data, index=list(range(images))),
+               "fig7": dict(data=data, index=list(range(min(images, 3)))),
+               "table7": dict(target=target, per_class=[5, 10], folds=3)}
+    steps = []
+    for name in STEPS:
+        if name == "table7" and not target:
+            continue
+        command = BY_STEP[name].command
+        call = {**model, **{k: v for k, v in options[name].items() if v is not None}}
+        steps.append(Step(name, getattr(commands, command), call, inputs,
+                          command_line(command, {**call, "out": name})))
     return steps
 
 
-def model_report(out: str | Path, model_args: list[str], inputs: list[str], data: str, description: dict,
+def model_report(out: str | Path, model: dict, inputs: list[str], data: str, description: dict,
                  images: int = 5, limit: int | None = None, target: str | None = None) -> Path:
     """Run the steps (cached) and write ``out/index.html``; returns its path."""
     if images < 1:
         raise UserError(f"--images must be at least 1, got {images}")
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    steps = plan(model_args, [str(Path(f).resolve()) for f in inputs], data, images, limit, target)
+    steps = plan(model, [str(Path(f).resolve()) for f in inputs], data, images, limit, target)
     records, started = {}, time.time()
     for i, step in enumerate(steps, 1):
-        records[step.name] = run_step(step, root, "user", f"[{i}/{len(steps)}]")
+        records[step.name] = run_step(step, root, f"[{i}/{len(steps)}]")
     index = write_page(root, steps, records, description, data, target)
     print(f"report: {index}  ({time.time() - started:.0f} s in all)", flush=True)
     return index
@@ -63,18 +67,7 @@ def write_page(root: Path, steps: list[Step], records: dict, description: dict, 
 
     from . import __version__
 
-    body = []
-    for step in steps:
-        label, json_name = OUTPUTS[step.name]
-        title, paper = PAPER[label]
-        result = json.loads((root / step.name / json_name).read_text())
-        parts = [f'<section id="{step.name}"><h2>{html.escape(label)}: {html.escape(title)}</h2>',
-                 f"<p class=paper><b>Paper (ZFNet on ImageNet):</b> {html.escape(paper)}</p>",
-                 f"<p>Command: <code>deconvnet {html.escape(' '.join(step.argv))}</code></p>"]
-        parts.extend(_img(p) for p in sorted((root / step.name).glob("*.png")))
-        parts.append(findings_html(result["findings"]))
-        parts.append("</section>")
-        body.append("".join(parts))
+    body = [section_html(root, BY_STEP[step.name], step.command) for step in steps]
     if not target:
         body.append('<section id="table7"><h2>Table 7: Features of each layer</h2><p>Give a labelled target '
                     "data set (<code>--target folder:PATH</code>, one folder per class) for per-layer linear probes."

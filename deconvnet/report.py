@@ -1,4 +1,5 @@
-"""The HTML report of ``deconvnet reproduce``: one section per figure/table, in the paper's order.
+"""The HTML report of ``deconvnet reproduce``: one section per entry of :data:`deconvnet.sections.SECTIONS`,
+in the paper's order, each rendered from its step's figures and findings.
 
 Self-contained (figures are embedded as data URIs), so ``index.html`` opens from disk with no server,
 and written atomically.
@@ -13,57 +14,7 @@ from pathlib import Path
 
 from .checkpoint import read_checkpoint
 from .runner import atomic_write_text
-
-# (label, title, step directory, JSON file, what the paper reports). Paper order.
-SECTIONS = [
-    ("Fig. 2", "Feature visualisation: top-9 activations per feature map, projected to pixels", "fig2",
-     "topk.json", "Projections of the top 9 activations of random feature maps in layers 1-5 beside their "
-     "input patches: edges and colour blobs in layer 1, textures in layer 2, object parts higher up."),
-    ("Fig. 3", "Architecture and training", "train", None,
-     "ZFNet: conv1 96 7x7/2, conv2 256 5x5/2, conv3-5 384/384/256 3x3, fc6/fc7 4096, 70 epochs of SGD on "
-     "ImageNet; 38.4% top-1 / 16.5% top-5 validation error (Table 2)."),
-    ("Fig. 4", "Feature evolution during training", "fig4", "evolution.json",
-     "Lower layers converge within a few epochs; upper layers only after 40-50 epochs."),
-    ("Fig. 5", "Invariance to translation, scale and rotation", "fig5", "invariance.json",
-     "Small transformations change layer 1 a lot and layer 7 much less; the output is stable to translation "
-     "and scale but not to rotation."),
-    ("Fig. 6", "Architecture selection: layer-1 filters and layer-2 projections", "fig6", "architecture.json",
-     "AlexNet's layer 1 mixes very high and low frequencies with dead filters, and its layer 2 aliases; "
-     "ZFNet's smaller stride and kernel fix both; without RMS renormalisation one filter dominates."),
-    ("Fig. 7", "Occlusion sensitivity", "fig7", "occlusion.json",
-     "The probability of the correct class drops sharply when the square covers the object, and the "
-     "strongest layer-5 map responds to the object."),
-    ("Table 1", "Part correspondence", "table1", "correspondence.json",
-     "Layer 5: eyes 0.067-0.069, nose 0.079, random 0.107 (lower is tighter correspondence); layer 7: all "
-     "about 0.07."),
-    ("Table 2", "ImageNet 2012 classification error", None, None,
-     "One ZFNet: 38.4% top-1 / 16.5% top-5 validation error; replicated AlexNet 40.5 / 18.1."),
-    ("Table 3", "Ablation of layers and widths", "table3", "ablation.json",
-     "Removing layers 3,4,6,7 is far worse than removing either pair; fc width matters little; wider "
-     "middle conv layers help."),
-    ("Tables 4/5, Fig. 9", "Transfer: fixed layers 1-7 and a new softmax", "tables4-5", "transfer.json",
-     "Caltech-101: 83.8 / 86.5% with 15 / 30 images per class pretrained vs 22.8 / 46.5% from scratch; "
-     "pretrained features stay strong down to a few images per class."),
-    ("Table 6", "PASCAL VOC 2012", None, None,
-     "20-way softmax on the pretrained features: 79.0% mean AP, competitive with the best of 2012."),
-    ("Table 7", "Features of each layer with a linear SVM or softmax", "table7", "layers.json",
-     "Accuracy rises steadily with depth (Caltech-101 SVM: 44.8% at layer 1 to 85.5% at layer 7)."),
-]
-
-OFFLINE = {
-    "Table 2": ("ImageNet is not available offline, so this table cannot be reproduced here. With the "
-                "ILSVRC-2012 train and val sets in the ImageFolder layout:",
-                "deconvnet train --model zfnet --data folder:/data/ilsvrc12/train --val folder:/data/ilsvrc12/val "
-                "--out runs/zfnet --workers 8\n"
-                "deconvnet evaluate --checkpoint runs/zfnet/final.pt --data folder:/data/ilsvrc12/val --ten-crop\n"
-                "deconvnet train --model alexnet --data folder:/data/ilsvrc12/train --val folder:/data/ilsvrc12/val "
-                "--out runs/alexnet --workers 8"),
-    "Table 6": ("PASCAL VOC 2012 is not available offline. With its images arranged one folder per class "
-                "(the dominant object's class) and an ImageNet-trained checkpoint:",
-                "deconvnet transfer --checkpoint runs/zfnet/final.pt --target folder:/data/voc12-by-class "
-                "--per-class 30 --folds 5 --out runs/table6"),
-}
-
+from .sections import SECTIONS, Section
 
 STYLE = """<style>
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -113,8 +64,26 @@ def findings_html(findings: list[dict]) -> str:
          f"{rows}</table>")
 
 
-def _train_section(root: Path) -> str:
-    run = root / "train"
+def section_html(root: Path, section: Section, command: str | None = None) -> str:
+    """One section: the paper's claim, then our figures and findings from ``root/<step>`` (or, for data
+    not available here, how to run it). ``command``: the step's command line, shown when given."""
+    parts = [f'<section id="{section.anchor}"><h2>{html.escape(section.label)}: {html.escape(section.title)}</h2>',
+             f"<p class=paper><b>Paper:</b> {html.escape(section.paper)}</p>"]
+    if command:
+        parts.append(f"<p>Command: <code>{html.escape(command)}</code></p>")
+    if section.offline:
+        text, commands = section.offline
+        parts.append(f"<p>{html.escape(text)}</p><pre>{html.escape(commands)}</pre>")
+    elif section.command == "train":
+        parts.append(_train_section(root / section.step))
+    else:
+        result = json.loads((root / section.step / section.result).read_text())
+        parts.extend(_img(p) for p in sorted((root / section.step).glob("*.png")))
+        parts.append(findings_html(result["findings"]))
+    return "".join(parts) + "</section>"
+
+
+def _train_section(run: Path) -> str:
     config = json.loads((run / "config.json").read_text())
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     last = lines[-1]
@@ -140,23 +109,7 @@ def write_report(root: Path, steps, records: dict, budget: str, argv: list[str])
 
     from . import __version__
 
-    body = []
-    for label, title, step, json_name, paper in SECTIONS:
-        anchor = label.lower().replace(" ", "").replace(".", "").replace("/", "-").replace(",", "")
-        parts = [f'<section id="{anchor}"><h2>{html.escape(label)}: {html.escape(title)}</h2>',
-                 f"<p class=paper><b>Paper:</b> {html.escape(paper)}</p>"]
-        if label in OFFLINE:
-            text, commands = OFFLINE[label]
-            parts.append(f"<p>{html.escape(text)}</p><pre>{html.escape(commands)}</pre>")
-        elif label == "Fig. 3":
-            parts.append(_train_section(root))
-        else:
-            result = json.loads((root / step / json_name).read_text())
-            parts.extend(_img(p) for p in sorted((root / step).glob("*.png")))
-            parts.append(findings_html(result["findings"]))
-        parts.append("</section>")
-        body.append("".join(parts))
-
+    body = [section_html(root, section) for section in SECTIONS]
     rows = "".join(f"<tr><td>{html.escape(name)}</td><td><code>{html.escape(r['command'])}</code></td>"
                    f"<td>{r['seconds']:.0f} s</td><td>{html.escape(r['finished'])}</td></tr>"
                    for name, r in records.items())
@@ -181,7 +134,7 @@ embedded data. Each section shows our figure, our numbers beside the paper's, an
 this scale.</p>
 {''.join(body)}
 <section id="run"><h2>Run</h2>
-<p>Command: <code>{html.escape(' '.join(argv))}</code></p>
+<p>Command: <code>{html.escape(' '.join(['deconvnet', *argv[1:]]))}</code></p>
 {sizing}
 <table><tr><th>step</th><th>command</th><th>wall-clock</th><th>finished</th></tr>{rows}</table>
 <p>Versions: {html.escape(versions)}</p>

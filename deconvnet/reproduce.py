@@ -1,62 +1,63 @@
 """``deconvnet reproduce``: the whole paper on the embedded data, one cached step at a time.
 
-Every step is one ``deconvnet`` command (the same a user would type), run in this process. Its
-outputs go to ``DIR/<step>/`` with a ``step.json`` holding the key of its inputs (the command and
-the SHA-256 of the checkpoints it reads); a rerun skips every step whose key is unchanged, and an
-interrupted training step resumes from its last checkpoint. ``DIR/index.html`` is the report.
+Every step calls one function of :mod:`deconvnet.commands` (what a ``deconvnet`` command does; the
+equivalent command line is recorded) through the runner's cache: its outputs go to ``DIR/<step>/``
+with a ``step.json`` holding the key of its options, the SHA-256 of the checkpoints it reads and the
+source it runs; a rerun skips every step whose key is unchanged (a code edit redoes the steps that can
+see it), and an interrupted training step resumes from its last checkpoint. ``DIR/index.html`` is the
+report, one section per entry of :data:`deconvnet.sections.SECTIONS`.
 """
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import math
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import commands
+from .commands import command_line
 from .errors import UserError
-from .runner import atomic_write_json, file_sha256
+from .runner import Step, atomic_write_json, format_seconds, run_step
+from .sections import SECTIONS
 
-# Budgets: "quick" is what the tests run end to end (about a minute); "default" is `make demo`, sized
-# at run time from one measured calibration to end within --time-budget minutes (20 by default); "full"
-# the longer schedules behind --full.
+# Budgets, as options of each step's command: "quick" is what the tests run end to end (about a minute);
+# "default" is `make demo`, sized at run time from one measured calibration to end within --time-budget
+# minutes (20 by default); "full" the longer schedules behind --full. "fig6-runs": the three trainings of Fig. 6.
 BUDGETS = {
-    "quick": dict(train=["--limit", "1000", "--epochs", "2", "--snapshots", "1,2"],
-                  topk=["--limit", "500", "--maps", "4"],
-                  evolution=["--limit", "300", "--maps", "3"],
-                  arch_train=["--limit", "1000", "--epochs", "1", "--no-ten-crop"],
-                  compare=["--limit", "300", "--maps", "8"],
-                  occlude=["--index", "0,1"],
-                  invariance=["--index", "0,1,2"],
-                  correspond=["--repeats", "2"],
-                  ablate=["--limit", "500", "--epochs", "1"],
-                  transfer=["--per-class", "1,5", "--folds", "2", "--scratch-steps", "30"],
-                  layers=["--per-class", "5", "--folds", "2"]),
-    "default": dict(train=["--snapshots", "1,2,3,4,5,6,8,10,12,15,20,25,30"],  # + --time-budget (sized)
-                    topk=["--maps", "9"],
-                    evolution=["--limit", "2000", "--maps", "5"],
-                    arch_train=["--epochs", "3", "--no-ten-crop"],  # + --time-budget (sized)
-                    compare=["--limit", "1000", "--maps", "16"],
-                    occlude=["--index", "0,1,2,3,4", "--size", "8", "--stride", "2"],
-                    invariance=[],
-                    correspond=[],
-                    ablate=["--epochs", "3", "--lr", "0.02"],  # + --limit (sized)
-                    transfer=[],  # + --scratch-steps (sized)
-                    layers=[]),
-    "full": dict(train=["--epochs", "60", "--snapshots", "1,2,3,4,5,6,8,10,12,15,20,25,30,40,50,60"],
-                 topk=["--maps", "16"],
-                 evolution=["--limit", "10000", "--maps", "8"],
-                 arch_train=["--epochs", "12", "--no-ten-crop"],
-                 compare=["--limit", "5000", "--maps", "16"],
-                 occlude=["--index", "0,1,2,3,4", "--size", "8", "--stride", "2"],
-                 invariance=[],
-                 correspond=["--repeats", "10"],
-                 ablate=["--epochs", "12"],
-                 transfer=[],
-                 layers=[]),
+    "quick": {"train": dict(limit=1000, epochs=2, snapshots=[1, 2]),
+              "fig2": dict(limit=500, maps=4),
+              "fig4": dict(limit=300, maps=3),
+              "fig5": dict(index=[0, 1, 2]),
+              "fig6-runs": dict(limit=1000, epochs=1, no_ten_crop=True),
+              "fig6": dict(limit=300, maps=8),
+              "fig7": dict(index=[0, 1]),
+              "table1": dict(repeats=2),
+              "table3": dict(limit=500, epochs=1),
+              "tables4-5": dict(per_class=[1, 5], folds=2, scratch_steps=30),
+              "table7": dict(per_class=[5], folds=2)},
+    "default": {"train": dict(snapshots=[1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30]),  # + time_budget (sized)
+                "fig2": dict(maps=9),
+                "fig4": dict(limit=2000, maps=5),
+                "fig5": {},
+                "fig6-runs": dict(epochs=3, no_ten_crop=True),  # + time_budget (sized)
+                "fig6": dict(limit=1000, maps=16),
+                "fig7": dict(index=[0, 1, 2, 3, 4], size=8, stride=2),
+                "table1": {},
+                "table3": dict(epochs=3, lr=0.02),  # + limit (sized)
+                "tables4-5": {},  # + scratch_steps (sized)
+                "table7": {}},
+    "full": {"train": dict(epochs=60, snapshots=[1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60]),
+             "fig2": dict(maps=16),
+             "fig4": dict(limit=10000, maps=8),
+             "fig5": {},
+             "fig6-runs": dict(epochs=12, no_ten_crop=True),
+             "fig6": dict(limit=5000, maps=16),
+             "fig7": dict(index=[0, 1, 2, 3, 4], size=8, stride=2),
+             "table1": dict(repeats=10),
+             "table3": dict(epochs=12),
+             "tables4-5": {},
+             "table7": {}},
 }
 
 DEMO_MINUTES = 20.0  # `make demo`, set-up excluded
@@ -106,141 +107,50 @@ def size_demo(speed: dict, minutes: float = DEMO_MINUTES, data_images: int = 600
             "estimates": {k: round(v) for k, v in estimates.items()}}
 
 
-@dataclass
-class Step:
-    """One section of the paper: the command that makes it and the files its result depends on."""
+FIG6_RUNS = ("fig6-zfnet", "fig6-alexnet", "fig6-norenorm")
+PATHS = ("checkpoint", "run", "runs")  # options that name files of the report directory
+# What continues an interrupted step in its directory (others start afresh): the trainer from its last
+# checkpoint, the ablation from its finished and interrupted variants.
+RESUME = {"train": lambda out: {"resume": (out / "checkpoints" / "last.pt").exists()}, "ablate": lambda out: {}}
 
-    name: str  # directory under DIR
-    argv: list[str]
-    inputs: list[str] = field(default_factory=list)  # paths relative to DIR whose content keys the cache
+
+def _step(name: str, command: str, options: dict, inputs: list[str] = ()) -> Step:
+    function = getattr(commands, command)
+    return Step(name, function, options, list(inputs), command_line(command, {**options, "out": name}),
+                paths=PATHS, resume=RESUME.get(command))
 
 
 def plan(data: str, model: str, budget: str, sizes: dict | None = None) -> list[Step]:
-    """The steps of the paper, in the order they must run (training first); ``sizes`` from :func:`size_demo`."""
-    b = {k: list(v) for k, v in BUDGETS[budget].items()}
-    arch = {}
+    """The steps of the paper, in the order they must run: the trainings first, then one step per section
+    of :data:`deconvnet.sections.SECTIONS` in paper order; ``sizes`` from :func:`size_demo`."""
+    b = {k: dict(v) for k, v in BUDGETS[budget].items()}
+    runs = {name: dict(b["fig6-runs"]) for name in FIG6_RUNS}
     if sizes:
-        b["train"] += ["--time-budget", f"{sizes['train']:g}"]
-        arch = {n: ["--time-budget", f"{sizes[n]:g}"] for n in ("fig6-zfnet", "fig6-alexnet", "fig6-norenorm")}
-        b["ablate"] += ["--limit", str(sizes["table3"])]
-        b["transfer"] += ["--scratch-steps", str(sizes["tables4-5"])]
+        b["train"]["time_budget"] = sizes["train"]
+        for name in FIG6_RUNS:
+            runs[name]["time_budget"] = sizes[name]
+        b["table3"]["limit"] = sizes["table3"]
+        b["tables4-5"]["scratch_steps"] = sizes["tables4-5"]
     ckpt = "train/final.pt"
-    arch_model = "alexnet-small" if model.endswith("-small") else "alexnet"
     test = f"{data}:test" if data == "fashion-mnist" else data
-    parts = ["--class", "Sneaker"] if data == "fashion-mnist" else []  # aligned, with preset parts
-    return [
-        Step("train", ["train", "--model", model, "--data", data, *b["train"], "--out", "train"]),
-        Step("fig2", ["topk", "--checkpoint", ckpt, "--data", test, *b["topk"], "--out", "fig2"], [ckpt]),
-        Step("fig4", ["evolution", "--run", "train", *b["evolution"], "--out", "fig4"], [ckpt]),
-        Step("fig5", ["invariance", "--checkpoint", ckpt, "--data", test, *b["invariance"], "--out", "fig5"], [ckpt]),
-        Step("fig6-zfnet", ["train", "--model", model, "--data", data, *b["arch_train"],
-                            *arch.get("fig6-zfnet", []), "--out", "fig6-zfnet"]),
-        Step("fig6-alexnet", ["train", "--model", arch_model, "--data", data, *b["arch_train"],
-                              *arch.get("fig6-alexnet", []), "--out", "fig6-alexnet"]),
-        Step("fig6-norenorm", ["train", "--model", model, "--data", data, *b["arch_train"], "--no-renorm",
-                               *arch.get("fig6-norenorm", []), "--out", "fig6-norenorm"]),
-        Step("fig6", ["compare", "--runs", "fig6-zfnet,fig6-alexnet,fig6-norenorm", *b["compare"], "--out", "fig6"],
-             ["fig6-zfnet/final.pt", "fig6-alexnet/final.pt", "fig6-norenorm/final.pt"]),
-        Step("fig7", ["occlude", "--checkpoint", ckpt, "--data", test, *b["occlude"], "--out", "fig7"], [ckpt]),
-        Step("table1", ["correspond", "--checkpoint", ckpt, "--data", test, *parts, *b["correspond"],
-                        "--out", "table1"], [ckpt]),
-        Step("table3", ["ablate", "--model", model, "--data", data, *b["ablate"], "--out", "table3"]),
-        Step("tables4-5", ["transfer", "--checkpoint", ckpt, *b["transfer"], "--out", "tables4-5"], [ckpt]),
-        Step("table7", ["layers", "--checkpoint", ckpt, *b["layers"], "--out", "table7"], [ckpt]),
-    ]
-
-
-# The module that does each command's work: a step's key holds the source of that module and of every
-# package module it imports, so a code edit redoes exactly the steps that can see it (an edit to
-# occlusion.py redoes Fig. 7 and keeps the training).
-# The analyses also load their model through the model under study (subject.py).
-COMMAND_MODULES = {"train": ["train"], "ablate": ["ablation"], "evolution": ["evolution"],
-                   "compare": ["architecture"], "topk": ["topk", "subject"], "invariance": ["invariance", "subject"],
-                   "occlude": ["occlusion", "subject"], "correspond": ["correspondence", "subject"],
-                   "transfer": ["transfer", "subject"], "layers": ["layer_features", "subject"]}
-PACKAGE = Path(__file__).parent
-
-
-def _imports(module: str) -> set[str]:
-    """The package modules ``module`` imports (``from .x import``, at any depth of the file), by name."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:  # from . import x
-                found.update(alias.name for alias in node.names)
-    return {m for m in found if (PACKAGE / f"{m}.py").is_file()}
-
-
-def source_key(command: str) -> str:
-    """SHA-256 over the source of the command's module and everything it imports from the package."""
-    todo, seen = list(COMMAND_MODULES.get(command, ["cli"])), set()
-    while todo:
-        module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            todo.extend(_imports(module) - seen)
-    digest = hashlib.sha256()
-    for module in sorted(seen):
-        digest.update(module.encode() + b"\0" + (PACKAGE / f"{module}.py").read_bytes())
-    return digest.hexdigest()
-
-
-def step_key(step: Step, root: Path) -> str:
-    """The cache key: the command, the content of every input file and the source it runs."""
-    inputs = {p: file_sha256(root / p) for p in step.inputs}
-    text = json.dumps({"argv": step.argv, "inputs": inputs, "source": source_key(step.argv[0])}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _fmt(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
-def run_step(step: Step, root: Path, budget: str, position: str, estimate: float | None = None) -> dict:
-    """Run one step unless its outputs for the same key are already there; returns its record."""
-    from .cli import main
-
-    out = root / step.name
-    marker = out / "step.json"
-    key = step_key(step, root)
-    if marker.is_file():
-        record = json.loads(marker.read_text())
-        if record.get("key") == key:
-            print(f"{position} {step.name:<14} cached ({_fmt(record['seconds'])} when it ran)", flush=True)
-            return record
-    print(f"{position} {step.name:<14} running" + (f", estimated {_fmt(estimate)}" if estimate else ""), flush=True)
-    argv = _absolute(step.argv, root)
-    started_marker = out / "started.json"  # the key of the run that was interrupted here, if any
-    same_run = started_marker.is_file() and json.loads(started_marker.read_text()).get("key") == key
-    if same_run and step.argv[0] == "train" and (out / "checkpoints" / "last.pt").exists():
-        argv.append("--resume")  # an interrupted training run continues where it stopped
-    elif out.exists() and not (same_run and step.argv[0] == "ablate"):  # ablate resumes its variants itself
-        shutil.rmtree(out)  # outputs of another command (a changed budget) or of an unfinished analysis
-    atomic_write_json(started_marker, {"key": key})
-    started = time.time()
-    code = main(argv)
-    if code != 0:
-        raise UserError(f"step {step.name} failed: deconvnet {' '.join(argv)}")
-    record = {"key": key, "command": "deconvnet " + " ".join(step.argv), "seconds": round(time.time() - started, 1),
-              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    atomic_write_json(marker, record)
-    started_marker.unlink()
-    print(f"{position} {step.name:<14} done in {_fmt(record['seconds'])}", flush=True)
-    return record
-
-
-def _absolute(argv: list[str], root: Path) -> list[str]:
-    """The step's command with its --out/--checkpoint/--run/--runs paths under ``root``."""
-    out = list(argv)
-    for i in range(1, len(out)):
-        if out[i - 1] in ("--out", "--checkpoint", "--run"):
-            out[i] = str(root / out[i])
-        elif out[i - 1] == "--runs":
-            out[i] = ",".join(str(root / r) for r in out[i].split(","))
-    return out
+    arch_model = "alexnet-small" if model.endswith("-small") else "alexnet"
+    common = {  # what each step is given besides its budget
+        "train": dict(model=model, data=data), "fig2": dict(checkpoint=ckpt, data=test), "fig4": dict(run="train"),
+        "fig5": dict(checkpoint=ckpt, data=test), "fig6": dict(runs=list(FIG6_RUNS)),
+        "fig7": dict(checkpoint=ckpt, data=test),
+        "table1": dict(checkpoint=ckpt, data=test, **({"class_name": "Sneaker"} if data == "fashion-mnist" else {})),
+        "table3": dict(model=model, data=data), "tables4-5": dict(checkpoint=ckpt), "table7": dict(checkpoint=ckpt)}
+    inputs = {"fig2": [ckpt], "fig4": [ckpt], "fig5": [ckpt], "fig7": [ckpt], "table1": [ckpt], "tables4-5": [ckpt],
+              "table7": [ckpt], "fig6": [f"{name}/final.pt" for name in FIG6_RUNS]}
+    steps = [_step("train", "train", {**common["train"], **b["train"]})]
+    steps += [_step("fig6-zfnet", "train", dict(model=model, data=data, **runs["fig6-zfnet"])),
+              _step("fig6-alexnet", "train", dict(model=arch_model, data=data, **runs["fig6-alexnet"])),
+              _step("fig6-norenorm", "train", dict(model=model, data=data, no_renorm=True, **runs["fig6-norenorm"]))]
+    for section in SECTIONS:
+        if section.step and section.step != "train":
+            steps.append(_step(section.step, section.command, {**common[section.step], **b[section.step]},
+                               inputs.get(section.step, [])))
+    return steps
 
 
 def calibration(root: Path, model: str, data: str) -> dict:
@@ -294,7 +204,7 @@ def reproduce(out: str | Path = "report", quick: bool = False, data: str = "fash
     records = {}
     for i, step in enumerate(steps, 1):
         estimate = demo["estimates"].get(step.name) if demo else None
-        records[step.name] = run_step(step, root, budget, f"[{i}/{len(steps)}]", estimate)
+        records[step.name] = run_step(step, root, f"[{i}/{len(steps)}]", estimate)
     index = write_report(root, steps, records, budget=budget, argv=sys.argv)
-    print(f"report: {index}  ({_fmt(time.time() - started)} in all)", flush=True)
+    print(f"report: {index}  ({format_seconds(time.time() - started)} in all)", flush=True)
     return index

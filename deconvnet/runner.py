@@ -1,12 +1,25 @@
-"""The runner of long work: progress bars and atomic writes (a killed write never leaves a bad file)."""
+"""The runner of long work: progress bars, atomic writes (a killed write never leaves a bad file),
+torchrun, and the one cache of results (:func:`cached`) and of cached steps (:func:`run_step`).
+
+A cache entry is keyed by the function, its arguments, the SHA-256 of its input files and the source of
+the package modules it can run (:func:`source_key`), so a code change redoes exactly the work it can
+affect. ``reproduce`` and ``report`` run their steps through :func:`run_step`; the top-k tables of
+``topk``, ``serve`` and ``atlas`` and the ablation's errors go through :func:`cached`.
+"""
 from __future__ import annotations
 
+import ast
+import contextlib
 import hashlib
 import io
 import json
 import os
 import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -40,7 +53,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (cache keys of reproduce and serve)."""
+    """SHA-256 of a file's bytes (cache keys)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -85,3 +98,176 @@ def all_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
+
+
+@contextlib.contextmanager
+def distributed():
+    """Inside: the torchrun process group when launched by torchrun (left afterwards), else nothing."""
+    started = init_distributed()
+    try:
+        yield
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the cache
+
+PACKAGE = Path(__file__).parent
+
+
+def cache_dir() -> Path:
+    """Where cached results live: ``$DECONVNET_CACHE``, else ``$XDG_CACHE_HOME/deconvnet`` (``~/.cache``)."""
+    if os.environ.get("DECONVNET_CACHE"):
+        return Path(os.environ["DECONVNET_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deconvnet"
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    """The package modules imported anywhere in ``tree`` (``from .x import``, ``from . import x``)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+    return {m for m in found if (PACKAGE / f"{m}.py").is_file()}
+
+
+def source_key(module: str, function: str | None = None) -> str:
+    """SHA-256 over the source a function can run: its module and every package module imported by
+    it, transitively. With ``function``, the module's imports count only at its top level and in that
+    function (so ``commands.occlude`` depends on occlusion.py, and ``commands.train`` does not)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    if function is None:
+        todo = _imports(tree)
+    else:  # the module's top level, the function and the module's functions it calls, transitively
+        defs = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        used, pending = set(), [function]
+        while pending:
+            name = pending.pop()
+            if name in defs and name not in used:
+                used.add(name)
+                pending.extend(n.id for n in ast.walk(defs[name]) if isinstance(n, ast.Name))
+        top = [node for node in tree.body if not isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+        todo = _imports(ast.Module(body=top + [defs[name] for name in used], type_ignores=[]))
+    seen = {module}
+    todo = list(todo - seen)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(_imports(ast.parse((PACKAGE / f"{name}.py").read_text())) - seen)
+    digest = hashlib.sha256()
+    for name in sorted(seen):
+        digest.update(name.encode() + b"\0" + (PACKAGE / f"{name}.py").read_bytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights and buffers (random weights included, unlike a file's hash)."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(function: Callable, arguments: dict, files: list[str | Path] = ()) -> str:
+    """The key of ``function(**arguments)`` over the content of ``files``: JSON-able ``arguments``, the
+    files' SHA-256 and :func:`source_key` of the function."""
+    module = function.__module__.rpartition(".")[2]
+    text = json.dumps({"function": f"{module}.{function.__name__}", "arguments": arguments,
+                       "files": {str(f): file_sha256(f) for f in files},
+                       "source": source_key(module, function.__name__)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cached(path: str | Path, key: str, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """``(value, reused)``: the value stored at ``path`` under ``key``, or ``compute()``, then stored
+    there atomically with its key. A ``.json`` path holds JSON; any other a ``torch.save`` file of
+    tensors, numbers, strings, lists and dicts. An unreadable or stale entry is computed again."""
+    path = Path(path)
+    saved = load_cached(path, key)
+    if saved is not None:
+        return saved, True
+    value = compute()
+    if path.suffix == ".json":
+        atomic_write_json(path, {"key": key, "value": value})
+    else:
+        atomic_torch_save({"key": key, "value": value}, path)
+    return value, False
+
+
+def load_cached(path: str | Path, key: str) -> Any | None:
+    """The value :func:`cached` stored at ``path`` under ``key``; None when there is none for that key."""
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            saved = json.loads(path.read_text())
+        else:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing, damaged or from another version: computed again
+        return None
+    return saved["value"] if isinstance(saved, dict) and saved.get("key") == key else None
+
+
+@dataclass
+class Step:
+    """One cached step: ``function(**options, out=root/name)``, keyed by the options, the content of
+    ``inputs`` (paths relative to the root) and the source the function can run. ``command`` is the
+    equivalent ``deconvnet`` command line (provenance); ``paths``: the options that are paths relative to
+    the root; ``resume``, for work that can continue after an
+    interruption, gives the options that continue it in its directory (else the step starts afresh)."""
+
+    name: str
+    function: Callable
+    options: dict
+    inputs: list[str] = field(default_factory=list)
+    command: str = ""
+    paths: tuple[str, ...] = ()  # options naming files under the root, relative (so a moved root keeps its cache)
+    resume: Callable[[Path], dict] | None = None
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def step_key(step: Step, root: Path) -> str:
+    return cache_key(step.function, step.options, [root / p for p in step.inputs])
+
+
+def run_step(step: Step, root: Path, position: str, estimate: float | None = None) -> dict:
+    """Run ``step`` unless ``root/name`` holds its result for the same key; prints one line (``cached``
+    for a reused step) and returns its record (key, command, seconds, finished)."""
+    out = root / step.name
+    key = step_key(step, root)
+    started_marker = out / "started.json"  # the key of the run that was interrupted here, if any
+    same_run = started_marker.is_file() and json.loads(started_marker.read_text()).get("key") == key
+
+    def compute() -> dict:
+        print(f"{position} {step.name:<14} running" + (f", estimated {format_seconds(estimate)}" if estimate else ""), flush=True)
+        options = {**step.options, "out": str(out)}
+        for name in step.paths:
+            if isinstance(options.get(name), str):
+                options[name] = str(root / options[name])
+            elif isinstance(options.get(name), list):
+                options[name] = [str(root / p) for p in options[name]]
+        if same_run and step.resume is not None:
+            options.update(step.resume(out))
+        elif out.exists():
+            shutil.rmtree(out)  # outputs of other options (a changed budget) or of unfinished work
+        atomic_write_json(started_marker, {"key": key})
+        started = time.time()
+        step.function(**options)
+        started_marker.unlink()
+        return {"command": step.command, "seconds": round(time.time() - started, 1),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    record, reused = cached(out / "step.json", key, compute)
+    if reused:
+        print(f"{position} {step.name:<14} cached ({format_seconds(record['seconds'])} when it ran)", flush=True)
+    else:
+        print(f"{position} {step.name:<14} done in {format_seconds(record['seconds'])}", flush=True)
+    return record

@@ -9,19 +9,17 @@ travel as base64 PNG data URLs inside the JSON answers.
 
 Concurrency: requests share one model behind a lock (a projection attaches hooks to it). The top-k
 pass runs once per (model, weights, data, limit, layers) in a background thread on its own copy of the model;
-its tables are cached in memory and, written atomically, on disk. Uploads are read into memory only,
+its tables are kept in memory and in the runner's cache, shared with ``deconvnet topk``. Uploads are read into memory only,
 never past the size limit, and decoded with Pillow; nothing the user sends names a file.
 """
 from __future__ import annotations
 
 import base64
 import copy
-import hashlib
 import io
 import json
 import os
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +41,8 @@ from .errors import UserError
 from .geometry import unit_box
 from .occlusion import occlusion
 from .probe import activations
-from .runner import atomic_torch_save, file_sha256
 from .subject import Subject
-from .topk import TopK, gallery, tile_pixels, top_k
+from .topk import TopK, cached_top_k, gallery, load_top_k, tile_pixels
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 10 * 1024 * 1024  # bytes
@@ -155,11 +152,12 @@ class _Counted(Source):
 
 
 class TopKJob:
-    """The top-``K`` table of every layer over the first ``n`` images of ``source``, computed once in
-    a background thread on a copy of the model, or read from ``cache`` (a file written atomically)."""
+    """The top-``K`` table of every layer over the first ``n`` images of ``source``, computed once in a
+    background thread on a copy of the model, through the runner's cache: the tables ``deconvnet topk``
+    wrote for the same model, data and layers (all images, its default, or the same ``n``) are read."""
 
-    def __init__(self, model: nn.Module, source: Source, preprocess, layers: list[str], n: int, cache: Path):
-        self.source, self.total, self.cache = _Counted(source), n, cache
+    def __init__(self, model: nn.Module, source: Source, preprocess, layers: list[str], n: int):
+        self.source, self.total = _Counted(source), n
         self.tables: dict[str, TopK] | None = None
         self.error: str | None = None
         self._args = (copy.deepcopy(model), preprocess, layers)
@@ -174,24 +172,14 @@ class TopKJob:
     def _run(self) -> None:
         model, preprocess, layers = self._args
         try:
-            tables = self._load()
-            if tables is None:
-                tables = top_k(model, self.source, preprocess, layers, k=K, indices=range(self.total))
-                try:
-                    atomic_torch_save({name: vars(t) for name, t in tables.items()}, self.cache)
-                except OSError as e:
-                    warnings.warn(f"top-k tables not cached in {self.cache}: {e}")
+            tables = load_top_k(model, self.source, preprocess, layers, K)  # `deconvnet topk`'s default: all images
+            if tables is not None:
+                self.total = len(self.source)
+            else:
+                tables = cached_top_k(model, self.source, preprocess, layers, K, range(self.total))
             self.tables = tables
         except Exception as e:  # noqa: BLE001 - shown to the user in the page
             self.error = f"{type(e).__name__}: {e}"
-
-    def _load(self) -> dict[str, TopK] | None:
-        """The cached tables, or None if there are none or the file is unreadable."""
-        try:
-            saved = torch.load(self.cache, map_location="cpu", weights_only=True)
-            return {name: TopK(**fields) for name, fields in saved.items()}
-        except Exception:  # noqa: BLE001 - a missing or damaged cache is recomputed
-            return None
 
 
 # ----------------------------------------------------------------------------- the viewer
@@ -203,7 +191,7 @@ class Viewer:
     must not run it at once.
     """
 
-    def __init__(self, subject: Subject, data: str | None, limit: int, cache_dir: Path,
+    def __init__(self, subject: Subject, data: str | None, limit: int,
                  layers: list[str] | None = None, atlas: str | Path | None = None):
         if limit < 1:
             raise UserError(f"--limit must be at least 1, got {limit}")
@@ -231,10 +219,7 @@ class Viewer:
         self.to_model = subject.class_index(self.source.classes)  # data label -> model class (None: not one)
         self.lock = threading.Lock()
         self._galleries: dict[tuple[str, int], dict] = {}
-        n = min(limit, len(self.source))
-        key = json.dumps([subject.spec, [file_sha256(f) for f in subject.files()], self.data, n, K, self.layers])
-        cache = cache_dir / f"topk-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
-        self.topk = TopKJob(self.model, self.source, pre, self.layers, n, cache)
+        self.topk = TopKJob(self.model, self.source, pre, self.layers, min(limit, len(self.source)))
         self.topk.thread.start()
 
     def describe(self) -> dict:
@@ -390,11 +375,6 @@ class Viewer:
 
 # ----------------------------------------------------------------------------- the app
 
-def default_cache_dir() -> Path:
-    """Where top-k tables are cached: ``$XDG_CACHE_HOME/deconvnet/serve`` (default ``~/.cache``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deconvnet" / "serve"
-
-
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -460,7 +440,7 @@ def serve(subject: Subject, data: str | None = None, host: str = "127.0.0.1", po
     ``atlas`` (a ``deconvnet atlas`` site) each feature map links to its page there."""
     import uvicorn
 
-    viewer = Viewer(subject, data, limit, default_cache_dir(), layers, atlas)
+    viewer = Viewer(subject, data, limit, layers, atlas)
     print(f"deconvnet serve: http://{host}:{port}/  ({subject.name} on {viewer.data}; "
           f"top-k over {viewer.topk.total} images runs in the background)", flush=True)
     uvicorn.run(create_app(viewer), host=host, port=port, log_level="warning")

@@ -9,10 +9,12 @@ the same however the data is split over ``torchrun`` processes.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import hashlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -25,8 +27,7 @@ from .errors import UserError
 from .findings import Finding, pct
 from .geometry import layer_field, unit_box
 from .probe import apply_at
-from .runner import progress
-from .runner import world
+from .runner import cache_dir, cache_key, cached, load_cached, model_fingerprint, progress, world
 from .figures import finish, new_figure
 
 if TYPE_CHECKING:
@@ -129,6 +130,36 @@ def top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list
         t.boxes = torch.tensor([[boxes[y, x] for y, x in zip(ys, xs)]
                                 for ys, xs in zip(t.ys.tolist(), t.xs.tolist())], dtype=torch.long)
     return tables
+
+
+def top_k_cache(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
+                indices=None) -> tuple[Path, str]:
+    """``(path, key)`` of :func:`top_k`'s tables in the runner's cache: keyed by the model's weights, the
+    preprocessing, the data, the images, the layers, ``k`` and the source of this module."""
+    indices = list(range(len(source))) if indices is None else [int(i) for i in indices]
+    mean = hashlib.sha256(preprocess.mean.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    arguments = {"model": model_fingerprint(model), "preprocess": preprocess.to_dict(), "mean": mean,
+                 "data": source.name, "images": hashlib.sha256(json.dumps(indices).encode()).hexdigest(),
+                 "layers": list(layers), "k": k}
+    key = cache_key(top_k, arguments)
+    return cache_dir() / "topk" / f"{key[:32]}.pt", key
+
+
+def cached_top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
+                 indices=None) -> dict[str, TopK]:
+    """:func:`top_k` through the runner's cache, shared by ``topk``, ``serve`` and ``atlas``: the same
+    model, data and layers are passed over once."""
+    path, key = top_k_cache(model, source, preprocess, layers, k, indices)
+    tables, _ = cached(path, key, lambda: {name: vars(t) for name, t in
+                                           top_k(model, source, preprocess, layers, k, indices).items()})
+    return {name: TopK(**fields) for name, fields in tables.items()}
+
+
+def load_top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
+               indices=None) -> dict[str, TopK] | None:
+    """The cached tables of :func:`cached_top_k`, or None when that pass has not run."""
+    tables = load_cached(*top_k_cache(model, source, preprocess, layers, k, indices))
+    return None if tables is None else {name: TopK(**fields) for name, fields in tables.items()}
 
 
 # ----------------------------------------------------------------------------- the Fig. 2 gallery

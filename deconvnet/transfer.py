@@ -187,7 +187,7 @@ def transfer(model: torch.nn.Module, info: CheckpointInfo, target: Source, per_c
     return result
 
 
-def findings(result: TransferResult) -> list[Finding]:
+def transfer_findings(result: TransferResult) -> list[Finding]:
     """Sec. 5.2's claims: pretrained features + softmax beat training from scratch at small N."""
     small = [n for n in result.per_class if n <= 15] or [min(result.per_class)]
     pre = {n: round(100 * float(np.mean(result.pretrained[n])), 2) for n in result.per_class}
@@ -205,7 +205,7 @@ def findings(result: TransferResult) -> list[Finding]:
                     held, reading)]
 
 
-def to_json(result: TransferResult) -> dict:
+def transfer_to_json(result: TransferResult) -> dict:
     """Tables 4/5 (mean, std and folds in %), the overlaps and the findings, ready for ``json.dump``."""
     def cells(scores):
         return {f"{n}_per_class": {"mean": round(100 * float(np.mean(scores[n])), 2),
@@ -222,10 +222,10 @@ def to_json(result: TransferResult) -> dict:
                         "nearest_correlation_max": round(float(max(result.nearest, default=float("nan"))), 4),
                         "nearest_correlation_median": round(float(np.median(result.nearest)), 4)
                         if result.nearest else None},
-            "findings": to_findings_json(findings(result))}
+            "findings": to_findings_json(transfer_findings(result))}
 
 
-def plot(result: TransferResult, path=None) -> Figure:
+def draw_transfer(result: TransferResult, path=None) -> Figure:
     """Fig. 9: mean per-class accuracy against training images per class, pretrained vs scratch."""
     fig, ax = new_figure(figsize=(6, 4))
     curves = (("pretrained layers 1-7 + new softmax", result.pretrained),

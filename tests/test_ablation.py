@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from deconvnet.ablation import LABELS, ablate, plot, to_json, variant_changes
+from deconvnet.ablation import LABELS, ablate, draw_ablation, ablation_to_json, variant_changes
 from deconvnet.errors import UserError
 from deconvnet.models import build_model, model_config
 from deconvnet.train import TrainConfig
@@ -73,9 +73,9 @@ def test_ablate_trains_reuses_and_resumes(tmp_path):
     assert errors.stat().st_mtime_ns >= (tmp_path / "no-6-7" / "final.pt").stat().st_mtime_ns  # re-measured
     assert again.rows["no-6-7"]["test_top1"] == pytest.approx(result.rows["no-6-7"]["test_top1"])
 
-    body = to_json(again)
+    body = ablation_to_json(again)
     assert set(body["rows"]) == {"baseline", "no-6-7"} and isinstance(body["findings"], list)
-    plot(again, tmp_path / "ablation.png")
+    draw_ablation(again, tmp_path / "ablation.png")
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
     with pytest.raises(UserError, match="other settings"):
@@ -86,7 +86,7 @@ def test_ablate_trains_reuses_and_resumes(tmp_path):
 
 
 def test_findings_on_a_hand_made_table():
-    from deconvnet.ablation import AblationResult, findings
+    from deconvnet.ablation import AblationResult, ablation_findings
 
     rows = {"baseline": 20, "no-3-4": 22, "no-6-7": 21, "no-3-4-6-7": 35, "fc-half": 21, "fc-double": 19.5,
             "conv-wider": 19, "conv-wider+fc-double": 19.5}
@@ -94,7 +94,7 @@ def test_findings_on_a_hand_made_table():
     result = AblationResult("zfnet-small", "digits", 1, None,
                             {k: {"train_top1": train.get(k, 10), "test_top1": v, "test_top5": 1, "params": 1}
                              for k, v in rows.items()})
-    held = [f.held for f in findings(result)]
+    held = [f.held for f in ablation_findings(result)]
     assert held == [True, True, True, True]
     result.rows["no-3-4-6-7"]["test_top1"] = 23  # +3 is not twice the worse pair's +2
-    assert findings(result)[0].held is False
+    assert ablation_findings(result)[0].held is False

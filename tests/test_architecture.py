@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from deconvnet.architecture import aliased_energy, band_energy, filter_metrics, findings, plot, summarise, to_json
+from deconvnet.architecture import aliased_energy, band_energy, filter_metrics, architecture_findings, draw_architecture, summarise, architecture_to_json
 from deconvnet.checkpoint import CheckpointInfo, save_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import open_source, preprocess_for
@@ -76,12 +76,12 @@ def test_compare_runs_and_findings(tmp_path):
         assert r.metrics["dead"] == pytest.approx(1 / len(r.rms))  # and its RMS is 0
         assert r.projections.shape[0] == 4 and 0 <= r.layer2_high <= 1
         assert sum(r.metrics["bands"].values()) == pytest.approx(1, abs=1e-4)
-    claims = findings(runs)
+    claims = architecture_findings(runs)
     assert runs[0].aliasing == 0.0 and runs[1].aliasing > 0  # conv1 stride 1 vs 2
     assert len(claims) == 7 and all(isinstance(c.held, bool) and c.reading for c in claims)
     assert claims[-1].claim.startswith("zfnet-small: RMS renormalisation")
-    json.dumps(to_json(runs))
-    plot(runs, tmp_path / "architecture.png")
+    json.dumps(architecture_to_json(runs))
+    draw_architecture(runs, tmp_path / "architecture.png")
     assert (tmp_path / "architecture.png").stat().st_size > 0
 
 

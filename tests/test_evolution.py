@@ -9,7 +9,7 @@ from deconvnet.checkpoint import CheckpointInfo, save_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import open_source, preprocess_for
 from deconvnet.errors import UserError
-from deconvnet.evolution import evolution, findings, load_snapshots, snapshot_paths, stable_from
+from deconvnet.evolution import evolution, evolution_findings, load_snapshots, snapshot_paths, stable_from
 from deconvnet.models import build_model
 
 
@@ -48,7 +48,7 @@ def test_unchanged_weights_are_stable(tmp_path):
         assert (layer.images[:, 1] == layer.images[:, 2]).all()
         assert layer.correlation[:, 1] == pytest.approx([1.0, 1.0])
         assert all(e <= 2 for e in layer.stable_epoch)
-    assert findings(result)[0].claim.startswith("lower layers converge")
+    assert evolution_findings(result)[0].claim.startswith("lower layers converge")
 
 
 def test_evolution_command(tmp_path):

@@ -9,7 +9,7 @@ from deconvnet.cli import main
 from deconvnet.data import open_source
 from deconvnet.errors import UserError
 from deconvnet.features import Split, feature_grid, feature_layers, fit_linear, layer_features, per_class_folds
-from deconvnet.layer_features import layer_analysis, plot, to_json
+from deconvnet.layer_features import layer_analysis, draw_layer_features, layer_features_to_json
 from deconvnet.models import build_model
 
 
@@ -59,11 +59,11 @@ def test_layer_table_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
                             exclude=[0, 1])
     assert set(result.scores) == {(k, 2, n) for k in ("svm", "softmax") for n in range(1, 8)}
     assert all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in result.scores.values())
-    body = to_json(result)
+    body = layer_features_to_json(result)
     assert body["table"]["svm (1)"]["dim"] == model.config.convs["conv1"].out * 9
     assert body["excluded_overlaps"] == [0, 1]
     assert [f["claim"].split(":")[0] for f in body["findings"]] == ["svm, 2/class", "softmax, 2/class"]
-    plot(result, tmp_path / "layers.png")
+    draw_layer_features(result, tmp_path / "layers.png")
     assert "softmax (7)" in result.table()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deconvnet.report import OFFLINE, SECTIONS
+from deconvnet.sections import SECTIONS
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -39,8 +39,8 @@ def report(tmp_path_factory):
 def test_rerun_skips_finished_steps(report):
     out, stdout = report
     status = dict(re.findall(r"^\[\d+/\d+\] (\S+)\s+(cached|running)", stdout, re.M))
-    assert status["train"] == status["fig2"] == status["fig4"] == "cached"
-    assert status["fig5"] == "running" and status["table7"] == "running"
+    assert status["train"] == status["fig6-zfnet"] == status["fig6-alexnet"] == "cached"
+    assert status["fig6-norenorm"] == "running" and status["fig2"] == "running" and status["table7"] == "running"
     assert len(status) == 13
     records = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/step.json")}
     assert set(records) == set(status)
@@ -49,20 +49,19 @@ def test_rerun_skips_finished_steps(report):
 def test_every_section_has_real_numbers(report):
     out, _ = report
     page = (out / "index.html").read_text()
-    for label, _title, step, json_name, _paper in SECTIONS:
+    for section in SECTIONS:
+        label = section.label
         assert f">{label}: " in page, label
-        if label in OFFLINE:
-            continue
-        if json_name:
-            result = json.loads((out / step / json_name).read_text())
+        if section.result:
+            result = json.loads((out / section.step / section.result).read_text())
             findings = result["findings"]
-            assert findings, f"{label}: no findings in {json_name}"
-            section = page[page.index(f">{label}: "):]
-            section = section[:section.index("</section>")]
+            assert findings, f"{label}: no findings in {section.result}"
+            section_html = page[page.index(f">{label}: "):]
+            section_html = section_html[:section_html.index("</section>")]
             for f in findings:  # each reading is in the page, written from the section's own numbers
-                assert f["reading"] and html.escape(f["reading"]) in section, label
+                assert f["reading"] and html.escape(f["reading"]) in section_html, label
             # the verdict cells, in order, are the findings' values
-            cells = re.findall(r"<td class=(held|not|none)>", section)
+            cells = re.findall(r"<td class=(held|not|none)>", section_html)
             assert cells == [{True: "held", False: "not", None: "none"}[f["held"]] for f in findings], label
     assert page.count("<img") >= 10
     train = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
@@ -85,17 +84,19 @@ def test_report_loads_in_headless_chromium(report, tmp_path):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         browser.close()
-    assert [s.split(":")[0] for s in sections] == [s[0] for s in SECTIONS] + ["Run"]
+    assert [s.split(":")[0] for s in sections] == [s.label for s in SECTIONS] + ["Run"]
     assert images and all(images)
 
 
 def test_a_changed_step_starts_afresh_an_interrupted_one_resumes(tmp_path, capsys):
     """A budget change must not --resume the old run (its arguments differ); an interruption must."""
-    from deconvnet.reproduce import Step, run_step
+    from deconvnet import commands
+    from deconvnet.reproduce import RESUME
+    from deconvnet.runner import Step, run_step
 
     def step(epochs):
-        return Step("t", ["train", "--model", "zfnet-small", "--data", "digits", "--limit", "64",
-                          "--batch-size", "32", "--epochs", str(epochs), "--no-ten-crop", "--out", "t"])
+        return Step("t", commands.train, dict(model="zfnet-small", data="digits", limit=64, batch_size=32,
+                                              epochs=epochs, no_ten_crop=True), resume=RESUME["train"])
 
     def interrupt():  # what a kill after the last checkpoint leaves: started.json, no final.pt or step.json
         key = json.loads((tmp_path / "t" / "step.json").read_text())["key"]
@@ -103,17 +104,17 @@ def test_a_changed_step_starts_afresh_an_interrupted_one_resumes(tmp_path, capsy
         (tmp_path / "t" / "final.pt").unlink()
         (tmp_path / "t" / "step.json").unlink()
 
-    run_step(step(1), tmp_path, "quick", "[1/1]")
+    run_step(step(1), tmp_path, "[1/1]")
     assert not (tmp_path / "t" / "started.json").exists()  # only an unfinished step keeps it
     interrupt()
-    run_step(step(2), tmp_path, "quick", "[1/1]")  # another budget: trains afresh, 2 epochs
+    run_step(step(2), tmp_path, "[1/1]")  # another budget: trains afresh, 2 epochs
     assert json.loads((tmp_path / "t" / "config.json").read_text())["epochs"] == 2
     first = (tmp_path / "t" / "metrics.jsonl").read_text()
     interrupt()
-    record = run_step(step(2), tmp_path, "quick", "[1/1]")  # same budget: resumes, nothing to redo
+    record = run_step(step(2), tmp_path, "[1/1]")  # same budget: resumes, nothing to redo
     assert (tmp_path / "t" / "metrics.jsonl").read_text() == first and record["seconds"] < 30
     capsys.readouterr()
-    run_step(step(2), tmp_path, "quick", "[1/1]")
+    run_step(step(2), tmp_path, "[1/1]")
     assert "cached" in capsys.readouterr().out
 
 
@@ -130,28 +131,66 @@ def test_demo_steps_are_sized_from_one_measured_speed():
     fast = size_demo({"train_images_per_s": 4100, "eval_images_per_s": 3500})["sizes"]
     slow = size_demo({"train_images_per_s": 1200, "eval_images_per_s": 1400})["sizes"]
     assert slow["table3"] < fast["table3"] <= 20000 and slow["tables4-5"] < fast["tables4-5"] <= 300
-    steps = {s.name: s.argv for s in plan("fashion-mnist", "zfnet-small", "default", slow)}
-    assert steps["train"][-4:] == ["--time-budget", f"{slow['train']:g}", "--out", "train"]
-    assert "--time-budget" in steps["fig6-alexnet"] and steps["table3"][-4:-2] == ["--limit", str(slow["table3"])]
-    assert "--time-budget" not in plan("fashion-mnist", "zfnet-small", "quick")[0].argv
+    steps = {s.name: s for s in plan("fashion-mnist", "zfnet-small", "default", slow)}
+    assert steps["train"].options["time_budget"] == slow["train"]
+    assert steps["train"].command.endswith(f"--time-budget {slow['train']:g} --out train")
+    assert steps["fig6-alexnet"].options["time_budget"] == slow["fig6-alexnet"]
+    assert steps["table3"].options["limit"] == slow["table3"]
+    assert "time_budget" not in plan("fashion-mnist", "zfnet-small", "quick")[0].options
+
+
+def test_every_step_records_the_command_that_makes_the_same_call(tmp_path):
+    """Issue 13: reproduce and report call the commands' functions; the command line each step records
+    parses (with the real CLI) into the same call."""
+    import shlex
+
+    from deconvnet.cli import build_parser
+    from deconvnet.model_report import plan as user_plan
+    from deconvnet.reproduce import plan, size_demo
+
+    sizes = size_demo({"train_images_per_s": 1200, "eval_images_per_s": 1400})["sizes"]
+    model = {"model_spec": "torchvision:resnet18", "weights": "/w.pth", "mean": [0.5, 0.5, 0.5]}
+    steps = [*plan("fashion-mnist", "zfnet-small", "default", sizes), *plan("digits", "zfnet-small", "quick"),
+             *user_plan(model, [], "folder:/photos", 5, 100, "folder:/target")]
+    assert len(steps) == 13 + 13 + 4
+    for step in steps:
+        words = shlex.split(step.command)
+        assert words[:2] == ["deconvnet", step.function.__name__]
+        parsed = vars(build_parser().parse_args(words[1:]))
+        assert parsed.pop("func") is step.function
+        assert parsed.pop("out") == step.name
+        for name, value in step.options.items():
+            assert parsed[name] == (list(value) if isinstance(value, tuple) else value), (step.name, name)
+        assert not {k for k, v in parsed.items() if k not in step.options and v not in (None, False)} - \
+            {"command"} - set(_defaults(build_parser(), words[1]))
+
+
+def _defaults(parser, command):
+    """The options of ``command`` that have a default other than None/False (set whether or not given)."""
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {a.dest for a in sub._actions if a.default not in (None, False)}
 
 
 def test_a_code_edit_redoes_only_the_steps_that_run_it(tmp_path, monkeypatch):
     """Issue 13: an edit to occlusion.py changes the Fig. 7 step's key and not the training's."""
-    from deconvnet import reproduce
-    from deconvnet.reproduce import Step, step_key
+    from deconvnet import runner
+    from deconvnet.reproduce import plan
+    from deconvnet.runner import step_key
 
     package = tmp_path / "deconvnet"
-    shutil.copytree(reproduce.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__", "static"))
-    monkeypatch.setattr(reproduce, "PACKAGE", package)
-    steps = {name: Step(name, argv) for name, argv in [
-        ("train", ["train", "--model", "zfnet-small", "--out", "train"]),
-        ("fig2", ["topk", "--checkpoint", "train/final.pt", "--out", "fig2"]),
-        ("fig7", ["occlude", "--checkpoint", "train/final.pt", "--out", "fig7"])]}
+    shutil.copytree(runner.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__", "static"))
+    monkeypatch.setattr(runner, "PACKAGE", package)
+    steps = {s.name: s for s in plan("fashion-mnist", "zfnet-small", "quick") if s.name in ("train", "fig2", "fig7")}
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "final.pt").write_bytes(b"a checkpoint")
     before = {name: step_key(step, tmp_path) for name, step in steps.items()}
     (package / "occlusion.py").write_text((package / "occlusion.py").read_text() + "\n# an edit\n")
     after = {name: step_key(step, tmp_path) for name, step in steps.items()}
     assert after["fig7"] != before["fig7"]
     assert after["train"] == before["train"] and after["fig2"] == before["fig2"]
     (package / "data.py").write_text((package / "data.py").read_text() + "\n# an edit\n")
-    assert all(step_key(step, tmp_path) != after[name] for name, step in steps.items())  # everyone reads data
+    edited = {name: step_key(step, tmp_path) for name, step in steps.items()}
+    assert all(edited[name] != after[name] for name in steps)  # everyone reads data
+    (tmp_path / "train" / "final.pt").write_bytes(b"another checkpoint")  # the analyses read the checkpoint
+    changed = {name: step_key(step, tmp_path) for name, step in steps.items()}
+    assert changed["train"] == edited["train"] and changed["fig2"] != edited["fig2"] != changed["fig7"]

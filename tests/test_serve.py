@@ -22,6 +22,7 @@ from PIL import Image
 pytest.importorskip("starlette", reason="the 'serve' extra is not installed")
 uvicorn = pytest.importorskip("uvicorn", reason="the 'serve' extra is not installed")
 
+from deconvnet.cli import main  # noqa: E402
 from deconvnet.data import load_image  # noqa: E402
 from deconvnet.probe import activations  # noqa: E402
 from deconvnet.serve import K, STRONGEST, Viewer, create_app  # noqa: E402
@@ -48,10 +49,12 @@ def one_torch_thread():
 def server(tiny_checkpoint, tmp_path_factory):
     """The app over the tiny checkpoint, served by uvicorn on a free port in a background thread."""
     cache = tmp_path_factory.mktemp("serve-cache")
+    saved_cache = os.environ.get("DECONVNET_CACHE")
+    os.environ["DECONVNET_CACHE"] = str(cache)  # the runner's cache of this module's tests, empty at first
     atlas = tmp_path_factory.mktemp("atlas")  # stands in for a `deconvnet atlas` site
     (atlas / "index.html").write_text("<html>atlas</html>")
     (atlas / "conv1.html").write_text('<html><div id="3">conv1 map 3</div></html>')
-    viewer = Viewer(from_checkpoint(tiny_checkpoint), DATA, LIMIT, cache, atlas=atlas)
+    viewer = Viewer(from_checkpoint(tiny_checkpoint), DATA, LIMIT, atlas=atlas)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     uv = uvicorn.Server(uvicorn.Config(create_app(viewer), log_level="warning"))
@@ -64,6 +67,7 @@ def server(tiny_checkpoint, tmp_path_factory):
     yield {"url": f"http://127.0.0.1:{sock.getsockname()[1]}", "viewer": viewer, "cache": cache}
     uv.should_exit = True
     thread.join(10)
+    os.environ["DECONVNET_CACHE"] = saved_cache  # the session's (conftest.py)
 
 
 def call(server, path: str, body: bytes | None = None) -> tuple[int, dict]:
@@ -208,16 +212,30 @@ def test_topk_is_computed_once_and_cached_on_disk(server, tiny_checkpoint):
         served = viewer.topk.tables[layer]
         assert torch.equal(served.images, table.images) and torch.allclose(served.values, table.values)
         assert torch.equal(served.boxes, table.boxes)
-    files = list(server["cache"].glob("topk-*.pt"))
-    assert len(files) == 1 and not list(server["cache"].glob(".*.tmp"))  # written atomically
+    files = list((server["cache"] / "topk").glob("*.pt"))
+    assert len(files) == 1 and not list((server["cache"] / "topk").glob(".*.tmp"))  # written atomically
 
-    again = Viewer(from_checkpoint(tiny_checkpoint), DATA, LIMIT, server["cache"])  # same checkpoint, data and limit
+    again = Viewer(from_checkpoint(tiny_checkpoint), DATA, LIMIT)  # same checkpoint, data and limit
     again.topk.thread.join(30)
     assert again.topk.source.read == 0  # read from the cache, no image went through the model
     assert torch.equal(again.topk.tables["conv5"].images, viewer.topk.tables["conv5"].images)
-    other = Viewer(from_checkpoint(tiny_checkpoint), DATA, LIMIT - 100, server["cache"])  # another limit: another key
+    other = Viewer(from_checkpoint(tiny_checkpoint), DATA, LIMIT - 100)  # another limit: another key
     other.topk.thread.join(30)
-    assert other.topk.source.read == LIMIT - 100 and len(list(server["cache"].glob("topk-*.pt"))) == 2
+    assert other.topk.source.read == LIMIT - 100 and len(list((server["cache"] / "topk").glob("*.pt"))) == 2
+
+
+def test_serve_reads_the_tables_deconvnet_topk_wrote(server, tiny_checkpoint, tmp_path):
+    """Issue 13: one cache. `deconvnet topk` over the whole data set (its default) leaves its tables where
+    the viewer finds them: the viewer then passes no image through the model, and shows the same tables."""
+    data = "fashion-mnist:test"
+    assert main(["topk", "--checkpoint", str(tiny_checkpoint), "--data", data, "--maps", "1",
+                 "--out", str(tmp_path / "fig2")]) == 0
+    viewer = Viewer(from_checkpoint(tiny_checkpoint), data, LIMIT)
+    viewer.topk.thread.join(60)
+    assert viewer.topk.source.read == 0 and viewer.topk.state["total"] == 10000
+    written = json.loads((tmp_path / "fig2" / "topk.json").read_text())["layers"]
+    for layer, table in viewer.topk.tables.items():
+        assert table.images.tolist() == [[e["image"] for e in m["top"]] for m in written[layer]["maps"]]
 
 
 def test_cli_serves_on_localhost(tiny_checkpoint, tmp_path):
@@ -226,7 +244,7 @@ def test_cli_serves_on_localhost(tiny_checkpoint, tmp_path):
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "deconvnet.cli", "serve", "--checkpoint", str(tiny_checkpoint),
                "--data", DATA, "--limit", "50", "--port", str(port)]
-    process = subprocess.Popen(command, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
+    process = subprocess.Popen(command, env={**os.environ, "DECONVNET_CACHE": str(tmp_path)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert f"http://127.0.0.1:{port}/" in process.stdout.readline()
@@ -240,7 +258,7 @@ def test_cli_serves_on_localhost(tiny_checkpoint, tmp_path):
                 pass
             assert time.time() < deadline, "the server did not answer in 30 s"
             time.sleep(0.2)
-        assert len(list((tmp_path / "deconvnet" / "serve").glob("topk-*.pt"))) == 1
+        assert len(list((tmp_path / "topk").glob("*.pt"))) == 1
     finally:
         process.terminate()
         process.wait(10)
@@ -322,4 +340,4 @@ def test_maps_link_to_the_atlas(server):
     with urllib.request.urlopen(server["url"] + "/atlas/conv1.html", timeout=30) as response:
         assert 'id="3"' in response.read().decode()
     with pytest.raises(Exception, match="no atlas there"):
-        Viewer(server["viewer"].subject, DATA, LIMIT, server["cache"], atlas=server["cache"])
+        Viewer(server["viewer"].subject, DATA, LIMIT, atlas=server["cache"])

@@ -266,7 +266,7 @@ def test_serve_api_on_torchvision_models(name, photos, tmp_path):
 
     import_torchvision()
     subject = load_subject(f"torchvision:{name}", input_size=64)
-    viewer = Viewer(subject, f"folder:{photos}", 6, tmp_path / "cache")
+    viewer = Viewer(subject, f"folder:{photos}", 6)
     viewer.topk.thread.join()
     assert viewer.topk.state["state"] == "done", viewer.topk.state
     info = viewer.describe()

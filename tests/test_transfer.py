@@ -10,7 +10,7 @@ from deconvnet.cli import main
 from deconvnet.data import TensorSource, open_source
 from deconvnet.errors import UserError
 from deconvnet.features import mean_class_accuracy, per_class_folds
-from deconvnet.transfer import find_overlaps, plot, to_json, transfer
+from deconvnet.transfer import find_overlaps, draw_transfer, transfer_to_json, transfer
 
 
 def test_folds_give_n_per_class_disjoint_and_at_most_50_test():
@@ -64,10 +64,10 @@ def test_transfer_protocol_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     for scores in (result.pretrained, result.scratch):
         assert set(scores) == {1, 3} and all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in scores.values())
     assert np.mean(result.pretrained[3]) > 0.2  # fixed features + softmax beat chance (10%) on digits
-    body = to_json(result)
+    body = transfer_to_json(result)
     assert set(body["table"]) == {"pretrained + softmax", "from scratch"}
     assert body["findings"][0]["claim"].startswith("a softmax on the fixed pretrained layers")
-    plot(result, tmp_path / "transfer.png")
+    draw_transfer(result, tmp_path / "transfer.png")
     assert "1/class" in result.table()
 
 

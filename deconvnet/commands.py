@@ -1,0 +1,606 @@
+"""What each ``deconvnet`` command does, as a function of plain keyword arguments.
+
+The CLI parses argv into one of these calls (its option names are these parameter names);
+``reproduce`` and ``report`` call them directly as cached steps, and :func:`command_line` writes the
+equivalent command for their provenance. Every analysis command writes its figure(s) and one JSON
+(its arguments, the model under study, the findings and the numbers) into ``out`` and prints a
+one-line JSON summary. The model under study is given by the options of
+:func:`deconvnet.subject.load_subject` (``model_spec`` or ``checkpoint``, ``weights``, ...).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+from .errors import UserError
+from .runner import atomic_write_json
+
+# The options naming the model under study (the CLI's --model, --checkpoint, --weights, ...).
+MODEL_OPTIONS = ("model_spec", "checkpoint", "weights", "classes", "preprocess", "input_size", "mean", "std",
+                 "other_activations")
+# Option -> CLI flag where the flag is not the option's name with dashes.
+FLAGS = {"model_spec": "--model", "class_name": "--class", "json_output": "--json"}
+
+
+def command_line(command: str, options: dict) -> str:
+    """The ``deconvnet`` command line that makes the same call as ``command(**options)``."""
+    words = ["deconvnet", command]
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, (list, tuple)):
+            words += [flag, ",".join(str(v) for v in value)]
+        else:
+            words += [flag, str(value)]
+    return " ".join(words)
+
+
+def subject_of(model: dict):
+    """The model under study named by the model options (``model_spec`` or ``checkpoint``, ...)."""
+    from .subject import load_subject
+
+    unknown = set(model) - set(MODEL_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}")
+    spec, checkpoint = model.get("model_spec"), model.get("checkpoint")
+    if spec and checkpoint:
+        raise UserError("give --model SPEC or --checkpoint CKPT, not both")
+    if not spec and not checkpoint:
+        raise UserError("give the model: --model SPEC (a checkpoint, torchvision:NAME or module:CALLABLE)")
+    return load_subject(spec or checkpoint, weights=model.get("weights"), classes=model.get("classes"),
+                        preprocess=model.get("preprocess"), input_size=model.get("input_size"),
+                        mean=model.get("mean"), std=model.get("std"),
+                        other_activations=model.get("other_activations") or "error")
+
+
+def absolute_model_options(model: dict) -> dict:
+    """The model options with their file paths made absolute (for steps run from another directory)."""
+    def absolute(value: str) -> str:
+        if ":" in value and not Path(value).exists():  # torchvision:NAME, module:CALLABLE, file.py:CALLABLE
+            where, _, attr = value.rpartition(":")
+            return f"{Path(where).resolve()}:{attr}" if where.endswith(".py") else value
+        return str(Path(value).resolve())
+
+    return {name: absolute(value) if name in ("model_spec", "checkpoint", "weights", "classes") and value else value
+            for name, value in model.items() if value is not None}
+
+
+def default_layers(subject, given: list[str] | None, numbers: list[int] | None = None) -> list[str]:
+    """``given``, or the model's defaults: its stages, or the paper's layers ``numbers`` (Fig. 3) where the
+    model has them. For models that are not ours, the choice is said on stderr."""
+    if given:
+        return given
+    if numbers is None:
+        chosen = list(subject.stages)
+    else:
+        chosen = [subject.layer_numbers.get(n) or (subject.stages[-1] if n <= 5 and subject.stages else None)
+                  for n in numbers]
+        if None in chosen:
+            raise UserError(f"this model has no default for layer(s) {numbers}; name them (deconvnet inspect lists them)")
+    if not chosen:
+        raise UserError("found no default layers in this model; name them (deconvnet inspect lists them)")
+    if subject.info is None:
+        print(f"deconvnet: layers chosen for {subject.spec}: {', '.join(chosen)} "
+              f"(override with --layer/--layers; `deconvnet inspect` lists all)", file=sys.stderr)
+    return chosen
+
+
+def _class_index(text: str, classes: list[str]) -> int:
+    """A class given by name or number."""
+    if text in classes:
+        return classes.index(text)
+    if text.isdigit() and int(text) < len(classes):
+        return int(text)
+    raise UserError(f"unknown class {text!r}; this checkpoint has: {', '.join(classes)}")
+
+
+def data_labels(subject, source, spec: str) -> list[int | None]:
+    """For each class of ``source``, the model's class index (by name), None where the model lacks it.
+    Our checkpoints must be given data with their own classes."""
+    if subject.info is not None and list(source.classes) != list(subject.classes):
+        raise UserError(f"{spec} has classes {source.classes[:5]}... but the checkpoint was trained on "
+                        f"{subject.classes[:5]}...")
+    return subject.class_index(source.classes)
+
+
+def select_images(subject, image: list[str] | None, data: str | None, index: list[int] | None, count: int = 1,
+                  label: int | None = None):
+    """The images named by ``image`` (files) or ``data`` + ``index``, at the model's stored size:
+    ``(raw uint8 (N, C, S, S), labels, names)``. Labels are the model's class indices, None for image
+    files and for data classes the model does not have. Without ``index``, the first ``count`` images
+    of ``data`` (of model class ``label`` when given)."""
+    if image and data:
+        raise UserError("give either --image or --data, not both")
+    if image:
+        if index is not None:
+            raise UserError("--index selects images in --data; it does not apply to --image")
+        raw = subject.load_images(image)
+        return raw, [None] * len(raw), [Path(path).stem for path in image]
+    if not data:
+        raise UserError("give --image PATH or --data SPEC (with --index I)")
+    source = subject.open_data(data)
+    to_model = data_labels(subject, source, data)
+    if index is not None:
+        indices = index
+    else:
+        pool = range(len(source)) if label is None else [i for i, y in enumerate(source.labels.tolist())
+                                                            if to_model[y] == label]
+        indices = list(pool[:count])
+    bad = [i for i in indices if not 0 <= i < len(source)]
+    if bad or not indices:
+        raise UserError(f"--index {bad or indices} is outside {data}'s {len(source)} images")
+    return source.get(indices), [to_model[y] for y in source.labels[indices].tolist()], [str(i) for i in indices]
+
+
+def _write_result(out: Path, name: str, options: dict, body: dict, table: str | None = None, **summary) -> None:
+    """Write ``out/name`` (the call's options + ``body``), print ``table`` and a one-line JSON summary."""
+    atomic_write_json(out / name, {"args": options, **body})
+    if table is not None:
+        print(table)
+    print(json.dumps({"out": str(out), **summary, "findings": body["findings"]}))
+
+
+def _options(local: dict) -> dict:
+    """A command's call as JSON-able options: its ``locals()`` after its imports (the functions and
+    modules imported are left out), the model options flattened."""
+    local = {k: v for k, v in local.items() if not callable(v) and not isinstance(v, types.ModuleType)}
+    model = local.get("model")
+    if not isinstance(model, dict):  # train and ablate: --model names an architecture
+        return dict(local)
+    return {**{k: v for k, v in local.items() if k != "model"}, **model}
+
+
+# ----------------------------------------------------------------------------- training and evaluation
+
+def train(out: str, model: str = "zfnet-small", data: str = "fashion-mnist", val: str | None = None,
+          recipe: str | None = None, epochs: int | None = None, time_budget: float | None = None,
+          batch_size: int = 128, lr: float | None = None, dropout: float | None = None, seed: int = 0,
+          limit: int | None = None, snapshots: list[int] | None = None, no_renorm: bool = False,
+          resume: bool = False, checkpoint_every: int = 200, workers: int = 0, no_ten_crop: bool = False,
+          label_smoothing: float | None = None, device: str = "auto", precision: str = "auto") -> dict:
+    """Train with the paper's recipe (Sec. 3) into the run directory ``out``."""
+    from .train import TrainConfig, train as run_training
+
+    cfg = TrainConfig(model=model, data=data, val=val, recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr,
+                      seed=seed, limit=limit, snapshots=snapshots, renorm=not no_renorm, dropout=dropout,
+                      checkpoint_every=checkpoint_every, workers=workers, label_smoothing=label_smoothing,
+                      device=device, precision=precision, final_ten_crop=not no_ten_crop, time_budget=time_budget)
+    final = run_training(cfg, out, resume=resume)
+    print(json.dumps({"run": str(out), **final}))
+    return final
+
+
+def evaluate(data: str, limit: int | None = None, ten_crop: bool = False, **model) -> dict:
+    """Top-1/top-5 accuracy of the model under study on labelled data."""
+    import torch
+
+    from .train import evaluate as run_evaluation
+
+    subject = subject_of(model)
+    source = subject.open_data(data)
+    to_model = data_labels(subject, source, data)
+    unknown = [name for name, i in zip(source.classes, to_model) if i is None]
+    if unknown:
+        raise UserError(f"{len(unknown)} of {data}'s {len(source.classes)} classes are not the model's "
+                        f"(e.g. {unknown[0]!r}); give --classes FILE naming its outputs (folder names or "
+                        "ImageNet's index with WordNet ids)")
+    source.labels = torch.tensor(to_model)[source.labels]  # the data's labels as the model's class indices
+    source.classes = subject.classes
+    indices = None if limit is None else list(range(min(limit, len(source))))
+    result = run_evaluation(subject.model, source, subject.preprocess, indices, ten_crop=ten_crop)
+    summary = {"top1": result["top1"], "top5": result["top5"], "n": result["n"]}
+    print(json.dumps(summary))
+    return summary
+
+
+# ----------------------------------------------------------------------------- per-image analyses
+
+def occlude(out: str, image: list[str] | None = None, data: str | None = None, index: list[int] | None = None,
+            target: str | None = None, size: int | None = None, stride: int | None = None, layer: str | None = None,
+            **model) -> list[dict]:
+    """Occlusion sensitivity of one or more images (Fig. 7): occlusion-NAME.png + occlusion.json."""
+    from ._analysis import foreground
+    from .findings import to_json
+    from .occlusion import draw_occlusion, occlusion, occlusion_findings, occlusion_to_json
+
+    options = _options(locals())
+    subject = subject_of(model)
+    layer = layer or default_layers(subject, None)[-1]
+    raw, labels, names = select_images(subject, image, data, index)
+    pictures, out = subject.pictures(raw), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for x, label, name, pic in zip(subject.prepare(raw), labels, names, pictures):
+        followed = _class_index(target, subject.classes) if target is not None else label
+        result = occlusion(subject.model, x, followed, size=size, stride=stride, layer=layer,
+                           other_activations=subject.other_activations)
+        draw_occlusion(result, out / f"occlusion-{name}.png", pic, subject.classes)
+        results.append(result)
+    # object masks by threshold hold for Fashion-MNIST's black backgrounds, not for photos
+    objects = list(foreground(pictures)) if subject.info is not None else []
+    findings = to_json(occlusion_findings(results, objects))
+    atomic_write_json(out / "occlusion.json", {
+        "args": options, "model": subject.describe(), "findings": findings,
+        "images": [{"name": n, "true_label": l, **occlusion_to_json(r, subject.classes)}
+                   for n, l, r in zip(names, labels, results)]})
+    print(json.dumps({"out": str(out), "findings": [{k: v for k, v in f.items() if k != "ours"} for f in findings]}))
+    return findings
+
+
+def invariance(out: str, image: list[str] | None = None, data: str | None = None, index: list[int] | None = None,
+               layers: list[str] | None = None, translations: list[float] | None = None,
+               scales: list[float] | None = None, rotations: list[float] | None = None, **model) -> list[dict]:
+    """Feature and output changes under translation, scale and rotation (Fig. 5)."""
+    import torch
+
+    from .findings import to_json
+    from .invariance import default_amounts, draw_invariance, invariance as measure, invariance_findings, invariance_to_json
+
+    options = _options(locals())
+    subject = subject_of(model)
+    layers = default_layers(subject, layers, [1, 7])
+    raw, labels, names = select_images(subject, image, data, index, count=5)
+    if None in labels:  # files or unknown classes: the true label is the model's answer on the untransformed image
+        with torch.no_grad():
+            predicted = subject.model(subject.prepare(raw)).argmax(1).tolist()
+        labels = [p if y is None else y for y, p in zip(labels, predicted)]
+    amounts = default_amounts(subject.preprocess.input_size)
+    for kind, values in (("translation", translations), ("scale", scales), ("rotation", rotations)):
+        if values is not None:
+            amounts[kind] = values
+    result = measure(subject.model, raw, labels, subject.preprocess, layers=layers, amounts=amounts)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    draw_invariance(result, out / "invariance.png", subject.classes)
+    findings = to_json(invariance_findings(result))
+    atomic_write_json(out / "invariance.json", {"args": options, "model": subject.describe(), "images": names,
+                                                "findings": findings, **invariance_to_json(result, subject.classes)})
+    print(json.dumps({"out": str(out), "findings": findings}))
+    return findings
+
+
+def _parts(parts: str | None, part: list | None, class_name: str | None, n: int, frames: list) -> dict:
+    """Part boxes per image from a parts file, ``NAME=T,L,B,R`` boxes or the class's preset."""
+    from .correspondence import FASHION_PARTS, relative_box
+
+    if parts and part:
+        raise UserError("give --parts FILE or --part NAME=T,L,B,R, not both")
+    if parts:
+        try:
+            spec = json.loads(Path(parts).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read parts from {parts}: {e}") from None
+    elif part:
+        spec = dict(part)
+    elif class_name in FASHION_PARTS:
+        return {name: [relative_box(f, rel) for f in frames] for name, rel in FASHION_PARTS[class_name].items()}
+    else:
+        raise UserError(f"no preset parts for {class_name!r} (presets: {', '.join(FASHION_PARTS)}); "
+                        "give --parts FILE or --part NAME=T,L,B,R")
+    boxes_of = {}
+    for name, boxes in spec.items():  # one box for every image, or one per image
+        boxes = [boxes] * n if boxes and isinstance(boxes[0], int) else boxes
+        if len(boxes) != n or any(len(b) != 4 for b in boxes):
+            raise UserError(f"part {name!r}: give one box [top, left, bottom, right] or one per image ({n})")
+        boxes_of[name] = [tuple(int(v) for v in b) for b in boxes]
+    return boxes_of
+
+
+def correspond(out: str, image: list[str] | None = None, data: str | None = None, index: list[int] | None = None,
+               class_name: str | None = None, count: int = 5, parts: str | None = None, part: list | None = None,
+               layers: list[str] | None = None, repeats: int = 5, seed: int = 0, **model) -> list[dict]:
+    """Part correspondence: sign changes when masking parts (Table 1)."""
+    from ._analysis import foreground
+    from .correspondence import (correspondence, correspondence_findings, correspondence_to_json,
+                                 draw_correspondence, object_box)
+    from .findings import to_json
+
+    options = _options(locals())
+    subject = subject_of(model)
+    layers = default_layers(subject, layers, [5, 7])
+    label = _class_index(class_name, subject.classes) if class_name else None
+    raw, labels, names = select_images(subject, image, data, index, count=count, label=label)
+    pictures = subject.pictures(raw)
+    if subject.info is not None:  # objects on Fashion-MNIST's black background
+        frames = [object_box(m) for m in foreground(pictures)]
+    else:  # photos: the random control boxes go anywhere in the image
+        frames = [(0, 0, pictures.shape[2] - 1, pictures.shape[3] - 1)] * len(raw)
+    boxes = _parts(parts, part, class_name, len(raw), frames)
+    result = correspondence(subject.model, subject.prepare(raw), boxes, objects=frames, layers=layers,
+                            repeats=repeats, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    draw_correspondence(result, pictures, out / "correspondence.png")
+    findings = to_json(correspondence_findings(result))
+    body = correspondence_to_json(result)
+    atomic_write_json(out / "correspondence.json", {"args": options, "model": subject.describe(), "images": names,
+                                                    "labels": labels, "objects": [list(f) for f in frames],
+                                                    "findings": findings, **body})
+    print(json.dumps({"out": str(out), "table": body["table"], "findings": findings}))
+    return findings
+
+
+def project(out: str, layer: str, image: list[str] | None = None, data: str | None = None,
+            index: list[int] | None = None, unit: list[int] | None = None, rule: str = "deconvnet", **model) -> dict:
+    """Project one activation to pixels with the deconvnet (Sec. 2.1): a PNG and a JSON beside it."""
+    from ._analysis import strongest_units
+    from .deconvnet import Deconvnet, draw_projection
+    from .geometry import unit_box
+    from .probe import activations
+
+    options = _options(locals())
+    subject = subject_of(model)
+    net = subject.model
+    raw, _, names = select_images(subject, image, data, index)
+    if len(raw) != 1:
+        raise UserError("project takes one image: one --image PATH or one --index I")
+    if unit is not None and len(unit) != 3:
+        raise UserError(f"--unit is channel,y,x; got {unit}")
+    x = subject.prepare(raw)
+    a = activations(net, x, layer)[layer][0].detach()
+    if a.dim() != 3:
+        raise UserError(f"layer {layer!r} has no feature maps (output shape {tuple(a.shape)})")
+    chosen = tuple(unit) if unit is not None else strongest_units(a)[0]
+    projection = Deconvnet(net, subject.other_activations).project(x, layer, [chosen], rule=rule)[0]
+    value = float(a[chosen])
+    box = unit_box(net, layer, chosen[1], chosen[2], subject.preprocess.input_size)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    draw_projection(subject.pictures(raw)[0], projection, box, out,
+                    f"image {names[0]}: {layer} unit {chosen} = {value:.3g}, rule {rule}")
+    record = {"out": str(out), "layer": layer, "unit": list(chosen), "value": value, "box": list(box)}
+    atomic_write_json(Path(out).with_suffix(".json"), {"args": options, "model": subject.describe(), **record})
+    print(json.dumps(record))
+    return record
+
+
+# ----------------------------------------------------------------------------- passes over a data set
+
+def topk(out: str, data: str, layers: list[str] | None = None, k: int = 9, limit: int | None = None, maps: int = 9,
+         seed: int = 0, **model) -> list[dict]:
+    """Top-k activations per feature map over a data set and the Fig. 2 gallery (gallery-LAYER.png +
+    topk.json). The tables go to the shared cache, where ``serve`` and ``atlas`` find them."""
+    from .findings import to_json
+    from .runner import distributed, world
+    from .topk import cached_top_k, choose_maps, draw_gallery, gallery, topk_findings, topk_to_json
+
+    options = _options(locals())
+    subject = subject_of(model)
+    net, pre = subject.model, subject.preprocess
+    layers = default_layers(subject, layers)
+    source = subject.open_data(data)
+    n = len(source) if limit is None else min(limit, len(source))
+    with distributed():
+        tables = cached_top_k(net, source, pre, layers, k=k, indices=list(range(n)))
+        rank = world()[0]
+    if rank != 0:  # every process holds the merged tables; one draws them
+        return []
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = {}
+    for name, table in tables.items():
+        chosen[name] = choose_maps(table, maps, seed)
+        draw_gallery(gallery(net, source, pre, name, table, chosen[name], subject.other_activations),
+                     out / f"gallery-{name}.png",
+                     f"{name}: top {k} of {n} images of {data}, projected (left) and input patches (right)")
+    findings = topk_findings(tables, source.labels)
+    atomic_write_json(out / "topk.json", {"args": options, "model": subject.describe(), "images": n, "k": k,
+                                          "findings": to_json(findings), "layers": topk_to_json(tables, chosen)})
+    print(json.dumps({"out": str(out), "images": n, "gallery_maps": chosen, "class_purity": findings[0].ours}))
+    return to_json(findings)
+
+
+def atlas(out: str, data: str, layers: list[str] | None = None, k: int = 9, limit: int | None = None,
+          **model) -> dict:
+    """Fig. 2 for every feature map: a static site with ``LAYER.html#MAP`` per map (resumable)."""
+    from .atlas import build_atlas
+    from .runner import distributed, world
+
+    subject = subject_of(model)
+    layers = default_layers(subject, layers)
+    source = subject.open_data(data)
+    n = len(source) if limit is None else min(limit, len(source))
+    about = {"model": subject.spec, "architecture": subject.name, "data": f"{data}, first {n} of {len(source)} images"}
+    if subject.weights:
+        about["weights"] = subject.weights
+    if subject.info is not None and subject.info.accuracy:
+        acc = subject.info.accuracy
+        about["accuracy"] = ", ".join(f"{key} {v:.4f}" if isinstance(v, float) else f"{key} {v}" for key, v in acc.items())
+    with distributed():
+        summary = build_atlas(subject.model, source, subject.preprocess, layers, out, k=k, indices=list(range(n)),
+                              about=about, other_activations=subject.other_activations)
+        rank = world()[0]
+    if rank == 0:
+        print(json.dumps({**summary, "index": str(Path(out) / "index.html")}))
+    return summary
+
+
+def _checkpoint_path(run: str) -> Path:
+    """A run directory (its final.pt) or a checkpoint file."""
+    path = Path(run)
+    return path / "final.pt" if path.is_dir() else path
+
+
+def evolution(out: str, run: str, data: str | None = None, limit: int = 2000, maps: int = 5, seed: int = 0) -> list[dict]:
+    """Strongest activations projected at each training snapshot (Fig. 4)."""
+    from .data import open_source
+    from .evolution import draw_evolution, draw_evolution_layer, evolution as measure, evolution_to_json, load_snapshots
+
+    options = _options(locals())
+    snapshots, info = load_snapshots(run)
+    spec = data or info.train_config.get("data") or "fashion-mnist"
+    source = open_source(spec, info.preprocess.stored_size, info.preprocess.channels)
+    indices = list(range(min(limit, len(source))))
+    result = measure(snapshots, info.preprocess, source, indices, maps=maps, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for n in result.layers:
+        draw_evolution_layer(result, n, out / f"evolution-layer{n}.png")
+    draw_evolution(result, out / "evolution.png")
+    body = {"data": spec, **evolution_to_json(result)}
+    _write_result(out, "evolution.json", options, body, epochs=result.epochs)
+    return body["findings"]
+
+
+def compare(out: str, runs: list[str], data: str | None = None, limit: int = 1000, maps: int = 16,
+            seed: int = 0) -> list[dict]:
+    """Layer-1 filters and layer-2 projections of several runs (Fig. 6)."""
+    from .architecture import architecture_to_json, draw_architecture, summarise
+    from .checkpoint import load_checkpoint
+    from .data import open_source
+
+    options = _options(locals())
+    summaries = []
+    for run in runs:
+        net, info = load_checkpoint(_checkpoint_path(run))
+        spec = data or info.accuracy.get("data") or "fashion-mnist:test"
+        source = open_source(spec, info.preprocess.stored_size, info.preprocess.channels)
+        indices = list(range(min(limit, len(source))))
+        summaries.append(summarise(net, info, source, indices, maps=maps, seed=seed))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    draw_architecture(summaries, out / "architecture.png")
+    body = architecture_to_json(summaries)
+    _write_result(out, "architecture.json", options, body)
+    return body["findings"]
+
+
+def ablate(out: str, model: str = "zfnet-small", data: str = "fashion-mnist", epochs: int | None = None,
+           limit: int | None = None, batch_size: int = 128, lr: float | None = None,
+           variants: list[str] | None = None, seed: int = 0) -> list[dict]:
+    """Train Table 3's variants (removed / resized layers) and compare their errors; resumes in ``out``."""
+    from .ablation import ablate as run_ablation, ablation_to_json, draw_ablation
+    from .train import TrainConfig
+
+    options = _options(locals())
+    base = TrainConfig(model=model, data=data, epochs=epochs, limit=limit, seed=seed, batch_size=batch_size, lr=lr)
+    result = run_ablation(base, out, variants)
+    out = Path(out)
+    draw_ablation(result, out / "ablation.png")
+    body = ablation_to_json(result)
+    _write_result(out, "ablation.json", options, body, result.table())
+    return body["findings"]
+
+
+# ----------------------------------------------------------------------------- transfer (Sec. 5)
+
+def _target_and_overlaps(subject, target: str, pretrain_data: str | None):
+    """The target set at the model's size, and its images found in the pretraining data (Sec. 5.2).
+    A model that is not ours is checked against ``pretrain_data`` only when it is given."""
+    from .transfer import find_overlaps
+
+    target_source = subject.open_data(target)
+    info = subject.info
+    spec = pretrain_data or (info.train_config.get("data") if info else None)
+    if not spec and info is None:
+        print("deconvnet: no --pretrain-data given, so no target image is checked against the model's "
+              "training data (Sec. 5.2)", file=sys.stderr)
+        return target_source, [], None
+    if not spec:
+        raise UserError("the checkpoint does not say what it was trained on; give --pretrain-data SPEC")
+    reference = subject.open_data(spec)
+    limit = None if pretrain_data or info is None else info.train_config.get("limit")
+    overlaps, nearest = find_overlaps(target_source, reference, limit)
+    return target_source, overlaps, nearest
+
+
+def transfer(out: str, target: str = "digits", per_class: list[int] = (1, 2, 3, 5, 10, 15, 30), folds: int = 5,
+             pretrain_data: str | None = None, seed: int = 0, scratch_steps: int = 300, **model) -> list[dict]:
+    """Fixed pretrained layers 1-7 + a new softmax against the same net trained from scratch (Tables 4/5)."""
+    from .transfer import draw_transfer, transfer as run_transfer, transfer_to_json
+
+    options = _options(locals())
+    subject = subject_of(model)
+    if subject.info is None:
+        raise UserError("transfer compares with the same architecture trained from scratch, which needs a "
+                        "deconvnet checkpoint; for your model, `deconvnet layers --model ... --target SPEC` "
+                        "gives Table 7's per-layer linear probes")
+    target_source, overlaps, nearest = _target_and_overlaps(subject, target, pretrain_data)
+    result = run_transfer(subject.model, subject.info, target_source, list(per_class), folds,
+                          scratch_steps=scratch_steps, overlaps=overlaps, nearest=nearest, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    draw_transfer(result, out / "transfer.png")
+    body = transfer_to_json(result)
+    _write_result(out, "transfer.json", options, body, result.table(), overlaps_removed=len(overlaps))
+    return body["findings"]
+
+
+def layers(out: str, target: str = "digits", per_class: list[int] = (15, 30), folds: int = 5,
+           pretrain_data: str | None = None, seed: int = 0, **model) -> list[dict]:
+    """A linear SVM and a softmax on each layer's features (Table 7)."""
+    from .layer_features import draw_layer_features, layer_analysis, layer_features_to_json
+
+    options = _options(locals())
+    subject = subject_of(model)
+    target_source, overlaps, _ = _target_and_overlaps(subject, target, pretrain_data)
+    chosen = grid = None
+    if subject.info is None:  # the stages and the penultimate layer stand for layers 1..7
+        default_layers(subject, None, sorted(subject.layer_numbers))
+        chosen = dict(subject.layer_numbers)
+        shapes = {c.name: c.shape for c in subject.calls()}
+        grid = min(shapes[name][-1] for name in chosen.values() if len(shapes[name]) == 3)
+    result = layer_analysis(subject.model, subject.preprocess, target_source, list(per_class), folds,
+                            exclude=[o.target_index for o in overlaps], seed=seed, layers=chosen, grid=grid)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    draw_layer_features(result, out / "layers.png")
+    body = layer_features_to_json(result)
+    _write_result(out, "layers.json", options, body, result.table())
+    return body["findings"]
+
+
+# ----------------------------------------------------------------------------- the model itself
+
+def inspect(json_output: bool = False, **model) -> list[dict]:
+    """Every layer call a command accepts: type, output shape, receptive field; printed as a table or JSON."""
+    from . import geometry
+
+    subject = subject_of(model)
+    size = (subject.preprocess.input_size, subject.preprocess.input_size)
+    rows = []
+    for c in subject.calls():
+        field = geometry.layer_field(subject.model, c.name, size) if len(c.shape) == 3 else None
+        rows.append({"name": c.name, "type": c.type, "shape": list(c.shape),
+                     "field": list(field) if field else None,
+                     "default": c.name in subject.stages or c.name == subject.penultimate})
+    if json_output:
+        print(json.dumps({"model": subject.describe(), "layers": rows}, indent=1))
+        return rows
+    pre = subject.preprocess
+    print(f"{subject.spec}: input {pre.channels}x{pre.input_size}x{pre.input_size}, {len(subject.classes)} classes, "
+          f"{len(rows)} layers (* = default: {', '.join(subject.stages)}"
+          f"{'; penultimate ' + subject.penultimate if subject.penultimate else ''})")
+    width = max(len(r["name"]) for r in rows) + 2
+    kind = max(len(r["type"]) for r in rows) + 2
+    print(f"  {'layer':<{width}}{'type':<{kind}}{'output':<18}receptive field (size, stride)")
+    for r in rows:
+        field = "-" if r["field"] is None else _field_text(r["field"])
+        shape = "x".join(str(v) for v in r["shape"])
+        print(f"{'*' if r['default'] else ' '} {r['name']:<{width}}{r['type']:<{kind}}{shape:<18}{field}")
+    return rows
+
+
+def _field_text(field) -> str:
+    """(size, stride) with per-axis values shown once when square."""
+    size, stride = field
+    size = size if isinstance(size, int) else ("x".join(map(str, size)) if len(set(size)) > 1 else size[0])
+    stride = stride if isinstance(stride, int) else ("x".join(map(str, stride)) if len(set(stride)) > 1 else stride[0])
+    return f"{size} px, stride {stride}"
+
+
+def serve(data: str | None = None, layers: list[str] | None = None, atlas: str | None = None,
+          host: str = "127.0.0.1", port: int = 8000, limit: int = 5000, **model) -> None:
+    """The interactive viewer over the model under study and a data set, until interrupted."""
+    try:
+        import uvicorn  # noqa: F401 - checked here so that a missing extra is a one-line error, exit 2
+
+        from .serve import serve as run_viewer
+    except ImportError as e:
+        raise UserError(f"serve needs the 'serve' extra ({e.name} is missing): pip install -e '.[serve]'") from None
+    subject = subject_of(model)
+    run_viewer(subject, data, host=host, port=port, limit=limit, layers=default_layers(subject, layers), atlas=atlas)
