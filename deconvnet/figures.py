@@ -31,3 +31,24 @@ def finish(fig: Figure, path: str | Path | None = None) -> Figure:
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+def heatmap_pixels(grid, lo: float, hi: float, cmap: str = "jet"):
+    """(H, W) values -> uint8 (H, W, 3) through the colour map ``cmap`` over ``[lo, hi]``: the heat maps of
+    Fig. 7, drawn the same in the figure and in the viewer."""
+    import numpy as np
+    import torch
+    from matplotlib import colormaps
+
+    scaled = ((torch.as_tensor(grid).float() - lo) / max(hi - lo, 1e-12)).clamp(0, 1).numpy()
+    return (colormaps[cmap](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+def label_colors(count: int):
+    """``count`` distinct colours, float (count, 3) in [0, 1], for a label map (Fig. 7e), in the order
+    the labels are listed: tab10 up to ten labels, tab20 beyond (repeating past twenty)."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    colors = np.array(colormaps["tab10" if count <= 10 else "tab20"].colors)
+    return colors[np.arange(count) % len(colors)]

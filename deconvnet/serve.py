@@ -38,6 +38,7 @@ from ._analysis import output_layer, strongest_units
 from .data import Source, load_image
 from .deconvnet import RULES, Deconvnet, contrast_stretch
 from .errors import UserError
+from .figures import heatmap_pixels, label_colors
 from .geometry import unit_box
 from .occlusion import occlusion
 from .probe import activations
@@ -65,21 +66,6 @@ def _pixels(image: torch.Tensor) -> np.ndarray:
     """(C, H, W) float in [0, 1] -> uint8 (H, W) for one channel, (H, W, 3) for three."""
     x = (image.clamp(0, 1) * 255).round().to(torch.uint8)
     return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
-
-
-def _colored(grid: torch.Tensor, lo: float, hi: float) -> np.ndarray:
-    """(H, W) values -> uint8 (H, W, 3) through the jet colour map over ``[lo, hi]``, as Fig. 7 draws them."""
-    from matplotlib import colormaps
-
-    scaled = ((grid.float() - lo) / max(hi - lo, 1e-12)).clamp(0, 1).numpy()
-    return (colormaps["jet"](scaled)[..., :3] * 255).round().astype(np.uint8)
-
-
-def _palette() -> np.ndarray:
-    """20 distinct colours, uint8 (20, 3), for the label map of Fig. 7e."""
-    from matplotlib import colormaps
-
-    return (np.array(colormaps["tab20"].colors) * 255).round().astype(np.uint8)
 
 
 def _rgb(image: torch.Tensor) -> np.ndarray:
@@ -351,9 +337,9 @@ class Viewer:
         covered = shown.copy()
         t, l = result.positions[int(result.probability.argmin())]
         covered[t:t + result.size, l:l + result.size] = 128
-        labels = result.label.unique().tolist()
-        palette = _palette()
-        codes = palette[(result.label % len(palette)).numpy()]
+        labels = result.label.unique().tolist()  # coloured as in the figure (draw_occlusion)
+        palette = (label_colors(len(labels)) * 255).round().astype(np.uint8)
+        codes = palette[result.label.clone().apply_(labels.index).numpy()]
         projection = None if result.projection is None else _rgb(contrast_stretch(result.projection[None])[0])
         return {
             "layer": result.layer, "feature": result.feature, "target": result.target,
@@ -362,13 +348,13 @@ class Viewer:
             "unoccluded": {"activity": result.clean_activity, "probability": result.clean_probability,
                            "label": classes[result.clean_label]},
             "covered": _png(covered),
-            "activity": _png(_colored(result.activity, float(result.activity.min()), float(result.activity.max()))),
+            "activity": _png(heatmap_pixels(result.activity, float(result.activity.min()), float(result.activity.max()))),
             "projection": None if projection is None else _png(_outlined(projection, result.receptive_field)),
             "projection_missing": result.projection_missing,
-            "probability": _png(_colored(result.probability, 0.0, 1.0)),
+            "probability": _png(heatmap_pixels(result.probability, 0.0, 1.0)),
             "label": _png(codes),
-            "legend": [{"class": k, "name": classes[k], "color": "#%02x%02x%02x" % tuple(palette[k % len(palette)])}
-                       for k in labels],
+            "legend": [{"class": k, "name": classes[k], "color": "#%02x%02x%02x" % tuple(palette[i])}
+                       for i, k in enumerate(labels)],
             "activity_range": [float(result.activity.min()), float(result.activity.max())],
         }
 

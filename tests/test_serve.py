@@ -1,5 +1,6 @@
 """The viewer (``deconvnet serve``): its JSON API on a real uvicorn server (bad uploads, 20 concurrent
 requests, predictions equal to the model's, the top-k cache) and the page in headless Chromium."""
+import base64
 import io
 import json
 import os
@@ -166,6 +167,11 @@ def test_analysis_matches_direct_evaluation(server):
     occlusion = result["occlusion"]
     assert occlusion["target"] == int(viewer.source.labels[5])  # data set images follow their true class
     assert occlusion["grid"] == [13, 13] and occlusion["layer"] == "conv5"
+    # Fig. 7e as the figure colours it: every cell of the label map has its label's legend colour
+    labels = np.array(Image.open(io.BytesIO(base64.b64decode(occlusion["label"].split(",")[1]))).convert("RGB"))
+    colors = {tuple(int(entry["color"][i:i + 2], 16) for i in (1, 3, 5)): entry["class"] for entry in occlusion["legend"]}
+    assert labels.shape[:2] == (13, 13) and {tuple(c) for c in labels.reshape(-1, 3)} == set(colors)
+    assert len(colors) == len(occlusion["legend"])  # distinct
 
     rgb = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # resized, grey, cropped
     status, result = call(server, "/api/upload", encoded(rgb, "JPEG"))
