@@ -204,6 +204,7 @@ def test_time_budget_sizes_the_run_and_records_its_plan(tmp_path, monkeypatch):
     assert config["epochs"] == metrics["epoch"] == -(-config["plan"]["steps"] // 8)
     assert config["plan"]["train_images_per_s"] == round(256 / 9, 1)
     assert config["plan"]["threads"] == 1 and config["final_ten_crop"] is False
+    assert config["augment"] == config["plan"]["augment"] == "none"  # a short run: the center crop alone
     assert "val_top1_10crop" not in metrics
     last = config["epochs"]
     snapshots = sorted({e for e in (1, 2, 5) if e <= last} | {last})  # the paper's that fit, and the last
@@ -211,6 +212,24 @@ def test_time_budget_sizes_the_run_and_records_its_plan(tmp_path, monkeypatch):
         [f"epoch-{e}.pt" for e in snapshots] + ["last.pt"]
     _, info = load_checkpoint(tmp_path / "final.pt")
     assert info.train_config["plan"] == config["plan"]
+
+
+def test_augmentation_is_the_recipe_s_or_under_a_budget_the_plan_s(tmp_path, monkeypatch):
+    from deconvnet.train import SHORT_RUN_EPOCHS, choose_augment, sub_crops
+
+    draws = torch.arange(10)
+    assert sub_crops("ten-crop", draws).tolist() == list(range(10))
+    assert sub_crops("flip", draws).tolist() == [4] * 5 + [9] * 5  # the center crop, flipped half the time
+    assert sub_crops("none", draws).tolist() == [4] * 10
+    assert choose_augment(SHORT_RUN_EPOCHS) == "ten-crop" and choose_augment(SHORT_RUN_EPOCHS - 0.5) == "none"
+    assert TrainConfig().resolved().augment == "ten-crop" and TrainConfig(model="zfnet").resolved().augment == "ten-crop"
+    assert TrainConfig(time_budget=1).resolved().augment is None  # left to the plan
+    with pytest.raises(UserError, match="unknown augmentation"):
+        TrainConfig(augment="mixup").resolved()
+    _fake_speed(monkeypatch)
+    train(TrainConfig(limit=256, batch_size=32, time_budget=1, augment="ten-crop"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["augment"] == config["plan"]["augment"] == "ten-crop"  # asked for: kept
 
 
 def test_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
