@@ -1,7 +1,7 @@
 """Atlas throughput (Fig. 2 for every map): ``build_atlas`` against a plain forward pass over the same images.
 
     .venv/bin/python benchmarks/bench_atlas.py --model zfnet-small --images 10000 [--checkpoint CKPT]
-    .venv/bin/python benchmarks/bench_atlas.py --model zfnet --images 100
+    .venv/bin/python benchmarks/bench_atlas.py --model zfnet --images 1000   # about 4 min on 2 cores
 
 Fashion-MNIST test images (upscaled to 256 and center-cropped for ``zfnet``), layers conv1..conv5,
 k = 9. The atlas is timed from scratch into a fresh directory, split into its phases (top-k pass,
