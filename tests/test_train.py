@@ -222,8 +222,9 @@ def test_augmentation_is_the_recipe_s_or_under_a_budget_the_plan_s(tmp_path, mon
     assert sub_crops("flip", draws).tolist() == [4] * 5 + [9] * 5  # the center crop, flipped half the time
     assert sub_crops("none", draws).tolist() == [4] * 10
     assert choose_augment(SHORT_RUN_EPOCHS) == "ten-crop" and choose_augment(SHORT_RUN_EPOCHS - 0.5) == "none"
-    assert TrainConfig().resolved().augment == "ten-crop" and TrainConfig(model="zfnet").resolved().augment == "ten-crop"
+    assert TrainConfig().resolved().augment == TrainConfig(model="zfnet").resolved().augment == "ten-crop"
     assert TrainConfig(time_budget=1).resolved().augment is None  # left to the plan
+    assert TrainConfig(model="zfnet", time_budget=1).resolved().augment == "ten-crop"  # the paper's recipe keeps it
     with pytest.raises(UserError, match="unknown augmentation"):
         TrainConfig(augment="mixup").resolved()
     _fake_speed(monkeypatch)
