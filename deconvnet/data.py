@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import tempfile
 import urllib.request
@@ -194,13 +195,9 @@ class FolderSource(Source):
                     labels.append(label)
         self.skipped: list[str] = []
         if check:
-            keep = []
-            for i, f in enumerate(tqdm(files, desc=f"checking {root.name}", unit="img", disable=None, leave=False)):
-                try:
-                    load_image(f, size, channels, draft=True)
-                    keep.append(i)
-                except Exception:  # noqa: BLE001 - any decode failure means "unreadable"
-                    self.skipped.append(str(f))
+            self.skipped = _unreadable(root, files, size, channels)
+            unreadable = set(self.skipped)
+            keep = [i for i, f in enumerate(files) if str(f) not in unreadable]
             files, labels = [files[i] for i in keep], [labels[i] for i in keep]
         if self.skipped:
             warnings.warn(f"{len(self.skipped)} unreadable image file(s) skipped under {root}: "
@@ -212,6 +209,27 @@ class FolderSource(Source):
 
     def get(self, indices) -> torch.Tensor:
         return torch.stack([load_image(self.files[int(i)], self.size, self.channels) for i in indices])
+
+
+def _unreadable(root: Path, files: list[Path], size: int, channels: int) -> list[str]:
+    """The files of a folder that do not decode, through the runner's cache: keyed by every file's
+    path, size and modification time, so each analysis of the same folder decodes it once, and a
+    changed or added file is checked again."""
+    from .runner import cache_dir, cache_key, cached
+
+    def check() -> list[str]:
+        bad = []
+        for f in tqdm(files, desc=f"checking {root.name}", unit="img", disable=None, leave=False):
+            try:
+                load_image(f, size, channels, draft=True)
+            except Exception:  # noqa: BLE001 - any decode failure means "unreadable"
+                bad.append(str(f))
+        return bad
+
+    stats = [(str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
+    listing = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    key = cache_key(_unreadable, {"files": listing, "size": size, "channels": channels})
+    return cached(cache_dir() / "folders" / f"{key[:32]}.json", key, check)[0]
 
 
 def open_source(spec: str, size: int = 28, channels: int = 1) -> Source:

@@ -136,6 +136,25 @@ def test_folder_skips_bad_files_and_lists_them(tmp_path):
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
 
 
+def test_folder_check_is_cached_until_a_file_changes(tmp_path, monkeypatch):
+    """Each analysis of a folder opens it; the decode check of its files runs once (runner's cache)."""
+    import deconvnet.data as data
+
+    bad = _write_folder(tmp_path)
+    with pytest.warns(UserWarning, match="4 unreadable"):
+        FolderSource(tmp_path, size=24, channels=3)
+    decoded = []
+    real = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda f, *a, **k: decoded.append(f) or real(f, *a, **k))
+    with pytest.warns(UserWarning, match="4 unreadable"):
+        again = FolderSource(tmp_path, size=24, channels=3)
+    assert decoded == [] and sorted(again.skipped) == bad and len(again) == 4
+    Image.fromarray(np.zeros((30, 30, 3), dtype=np.uint8)).save(tmp_path / "dog" / "half.png")  # repaired
+    with pytest.warns(UserWarning, match="3 unreadable"):
+        repaired = FolderSource(tmp_path, size=24, channels=3)
+    assert len(decoded) == 8 and len(repaired) == 5  # checked again, every file
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="not a directory"):
         open_source(f"folder:{tmp_path / 'missing'}")
