@@ -67,7 +67,7 @@ class _SkipBackward(torch.autograd.Function):
 
 class _ImageConv(torch.autograd.Function):
     """``F.conv2d`` (no padding, no dilation, one group) whose input gradient is ATen's im2col kernel:
-    on CPU, oneDNN's is 2-8x slower when the input has an image's few channels (BENCHMARKS.md)."""
+    on CPU, oneDNN's is about 3x slower when the input has an image's few channels (BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias, stride) -> torch.Tensor:
@@ -148,7 +148,10 @@ class Deconvnet:
     back-propagation (the rule still applies at every ReLU).
 
     After each :meth:`project`, ``method`` says how it ran: ``"cone"``, ``"crop: WHY"`` or
-    ``"full image: WHY"``, WHY being the reason the cone did not apply.
+    ``"full image: WHY"``, WHY being the reason the cone did not apply. The cone replays the model's
+    traced forward pass (:func:`geometry.graph_of`, cached per input size while the modules and
+    weights stay the same), so a forward hook added after the first projection at that size does not
+    act in it.
     """
 
     def __init__(self, model: nn.Module, other_activations: str = "error"):
@@ -215,7 +218,7 @@ class Deconvnet:
         (sy, sx), origins = plan.size[0], plan.origin[0].tolist()
         for start in range(0, len(units), _CHUNK):
             chunk = range(start, min(start + _CHUNK, len(units)))
-            padded = nn.functional.pad(images[start:chunk.stop], (left, right, top, bottom))
+            padded = F.pad(images[start:chunk.stop], (left, right, top, bottom))
             x = torch.stack([padded[i - start, :, origins[i][0] + top:origins[i][0] + top + sy,
                                     origins[i][1] + left:origins[i][1] + left + sx] for i in chunk])
             x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)  # faster pools
@@ -447,7 +450,7 @@ class _Cone:
                     if n.index in self.skip:  # no contrast normalisation on the way down
                         with torch.no_grad():
                             out = n.func(*args, **kwargs)
-                        out = _SkipBackward.apply(read(Ref(n.inputs[0])), out)
+                        out = _SkipBackward.apply(read(Ref(n.inputs[0])), out)  # the map normalised
                     else:
                         out = n.func(*args, **kwargs)
                 except RuntimeError as e:

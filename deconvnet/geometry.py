@@ -284,11 +284,12 @@ def _version(t: torch.Tensor) -> int | None:
 
 def graph_of(model: nn.Module, input_hw) -> Graph:
     """The traced graph (without values) for an input of ``input_hw`` (rows, cols) or a square size;
-    cached per model, input size, module layout and hooks, and the identity, dtype, device and
-    version (in-place changes) of its parameters and buffers: the graph's arguments hold tensors the
-    forward pass used, so a replay of it is the model as it is now."""
+    cached per model, input size, module layout, and the identity, dtype, device and version
+    (in-place changes) of its parameters and buffers: the graph's arguments hold tensors the forward
+    pass used, so a replay of it computes with the weights as they are now. Not in the key: forward
+    hooks (other threads' passes register and remove theirs while a model is shared)."""
     h, w = _hw(input_hw)
-    layout = tuple((n, id(m), tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for n, m in model.named_modules())
+    layout = tuple((n, id(m)) for n, m in model.named_modules())
     tensors = tuple((id(t), t.dtype, t.device, _version(t)) for t in [*model.parameters(), *model.buffers()])
     per_model = _CACHE.setdefault(model, {})
     key = (h, w, layout, tensors)
