@@ -377,6 +377,7 @@ def _cpu_name() -> str:
 
 
 REPLAN_MARGIN = 0.01  # a run re-plans only when it would eat into all but this much of its budget
+PACE_STEPS = 25  # a budgeted run on several threads checks its pace every this many steps
 
 
 def _replan(cfg: TrainConfig, epoch: int, epoch_s: float, val_images: int, clock: float, scheduler,
@@ -559,8 +560,12 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
                      "loss_sum": total_loss.item(), "budget_spent": time.time() - clock}
             save_checkpoint(last_path, model, info, extra)
 
+    def pace_check() -> bool:  # several threads chosen by the budget's measurement, on one CPU process
+        return bool(cfg.plan) and cfg.plan.get("threads", 1) > 1 and cfg.device == "cpu" and procs == 1
+
     while epoch <= cfg.epochs:
         started = time.time()
+        mark = time.perf_counter()
         net.train()
         batches = epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, epoch)[:steps_in(epoch)]
         first_step = step
@@ -579,6 +584,19 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
             bar.update(1)
             if s % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+            if pace_check() and (s + 1 - first_step) % PACE_STEPS == 0:
+                pace = PACE_STEPS * cfg.batch_size / (time.perf_counter() - mark)
+                mark = time.perf_counter()
+                if pace < 0.5 * cfg.plan["train_images_per_s"]:
+                    # Another job took a core: two threads that wait for each other at every operation
+                    # then run several times slower than one (README "Threads"); go on with one.
+                    torch.set_num_threads(1)
+                    cfg = dataclasses.replace(cfg, plan={**cfg.plan, "threads": 1, "threads_dropped": {
+                        "epoch": epoch, "step": s + 1, "images_per_s": round(pace, 1)}})
+                    info.train_config = dataclasses.asdict(cfg)
+                    atomic_write_json(out / "config.json", info.train_config)
+                    print(f"time budget: {pace:,.0f} images/s, under half the {cfg.plan['train_images_per_s']:,.0f} "
+                          f"measured; going on with one thread", flush=True)
             if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < len(batches):
                 save_state(epoch, s + 1)
         bar.close()

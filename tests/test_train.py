@@ -233,6 +233,17 @@ def test_augmentation_is_the_recipe_s_or_under_a_budget_the_plan_s(tmp_path, mon
     assert config["augment"] == config["plan"]["augment"] == "ten-crop"  # asked for: kept
 
 
+def test_a_budget_run_on_two_threads_at_under_half_its_pace_goes_on_with_one(tmp_path, monkeypatch):
+    t = importlib.import_module("deconvnet.train")
+    monkeypatch.setattr(t, "measure_speed", lambda *args, **kw: (1e6, 1e6, 2))  # a pace no real step keeps
+    monkeypatch.setattr(t, "PACE_STEPS", 4)
+    threads = torch.get_num_threads()
+    train(TrainConfig(limit=256, batch_size=32, time_budget=1, epochs=2, final_ten_crop=False), tmp_path)
+    plan = json.loads((tmp_path / "config.json").read_text())["plan"]
+    assert plan["threads"] == 1 and plan["threads_dropped"]["epoch"] == 1 and plan["threads_dropped"]["step"] == 4
+    assert torch.get_num_threads() == threads  # the caller's setting is restored
+
+
 def test_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
     calls = _fake_speed(monkeypatch)
     t = importlib.import_module("deconvnet.train")
