@@ -35,7 +35,7 @@ from ._analysis import eval_mode, to_rgb
 from .deconvnet import Deconvnet, contrast_stretch
 from .errors import UserError
 from .findings import Finding
-from .geometry import Graph, Node, Ref, reach, trace, unit_box
+from .geometry import Graph, Node, Ref, _bound, reach, trace, unit_box
 from .probe import hooks, resolve
 from .figures import finish, new_figure
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 CHUNK = 128  # occluder positions per batch, at most
-GROUPS = 3  # per axis, groups of square positions of similar reach batched together
+GROUPS = 2  # per axis, groups of square positions of similar reach batched together (4 batches)
 OBJECT, BACKGROUND = 0.5, 0.1  # a square "covers the object" / "covers background" (fraction of object pixels)
 CHECKED = 2  # squares checked against direct forward passes
 
@@ -237,6 +237,36 @@ def _groups(costs: dict[int, int], k: int) -> list[set[int]]:
     return [set(order[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
+def _fold_batch_norms(graph: Graph, keep: set[int]) -> dict[int, tuple]:
+    """Eval BatchNorms that alone read a conv, folded into its weights and bias: one op per window
+    instead of two. ``{conv node: (BatchNorm node, weight, bias)}``; convs in ``keep`` stay as they are."""
+    readers: dict[int, list[int]] = {}
+    for node in graph.nodes:
+        for i in node.inputs:
+            readers.setdefault(i, []).append(node.index)
+    folded = {}
+    for bn in graph.nodes:
+        if getattr(bn.func, "__name__", "") != "batch_norm" or bn.kind != "pointwise":
+            continue
+        b = _bound("batch_norm", bn.args, bn.kwargs)
+        conv = graph.nodes[bn.inputs[0]]
+        if b["input"] != Ref(conv.index) or readers[conv.index] != [bn.index] or conv.index in keep \
+                or not _macs(conv, 1, 1) or any(isinstance(b[k], Ref) for k in ("running_mean", "running_var",
+                                                                                 "weight", "bias")):
+            continue
+        weight = conv.args[1] if len(conv.args) > 1 else conv.kwargs["weight"]
+        bias = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+        scale = (b["running_var"].double() + b.get("eps", 1e-5)).rsqrt()
+        if b["weight"] is not None:
+            scale = scale * b["weight"].double()
+        shift = ((0 if bias is None else bias.double()) - b["running_mean"].double()) * scale
+        if b["bias"] is not None:
+            shift = shift + b["bias"].double()
+        folded[conv.index] = (bn.index, (weight.double() * scale[:, None, None, None]).to(weight.dtype),
+                              shift.to(weight.dtype))
+    return folded
+
+
 def _macs(node: Node, rows: int, cols: int) -> int:
     """Multiply-adds of a conv node over ``rows`` x ``cols`` output positions (0 for other ops)."""
     if node.kind != "window" or getattr(node.func, "__name__", "") != "conv2d":
@@ -288,7 +318,10 @@ class _Incremental:
                            | ({graph.output} if graph.output < self.tail else set()))
         if any(graph.nodes[i].shape is None for i in self.ends):
             raise _Fallback("the ops after the last feature map read a tuple")
-        self.padded: dict[int, torch.Tensor] = {}
+        self.folded = _fold_batch_norms(graph, keep={layer.index, graph.output})
+        self.normalised: set[int] = set()  # convs whose window this batch holds with their BatchNorm applied
+        self.padded: dict[int, torch.Tensor] = {}  # conv and pool inputs, clean, padded as the op pads them
+        self.cleans: dict[int, torch.Tensor] = {}
         self.weights: dict[int, torch.Tensor] = {}
         self.done = 0  # conv multiply-adds recomputed, summed over squares
 
@@ -333,6 +366,7 @@ class _Incremental:
         positions = [self.positions[i] for i in batch]
         n = len(positions)
         windows = self.windows(positions)
+        self.normalised.clear()
         height, width = self.image.shape[1:]
         tops = torch.tensor([t for t, _ in positions])
         lefts = torch.tensor([l for _, l in positions])
@@ -375,6 +409,13 @@ class _Incremental:
             return total + state.t[:, self.feature].flatten(1).sum(1) - under.flatten(1).sum(1)
         return state[:, self.feature].flatten(1).sum(1)
 
+    def clean(self, index: int) -> torch.Tensor:
+        """Node ``index``'s clean map (1, C, H, W) stored channels-last, as the windows are: each
+        position's C values side by side, as :func:`_patch` reads them."""
+        if index not in self.cleans:
+            self.cleans[index] = self.graph.nodes[index].value.contiguous(memory_format=torch.channels_last)
+        return self.cleans[index]
+
     def full(self, node: Node, state, n: int) -> torch.Tensor:
         """A node's output for every square as whole tensors (B, ...)."""
         if state is None:
@@ -382,11 +423,14 @@ class _Incremental:
                 raise _Fallback(f"{node.describe()} has no batch dimension")
             return node.value.expand(n, *node.value.shape[1:])
         if isinstance(state, _Win):
-            return _patch(node.value, state, torch.zeros_like(state.ys), torch.zeros_like(state.xs), *node.shape[2:])
+            return _patch(self.clean(node.index), state, torch.zeros_like(state.ys), torch.zeros_like(state.xs),
+                          *node.shape[2:])
         return state
 
     def run(self, node: Node, states: dict, window: tuple | None, n: int):
         ins = [states.get(i) for i in node.inputs]
+        if node.inputs[0] in self.normalised and self.folded[node.inputs[0]][0] == node.index:
+            return ins[0]  # the BatchNorm its conv already applied
         if window is not None and not any(s is not None and not isinstance(s, _Win) for s in ins):
             ys, rows, xs, cols = window
             if node.kind in ("window", "adaptive") and node.fill is not None:
@@ -401,25 +445,32 @@ class _Incremental:
         """A conv or pool over its output window, from its pre-padded clean input with ``win`` pasted in."""
         source = self.graph.nodes[node.inputs[0]]
         wy, wx = node.axes
-        if node.index not in self.padded:
-            n_in, n_out = source.shape[2:], node.shape[2:]
-            bottom = max(0, (n_out[0] - 1) * wy.stride + wy.span - wy.padding - n_in[0])
-            right = max(0, (n_out[1] - 1) * wx.stride + wx.span - wx.padding - n_in[1])
-            self.padded[node.index] = F.pad(source.value, (wx.padding, right, wy.padding, bottom), value=node.fill)
+        (n_in, m_in), (n_out, m_out) = source.shape[2:], node.shape[2:]
+        pads = (wx.padding, max(0, (m_out - 1) * wx.stride + wx.span - wx.padding - m_in),
+                wy.padding, max(0, (n_out - 1) * wy.stride + wy.span - wy.padding - n_in))
+        h, w = (rows - 1) * wy.stride + wy.span, (cols - 1) * wx.stride + wx.span  # the input region
         pointlike = all(a.span == 1 and a.stride == 1 and a.padding == 0 for a in node.axes)
         if pointlike and win.t.shape[2:] == (rows, cols) and torch.equal(win.ys, ys) and torch.equal(win.xs, xs):
             region = win.t  # a 1x1 conv over the same window (LRN's band sum): nothing to paste
+        elif win.t.shape[2:] == (n_in, m_in) and (ys == ys[0]).all() and (xs == xs[0]).all():
+            # the window is the whole map (deep in a ResNet): padded as the op pads, nothing clean to paste
+            y, x = int(ys[0]) * wy.stride, int(xs[0]) * wx.stride
+            region = F.pad(win.t, pads, value=node.fill)[:, :, y:y + h, x:x + w]
         else:
-            region = _patch(self.padded[node.index], win, ys * wy.stride, xs * wx.stride,
-                            (rows - 1) * wy.stride + wy.span, (cols - 1) * wx.stride + wx.span,
+            if node.index not in self.padded:
+                self.padded[node.index] = F.pad(self.clean(source.index), pads, value=node.fill)
+            region = _patch(self.padded[node.index], win, ys * wy.stride, xs * wx.stride, h, w,
                             shift=(wy.padding, wx.padding))
         name = getattr(node.func, "__name__", "")
         kernel, stride, dilation = (wy.kernel, wx.kernel), (wy.stride, wx.stride), (wy.dilation, wx.dilation)
         if name == "conv2d":
-            if node.index not in self.weights:  # channels-last, as the windows are: a cheaper reorder per call
-                weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-                self.weights[node.index] = weight.contiguous(memory_format=torch.channels_last)
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if node.index in self.folded:
+                weight, bias = self.folded[node.index][1:]
+                self.normalised.add(node.index)
+            if node.index not in self.weights:  # channels-last, as the windows are: a cheaper reorder per call
+                self.weights[node.index] = weight.contiguous(memory_format=torch.channels_last)
             groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
             out = F.conv2d(region, self.weights[node.index], bias, stride, 0, dilation, groups)
         elif "max" in name:
@@ -440,7 +491,7 @@ class _Incremental:
                 if isinstance(state, _Win) and state.t.shape[2:] == (rows, cols) and torch.equal(state.ys, ys) \
                         and torch.equal(state.xs, xs):
                     return state.t
-                return _patch(source.value, state, ys, xs, rows, cols)
+                return _patch(self.clean(a.index), state, ys, xs, rows, cols)
             if tuple(source.shape[2:]) == (1, 1):  # broadcast over the map (a squeeze-excitation scale)
                 return source.value.clone() if state is None and node.inplace else \
                     source.value if state is None else state.t
