@@ -387,6 +387,10 @@ class _Cone:
                 per_position[y, x] = _Cone._boxes(graph, top, y, x)
         boxes, cuts = next(iter(per_position.values()))
         size = {i: (b[0][1] - b[0][0] + 1, b[1][1] - b[1][0] + 1) for i, b in boxes.items()}
+        for i, (rows, cols) in size.items():  # past both borders of a map the cone costs more than the image
+            if rows > graph.nodes[i].shape[2] or cols > graph.nodes[i].shape[3]:
+                where = "the input" if i == 0 else graph.nodes[i].describe()
+                raise _NoCone(f"the cone is larger than the map of {where} (the field is larger than the image)")
         for other, other_cuts in per_position.values():  # one batch needs one shape per node
             if other_cuts != cuts or {i: (b[0][1] - b[0][0] + 1, b[1][1] - b[1][0] + 1) for i, b in other.items()} != size:
                 raise _NoCone("the cone's boxes differ in shape between units")

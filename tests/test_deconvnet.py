@@ -331,7 +331,7 @@ def record_runs(monkeypatch) -> tuple[list, object]:
 def test_cone_equals_the_full_image_with_padding_and_ceil_mode_pools(rule, monkeypatch):
     torch.manual_seed(6)
     model = _small_net()  # padded strided conv, ceil-mode pool, LRN, padded pool, in-place ReLU
-    images = torch.randn(4, 2, 23, 23, dtype=torch.float64)
+    images = torch.randn(4, 2, 47, 47, dtype=torch.float64)  # every field smaller than the image
     dn = Deconvnet(model)
     shapes, run = record_runs(monkeypatch)
     for layer in layer_names(model):
