@@ -83,9 +83,13 @@ class _ImageConv(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+_HAS_SLOW_CONV = hasattr(torch.ops.aten, "_slow_conv2d_backward")  # a private ATen op: used only where present
+
+
 def _image_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``F.conv2d`` for the convolution that reads the image: :class:`_ImageConv` where it applies."""
-    if x.device.type == "cpu" and x.shape[1] <= 4 and padding == 0 and groups == 1 and tuple(dilation) == (1, 1):
+    if (x.device.type == "cpu" and x.shape[1] <= 4 and padding == 0 and groups == 1 and tuple(dilation) == (1, 1)
+            and _HAS_SLOW_CONV):
         return _ImageConv.apply(x, weight, bias, stride)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
