@@ -10,8 +10,11 @@ each map at a stable address ``LAYER.html#MAP``. The site reads from disk, no se
     OUT/LAYER.html           every map of LAYER, an element id="MAP" each
     OUT/LAYER/MAP.png        row 1: the k projections, row 2: the input patches (best first)
     OUT/atlas.json           every map's top-k entries (image, class, value, position, box)
-    OUT/topk.pt              the top-k tables and the inputs they were computed from (reused)
-    OUT/manifest.json        the maps whose PNG is finished, for those inputs (reused)
+    OUT/manifest.json        the maps whose PNG is finished, and the key of their inputs (reused)
+
+The top-k tables come from the runner's cache, where ``deconvnet topk`` and ``serve`` find them too;
+the manifest's key is the runner's key of the tables and of this module's source (a code change
+redraws the maps).
 
 Killed midway, a rerun finishes the rest; a rerun of a finished atlas redoes nothing but the pages.
 Under ``torchrun`` the top-k pass is sharded over images and the maps over processes (the i-th map
@@ -19,7 +22,6 @@ of the whole atlas to process i % world); the site is the same as one process ma
 """
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import math
@@ -33,24 +35,12 @@ from torch import nn
 from ._analysis import eval_mode
 from .data import Preprocess, Source
 from .errors import UserError
-from .runner import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, progress, world
-from .topk import TopK, class_purity, gallery, tile_pixels, top_k
+from .runner import atomic_write_bytes, atomic_write_json, atomic_write_text, cache_key, progress, world
+from .topk import TopK, cached_top_k, class_purity, gallery, load_top_k, tile_pixels, top_k_cache
 
-VERSION = 1  # of the drawings: a change invalidates finished maps
 TILE = 48  # a tile's least side in the PNG (small receptive fields are enlarged, nearest neighbour)
 _OUTSIDE = (0.92, 0.93, 0.96)  # tile pixels outside the image (a field clipped by the border)
 _BYTES_PER_CHUNK = 96 * 2 ** 20  # images and projections held at once while projecting
-
-
-def fingerprint(model: nn.Module, preprocess: Preprocess) -> str:
-    """A hash of the model's weights and the preprocessing: the atlas's work is reused only for these."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps(preprocess.to_dict(), sort_keys=True).encode())
-    h.update(preprocess.mean.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def build_atlas(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], out: str | Path,
@@ -72,18 +62,13 @@ def build_atlas(model: nn.Module, source: Source, preprocess: Preprocess, layers
         raise UserError("the data has no images")
     classes = list(source.classes if classes is None else classes)
     rank, procs = world()
-    key = {"version": VERSION, "model": fingerprint(model, preprocess), "data": source.name,
-           "images": len(indices), "first": int(indices[0]), "last": int(indices[-1]),
-           "layers": layers, "k": k}
-
-    tables = _load_tables(out / "topk.pt", key)
+    tables = load_top_k(model, source, preprocess, layers, k, indices)
     topk_reused = tables is not None
     if procs > 1:
         dist.barrier()  # every process has looked before one writes
     if tables is None:
-        tables = top_k(model, source, preprocess, layers, k=k, indices=indices, batch_size=batch_size)
-        if rank == 0:
-            atomic_torch_save({"key": key, "tables": {n: vars(t) for n, t in tables.items()}}, out / "topk.pt")
+        tables = cached_top_k(model, source, preprocess, layers, k, indices, batch_size)
+    key = cache_key(build_atlas, {"tables": top_k_cache(model, source, preprocess, layers, k, indices)[1]})
 
     done = _read_done(out, key)
     jobs = [(name, c) for name in layers for c in range(tables[name].values.shape[0])]
@@ -123,19 +108,7 @@ def build_atlas(model: nn.Module, source: Source, preprocess: Preprocess, layers
 
 # ----------------------------------------------------------------------------- resumable state
 
-def _load_tables(path: Path, key: dict) -> dict[str, TopK] | None:
-    if not path.is_file():
-        return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - unreadable: compute again
-        return None
-    if not isinstance(saved, dict) or saved.get("key") != key:
-        return None
-    return {name: TopK(**t) for name, t in saved["tables"].items()}
-
-
-def _read_done(out: Path, key: dict) -> dict[str, set[int]]:
+def _read_done(out: Path, key: str) -> dict[str, set[int]]:
     """Finished maps, from the manifest and the processes' progress files, whose PNG exists."""
     done: dict[str, set[int]] = {}
     for path in [out / "manifest.json", *sorted(out.glob(".manifest-rank*.json"))]:
@@ -150,7 +123,7 @@ def _read_done(out: Path, key: dict) -> dict[str, set[int]]:
     return done
 
 
-def _write_done(path: Path, key: dict, done: dict[str, set[int]]) -> None:
+def _write_done(path: Path, key: str, done: dict[str, set[int]]) -> None:
     atomic_write_json(path, {"key": key, "done": {name: sorted(maps) for name, maps in done.items()}})
 
 

@@ -146,12 +146,12 @@ def top_k_cache(model: nn.Module, source: Source, preprocess: Preprocess, layers
 
 
 def cached_top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
-                 indices=None) -> dict[str, TopK]:
+                 indices=None, batch_size: int = 256) -> dict[str, TopK]:
     """:func:`top_k` through the runner's cache, shared by ``topk``, ``serve`` and ``atlas``: the same
     model, data and layers are passed over once."""
     path, key = top_k_cache(model, source, preprocess, layers, k, indices)
     tables, _ = cached(path, key, lambda: {name: vars(t) for name, t in
-                                           top_k(model, source, preprocess, layers, k, indices).items()})
+                                           top_k(model, source, preprocess, layers, k, indices, batch_size).items()})
     return {name: TopK(**fields) for name, fields in tables.items()}
 
 

@@ -152,3 +152,18 @@ def test_atlas_under_torchrun_writes_the_same_site(tmp_path, tiny_checkpoint):
                               torch.tensor([[e["value"] for e in m["top"]] for m in b]), rtol=1e-5)
     assert json.loads((one / "manifest.json").read_text())["done"] == \
            json.loads((other / "manifest.json").read_text())["done"]
+
+
+def test_atlas_reads_the_tables_deconvnet_topk_wrote(tmp_path, tiny_checkpoint, capsys):
+    """Issue 13: one cache. The top-k pass `deconvnet topk` made for the same model, data and layers is
+    the atlas's: its first run passes no image through the model for the tables."""
+    data = ["--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--layers", "conv1,conv2",
+            "--k", "3", "--limit", "40"]
+    assert main(["topk", *data, "--maps", "1", "--out", str(tmp_path / "fig2")]) == 0
+    capsys.readouterr()
+    assert main(["atlas", *data, "--out", str(tmp_path / "atlas")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["topk_reused"] and summary["projected"] == 96  # conv1's 32 maps and conv2's 64
+    written = json.loads((tmp_path / "fig2" / "topk.json").read_text())["layers"]["conv2"]["maps"]
+    drawn = json.loads((tmp_path / "atlas" / "atlas.json").read_text())["layers"]["conv2"]["maps"]
+    assert [[e["image"] for e in m["top"]] for m in drawn] == [[e["image"] for e in m["top"]] for m in written]
