@@ -63,10 +63,10 @@ BUDGETS = {
 DEMO_MINUTES = 20.0  # `make demo`, set-up excluded
 # The reference: what each step of the default budget took on this project's 2-core AMD EPYC (bf16),
 # in seconds, at its measured speed of REFERENCE training and evaluation images/s (zfnet-small); the
-# analyses' figures were corrected by a demo measured at a third of that speed (BENCHMARKS.md).
+# analyses' figures were corrected by two demos measured at a fifth of that speed (BENCHMARKS.md, README).
 REFERENCE = {"train_images_per_s": 4100.0, "eval_images_per_s": 3500.0}
-ANALYSES = {"fig2": 6, "fig4": 8, "fig5": 1, "fig6": 1, "fig7": 1, "table1": 1, "table7": 20}  # ~ evaluation
-SCALED = {"table3": 250, "tables4-5": 110}  # ~ training speed (the Fig. 6 runs and training are budgeted)
+ANALYSES = {"fig2": 6, "fig4": 8, "fig5": 1, "fig6": 1, "fig7": 1, "table1": 1, "table7": 14}  # ~ evaluation
+SCALED = {"table3": 250, "tables4-5": 66}  # ~ training speed (the Fig. 6 runs and training are budgeted)
 ABLATE_LIMIT, SCRATCH_STEPS, FIG6_EPOCHS, TRAIN_EPOCHS = 20000, 300, 3, 30
 OVERHEAD = 20  # seconds: start-up of 13 commands, the calibration, the report
 START = 8  # seconds of a budgeted training run before its first epoch: data, mean image, its own measurement
