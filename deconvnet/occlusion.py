@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ._analysis import eval_mode, to_rgb
+from ._analysis import eval_mode, strongest_units, to_rgb
 from .deconvnet import Deconvnet, contrast_stretch
 from .errors import UserError
 from .findings import Finding
 from .geometry import Graph, Node, Ref, _bound, reach, trace, unit_box
 from .probe import hooks, resolve
-from .figures import finish, new_figure
+from .figures import finish, heatmap_pixels, label_colors, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -111,8 +111,7 @@ def occlusion(model: nn.Module, image: torch.Tensor, target: int | None = None, 
         if not node.spatial:
             raise UserError(f"layer {layer!r} has no feature maps (output shape {node.shape})")
         maps = node.value[0]
-        feature = int(maps.flatten(1).amax(1).argmax())
-        y, x = divmod(int(maps[feature].argmax()), maps.shape[-1])
+        feature, y, x = strongest_units(maps)[0]
         logits = graph.nodes[graph.output].value[0].flatten()
         target = int(logits.argmax()) if target is None else int(target)
         if not 0 <= target < len(logits):
@@ -598,7 +597,8 @@ def draw_occlusion(result: Occlusion, path=None, picture: torch.Tensor | None = 
 
     ``picture``: the image to show, (C, H, W) in [0, 1]; default ``result.image`` rescaled.
     """
-    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.patches import Patch, Rectangle
 
     img = result.image
@@ -617,8 +617,9 @@ def draw_occlusion(result: Occlusion, path=None, picture: torch.Tensor | None = 
     ax.add_patch(Rectangle((l - 0.5, t - 0.5), result.size, result.size, color="0.5"))
     ax.set_title(f"(a) input, class followed: {name(result.target)}")
     ax = axes[1]
-    im = ax.imshow(result.activity.numpy(), cmap="jet", extent=extent)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    lo, hi = float(result.activity.min()), float(result.activity.max())
+    ax.imshow(heatmap_pixels(result.activity, lo, hi), extent=extent)  # as the viewer draws it
+    fig.colorbar(ScalarMappable(Normalize(lo, hi), "jet"), ax=ax, fraction=0.046)
     ax.set_title(f"(b) {result.layer} map {result.feature}: total")
     ax = axes[2]
     top, left, bottom, right = result.receptive_field
@@ -632,16 +633,15 @@ def draw_occlusion(result: Occlusion, path=None, picture: torch.Tensor | None = 
         ax.set_title(f"(c) field of map {result.feature}'s peak")
     ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left + 1, bottom - top + 1, fill=False, color="k", lw=2))
     ax = axes[3]
-    im = ax.imshow(result.probability.numpy(), cmap="jet", vmin=0, vmax=1, extent=extent)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.imshow(heatmap_pixels(result.probability, 0.0, 1.0), extent=extent)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=ax, fraction=0.046)
     ax.set_title(f"(d) p({name(result.target)})")
     ax = axes[4]
     labels = result.label.unique().tolist()
-    index = {k: i for i, k in enumerate(labels)}
-    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"].resampled(len(labels))
-    codes = result.label.clone().apply_(lambda k: index[k])
-    ax.imshow(codes.numpy(), cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5, extent=extent, interpolation="nearest")
-    ax.legend(handles=[Patch(color=cmap(index[k]), label=name(k)) for k in labels], fontsize=7,
+    colors = label_colors(len(labels))  # the viewer's colours too
+    codes = result.label.clone().apply_(labels.index)
+    ax.imshow(colors[codes.numpy()], extent=extent, interpolation="nearest")
+    ax.legend(handles=[Patch(color=colors[i], label=name(k)) for i, k in enumerate(labels)], fontsize=7,
               loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("(e) most probable label")
     for ax in axes:
