@@ -35,7 +35,7 @@ from ._analysis import eval_mode, strongest_units, to_rgb
 from .deconvnet import Deconvnet, contrast_stretch
 from .errors import UserError
 from .findings import Finding
-from .geometry import Graph, Node, Ref, _bound, reach, trace, unit_box
+from .geometry import Graph, Node, Ref, _bound, reach, trace, unit_box, unpadded
 from .probe import hooks, resolve
 from .figures import finish, heatmap_pixels, label_colors, new_figure
 
@@ -460,9 +460,8 @@ class _Incremental:
                 self.padded[node.index] = F.pad(self.clean(source.index), pads, value=node.fill)
             region = _patch(self.padded[node.index], win, ys * wy.stride, xs * wx.stride, h, w,
                             shift=(wy.padding, wx.padding))
-        name = getattr(node.func, "__name__", "")
-        kernel, stride, dilation = (wy.kernel, wx.kernel), (wy.stride, wx.stride), (wy.dilation, wx.dilation)
-        if name == "conv2d":
+        conv2d = F.conv2d
+        if getattr(node.func, "__name__", "") == "conv2d":
             weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if node.index in self.folded:
@@ -470,12 +469,10 @@ class _Incremental:
                 self.normalised.add(node.index)
             if node.index not in self.weights:  # channels-last, as the windows are: a cheaper reorder per call
                 self.weights[node.index] = weight.contiguous(memory_format=torch.channels_last)
-            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-            out = F.conv2d(region, self.weights[node.index], bias, stride, 0, dilation, groups)
-        elif "max" in name:
-            out = F.max_pool2d(region, kernel, stride, 0, dilation)
-        else:
-            out = F.avg_pool2d(region, kernel, stride, 0)
+
+            def conv2d(x, _weight, _bias, *rest, weight=self.weights[node.index], bias=bias):
+                return F.conv2d(x, weight, bias, *rest)  # the folded, channels-last weights
+        out = unpadded(node, region, conv2d)
         return _Win(out, ys, xs)
 
     def pointwise(self, node: Node, states: dict, ys, rows, xs, cols) -> _Win:
