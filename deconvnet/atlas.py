@@ -36,7 +36,7 @@ from ._analysis import eval_mode
 from .data import Preprocess, Source
 from .errors import UserError
 from .runner import atomic_write_bytes, atomic_write_json, atomic_write_text, cache_key, progress, world
-from .topk import TopK, cached_top_k, class_purity, gallery, load_top_k, tile_pixels, top_k_cache
+from .topk import TopK, cached_top_k, class_purity, gallery, tile_pixels
 
 TILE = 48  # a tile's least side in the PNG (small receptive fields are enlarged, nearest neighbour)
 _OUTSIDE = (0.92, 0.93, 0.96)  # tile pixels outside the image (a field clipped by the border)
@@ -62,13 +62,9 @@ def build_atlas(model: nn.Module, source: Source, preprocess: Preprocess, layers
         raise UserError("the data has no images")
     classes = list(source.classes if classes is None else classes)
     rank, procs = world()
-    tables = load_top_k(model, source, preprocess, layers, k, indices)
-    topk_reused = tables is not None
-    if procs > 1:
-        dist.barrier()  # every process has looked before one writes
-    if tables is None:
-        tables = cached_top_k(model, source, preprocess, layers, k, indices, batch_size)
-    key = cache_key(build_atlas, {"tables": top_k_cache(model, source, preprocess, layers, k, indices)[1]})
+    # every process looks before any writes: the pass ends with a merge that waits for all of them
+    tables, tables_key, topk_reused = cached_top_k(model, source, preprocess, layers, k, indices, batch_size)
+    key = cache_key(build_atlas, {"tables": tables_key})
 
     done = _read_done(out, key)
     jobs = [(name, c) for name in layers for c in range(tables[name].values.shape[0])]

@@ -375,7 +375,7 @@ def topk(out: str, data: str, layers: list[str] | None = None, k: int = 9, limit
     source = subject.open_data(data)
     n = len(source) if limit is None else min(limit, len(source))
     with distributed():
-        tables = cached_top_k(net, source, pre, layers, k=k, indices=list(range(n)))
+        tables = cached_top_k(net, source, pre, layers, k=k, indices=list(range(n)))[0]
         rank = world()[0]
     if rank != 0:  # every process holds the merged tables; one draws them
         return []

@@ -162,7 +162,7 @@ class TopKJob:
             if tables is not None:
                 self.total = len(self.source)
             else:
-                tables = cached_top_k(model, self.source, preprocess, layers, K, range(self.total))
+                tables = cached_top_k(model, self.source, preprocess, layers, K, range(self.total))[0]
             self.tables = tables
         except Exception as e:  # noqa: BLE001 - shown to the user in the page
             self.error = f"{type(e).__name__}: {e}"

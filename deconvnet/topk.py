@@ -146,13 +146,14 @@ def top_k_cache(model: nn.Module, source: Source, preprocess: Preprocess, layers
 
 
 def cached_top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
-                 indices=None, batch_size: int = 256) -> dict[str, TopK]:
+                 indices=None, batch_size: int = 256) -> tuple[dict[str, TopK], str, bool]:
     """:func:`top_k` through the runner's cache, shared by ``topk``, ``serve`` and ``atlas``: the same
-    model, data and layers are passed over once."""
+    model, data and layers are passed over once. Returns the tables, their cache key and whether they
+    were read from the cache."""
     path, key = top_k_cache(model, source, preprocess, layers, k, indices)
-    tables, _ = cached(path, key, lambda: {name: vars(t) for name, t in
-                                           top_k(model, source, preprocess, layers, k, indices, batch_size).items()})
-    return {name: TopK(**fields) for name, fields in tables.items()}
+    tables, reused = cached(path, key, lambda: {name: vars(t) for name, t in
+                                                top_k(model, source, preprocess, layers, k, indices, batch_size).items()})
+    return {name: TopK(**fields) for name, fields in tables.items()}, key, reused
 
 
 def load_top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
