@@ -102,7 +102,7 @@ def _train_section(run: Path) -> str:
             f"<th>val top-5</th><th>s</th></tr>{rows}</table>")
 
 
-def write_report(root: Path, steps, records: dict, budget: str, argv: list[str]) -> Path:
+def write_report(root: Path, records: dict, budget: str, argv: list[str]) -> Path:
     """Write ``root/index.html`` atomically from the steps' outputs; returns its path."""
     import numpy
     import torch

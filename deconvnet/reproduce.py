@@ -205,6 +205,6 @@ def reproduce(out: str | Path = "report", quick: bool = False, data: str = "fash
     for i, step in enumerate(steps, 1):
         estimate = demo["estimates"].get(step.name) if demo else None
         records[step.name] = run_step(step, root, f"[{i}/{len(steps)}]", estimate)
-    index = write_report(root, steps, records, budget=budget, argv=sys.argv)
+    index = write_report(root, records, budget=budget, argv=sys.argv)
     print(f"report: {index}  ({format_seconds(time.time() - started)} in all)", flush=True)
     return index

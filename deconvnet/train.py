@@ -34,7 +34,7 @@ from .checkpoint import CheckpointInfo, read_checkpoint, save_checkpoint
 from .data import DataError, Preprocess, Source, mean_image, open_source, preprocess_for
 from .errors import UserError
 from .models import MODELS, build_model, model_config, renormalise_filters
-from .runner import all_sum, atomic_write_json, atomic_write_text, init_distributed, progress, world
+from .runner import all_sum, atomic_write_json, atomic_write_text, distributed, progress, world
 
 PAPER_SNAPSHOTS = (1, 2, 5, 10, 20, 30, 40, 64)  # the epochs of Fig. 4
 
@@ -427,13 +427,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     clock = time.time()
     out = Path(out)
     threads = torch.get_num_threads()
-    started_group = init_distributed()
     try:
-        return _train(cfg.resolved(), out, resume, clock)
+        with distributed():
+            return _train(cfg.resolved(), out, resume, clock)
     finally:
         torch.set_num_threads(threads)  # a budgeted run may have chosen fewer for itself
-        if started_group:
-            dist.destroy_process_group()
 
 
 def _same_run(saved: TrainConfig, cfg: TrainConfig) -> bool:
