@@ -69,3 +69,27 @@ def test_errors_leave_no_hooks_and_the_logits_unchanged():
         assert no_hooks(model)
     with torch.no_grad():
         assert torch.equal(model(image[None]), logits)
+
+
+def test_every_cell_exact_where_convs_pad_whole_axes_themselves(monkeypatch):
+    """A conv whose window spans one axis's whole output pads that axis itself and reads a pasted
+    region along the other: every one of the 49 cells equals its direct forward pass."""
+    import sys
+    module = sys.modules["deconvnet.occlusion"]  # the package's ``occlusion`` attribute is the function
+
+    paddings = []
+    conv2d = module.F.conv2d
+
+    def spy(x, weight, bias=None, stride=1, padding=0, *rest):
+        paddings.append(tuple(padding) if isinstance(padding, tuple) else (padding, padding))
+        return conv2d(x, weight, bias, stride, padding, *rest)
+
+    model = torchvision_model("resnet18")
+    image = torch.randn(3, 96, 96)
+    monkeypatch.setattr(module.F, "conv2d", spy)
+    result = occlusion(model, image, size=24, stride=12, layer="layer3")
+    monkeypatch.undo()
+    assert result.method == "incremental" and len(result.positions) == 49
+    assert {(1, 0), (0, 1), (1, 1), (0, 0)} <= set(paddings)  # native on rows, on columns, on both, on none
+    assert_cells_equal_direct(model, image, result, range(49))
+    assert no_hooks(model)
