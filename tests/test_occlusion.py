@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from deconvnet import UserError, build_model
 from deconvnet.cli import main
 from deconvnet.models import Conv
 from deconvnet.geometry import trace
-from deconvnet.occlusion import _direct, _Incremental, occlusion
+from deconvnet.occlusion import SEPARATION, _direct, _Incremental, occlusion, occlusion_findings
 from deconvnet.probe import activations
 
 
@@ -150,6 +151,30 @@ def test_cli_occlude(tiny_checkpoint, tmp_path):
     (finding,) = record["findings"]
     ours = finding["ours"]
     assert ours["images_with_both"] >= 1 and 0 <= ours["p_square_on_object"] <= 1
-    assert finding["held"] == (ours["p_square_on_object"] < ours["p_square_on_background"])
+    assert finding["held"] == (ours["p_square_on_background"] - ours["p_square_on_object"] > SEPARATION)
     assert f"{ours['p_square_on_object']:.3f} with the square on the object" in finding["reading"]
     assert main(["occlude", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)]) == 2
+
+
+def test_the_finding_holds_only_by_a_margin():
+    """Fig. 7's claim: a gap in mean p(target) under the margin is no evidence either way (the demo once
+    read 0.974 on the object vs 0.980 off it as "relies on the object")."""
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[:10] = True  # the object fills the top half: squares at rows 0 and 10
+    positions = [(0, 0), (0, 10), (10, 0), (10, 10)]
+
+    def finding(p_object: float, p_background: float):
+        result = SimpleNamespace(positions=positions, size=10, clean_probability=0.99,
+                                 probability=torch.tensor([[p_object, p_object], [p_background, p_background]]))
+        (f,) = occlusion_findings([result], [mask])
+        return f
+
+    near = finding(0.974, 0.980)
+    assert near.held is False and "differ by at most 0.02" in near.reading
+    assert near.ours["images_where_lower_on_object"] == 1
+    clear = finding(0.50, 0.95)
+    assert clear.held is True and "relies on the object" in clear.reading
+    assert clear.ours["largest_drop_on_object"] == pytest.approx(0.49)
+    reverse = finding(0.95, 0.50)
+    assert reverse.held is False and "relies on the surroundings" in reverse.reading
+    assert occlusion_findings([], [])[0].held is None
