@@ -473,7 +473,17 @@ class _Incremental:
             region = _patch(self.padded[key], win, ys * wy.stride, xs * wx.stride, h, w,
                             shift=(0 if native[0] else wy.padding, 0 if native[1] else wx.padding))
         if not conv:
-            return _Win(unpadded(node, region), ys, xs)
+            out = unpadded(node, region)
+        else:
+            out = self.conv(node, region, padding=(wy.padding if native[0] else 0, wx.padding if native[1] else 0))
+        if tuple(out.shape[2:]) != (rows, cols):
+            raise _Fallback(f"{node.describe()} did not compute its window")
+        return _Win(out, ys, xs)
+
+    def conv(self, node: Node, region: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+        """A conv node on ``region`` with ``padding``: its BatchNorm folded in where it can be, weights
+        and input channels-last."""
+        wy, wx = node.axes
         weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if node.index in self.folded:
@@ -481,11 +491,9 @@ class _Incremental:
             self.normalised.add(node.index)
         if node.index not in self.weights:  # channels-last, as the windows are: a cheaper reorder per call
             self.weights[node.index] = weight.contiguous(memory_format=torch.channels_last)
-        padding = (wy.padding if native[0] else 0, wx.padding if native[1] else 0)
-        out = F.conv2d(region.contiguous(memory_format=torch.channels_last), self.weights[node.index], bias,
-                       (wy.stride, wx.stride), padding, (wy.dilation, wx.dilation),
-                       _bound("conv2d", node.args, node.kwargs).get("groups", 1))
-        return _Win(out, ys, xs)
+        return F.conv2d(region.contiguous(memory_format=torch.channels_last), self.weights[node.index], bias,
+                        (wy.stride, wx.stride), padding, (wy.dilation, wx.dilation),
+                        _bound("conv2d", node.args, node.kwargs).get("groups", 1))
 
     def pointwise(self, node: Node, states: dict, ys, rows, xs, cols) -> _Win:
         """A per-position op on its output window: each input cut to it, clean around its own window."""

@@ -178,3 +178,26 @@ def test_the_finding_holds_only_by_a_margin():
     reverse = finding(0.95, 0.50)
     assert reverse.held is False and "relies on the surroundings" in reverse.reading
     assert occlusion_findings([], [])[0].held is None
+
+
+def test_unusual_convs_equal_direct_forward_everywhere():
+    """Asymmetric kernels and padding, dilation, groups, stride 2 on odd sizes, ``padding="same"`` with
+    an even kernel (PyTorch pads it unevenly: never padded natively), a bias-free conv: all 20 cells."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(2, 8, (3, 7), stride=(1, 2), padding=(1, 3)), relu1=nn.ReLU(),
+        conv2=nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4), relu2=nn.ReLU(),
+        conv3=nn.Conv2d(8, 12, 4, padding="same", bias=False), relu3=nn.ReLU(),
+        conv4=nn.Conv2d(12, 12, 3, stride=2, padding=1), relu4=nn.ReLU(),
+        conv5=nn.Conv2d(12, 6, (1, 3), padding=(0, 1)), relu5=nn.ReLU(),
+        pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(6, 5))).eval()
+    image = torch.randn(2, 15, 17)  # small: some windows span a whole axis of a map, some do not
+    result = occlusion(model, image, size=6, stride=3, layer="conv4")
+    assert result.method == "incremental" and len(result.positions) == 4 * 5
+    with torch.no_grad():
+        for cell, (t, l) in enumerate(result.positions):
+            x = image.clone()
+            x[:, t:t + 6, l:l + 6] = 0
+            p = torch.softmax(model(x[None])[0], 0)[result.target]
+            assert int(result.label.flatten()[cell]) == int(model(x[None])[0].argmax())
+            assert abs(float(result.probability.flatten()[cell]) - float(p)) <= 1e-5, cell
