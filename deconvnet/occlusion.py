@@ -291,8 +291,9 @@ class _Incremental:
         self.image, self.size, self.fill, self.positions = image, size, fill, positions
         height, width = image.shape[1:]
         last = graph.nodes[-1].index
-        self.row_reach = {t: reach(graph, (t, min(t + size, height) - 1), (0, width - 1)) for t in {t for t, _ in positions}}
-        self.col_reach = {l: reach(graph, (0, height - 1), (l, min(l + size, width) - 1)) for l in {l for _, l in positions}}
+        tops, lefts = {t for t, _ in positions}, {l for _, l in positions}  # a square's reach: its row's x its column's
+        self.row_reach = {t: reach(graph, (t, min(t + size, height) - 1), (0, width - 1)) for t in tops}
+        self.col_reach = {l: reach(graph, (0, height - 1), (l, min(l + size, width) - 1)) for l in lefts}
         convs = [n for n in graph.nodes if n.spatial and _macs(n, 1, 1)]
 
         def cost(reached: dict, axis: int) -> int:  # conv multiply-adds of one square, the other axis whole
