@@ -180,6 +180,7 @@ def test_the_finding_holds_only_by_a_margin():
     assert occlusion_findings([], [])[0].held is None
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # PyTorch: it copies the input
 def test_unusual_convs_equal_direct_forward_everywhere():
     """Asymmetric kernels and padding, dilation, groups, stride 2 on odd sizes, ``padding="same"`` with
     an even kernel (PyTorch pads it unevenly: never padded natively), a bias-free conv: all 20 cells."""
