@@ -256,8 +256,8 @@ def _fold_batch_norms(graph: Graph, keep: set[int]) -> dict[int, tuple]:
                 or not _macs(conv, 1, 1) or any(isinstance(b[k], Ref) for k in ("running_mean", "running_var",
                                                                                  "weight", "bias")):
             continue
-        weight = conv.args[1] if len(conv.args) > 1 else conv.kwargs["weight"]
-        bias = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+        c = _bound("conv2d", conv.args, conv.kwargs)
+        weight, bias = c["weight"], c.get("bias")
         scale = (b["running_var"].double() + b.get("eps", 1e-5)).rsqrt()
         if b["weight"] is not None:
             scale = scale * b["weight"].double()
@@ -273,8 +273,7 @@ def _macs(node: Node, rows: int, cols: int) -> int:
     """Multiply-adds of a conv node over ``rows`` x ``cols`` output positions (0 for other ops)."""
     if node.kind != "window" or getattr(node.func, "__name__", "") != "conv2d":
         return 0
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-    return rows * cols * weight.numel()
+    return rows * cols * _bound("conv2d", node.args, node.kwargs)["weight"].numel()
 
 
 class _Incremental:
@@ -485,16 +484,15 @@ class _Incremental:
         """A conv node on ``region`` with ``padding``: its BatchNorm folded in where it can be, weights
         and input channels-last."""
         wy, wx = node.axes
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        b = _bound("conv2d", node.args, node.kwargs)
+        weight, bias = b["weight"], b.get("bias")
         if node.index in self.folded:
             weight, bias = self.folded[node.index][1:]
             self.normalised.add(node.index)
         if node.index not in self.weights:  # channels-last, as the windows are: a cheaper reorder per call
             self.weights[node.index] = weight.contiguous(memory_format=torch.channels_last)
         return F.conv2d(region.contiguous(memory_format=torch.channels_last), self.weights[node.index], bias,
-                        (wy.stride, wx.stride), padding, (wy.dilation, wx.dilation),
-                        _bound("conv2d", node.args, node.kwargs).get("groups", 1))
+                        (wy.stride, wx.stride), padding, (wy.dilation, wx.dilation), b.get("groups", 1))
 
     def pointwise(self, node: Node, states: dict, ys, rows, xs, cols) -> _Win:
         """A per-position op on its output window: each input cut to it, clean around its own window."""
