@@ -137,11 +137,11 @@ def select_images(subject, image: list[str] | None, data: str | None, index: lis
     return source.get(indices), [to_model[y] for y in source.labels[indices].tolist()], [str(i) for i in indices]
 
 
-def _write_result(out: Path, name: str, options: dict, body: dict, table: str | None = None, **summary) -> None:
-    """Write ``out/name`` (the call's options + ``body``), print ``table`` and a one-line JSON summary."""
+def _write_result(out: Path, name: str, options: dict, body: dict, text: str | None = None, **summary) -> None:
+    """Write ``out/name`` (the call's options + ``body``), print ``text`` and a one-line JSON summary."""
     atomic_write_json(out / name, {"args": options, **body})
-    if table is not None:
-        print(table)
+    if text is not None:
+        print(text)
     print(json.dumps({"out": str(out), **summary, "findings": body["findings"]}))
 
 
@@ -224,11 +224,10 @@ def occlude(out: str, image: list[str] | None = None, data: str | None = None, i
     # object masks by threshold hold for Fashion-MNIST's black backgrounds, not for photos
     objects = list(foreground(pictures)) if subject.info is not None else []
     findings = to_json(occlusion_findings(results, objects))
-    atomic_write_json(out / "occlusion.json", {
-        "args": options, "model": subject.describe(), "findings": findings,
+    _write_result(out, "occlusion.json", options, {
+        "model": subject.describe(), "findings": findings,
         "images": [{"name": n, "true_label": l, **occlusion_to_json(r, subject.classes)}
                    for n, l, r in zip(names, labels, results)]})
-    print(json.dumps({"out": str(out), "findings": [{k: v for k, v in f.items() if k != "ours"} for f in findings]}))
     return findings
 
 
@@ -258,9 +257,8 @@ def invariance(out: str, image: list[str] | None = None, data: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     draw_invariance(result, out / "invariance.png", subject.classes)
     findings = to_json(invariance_findings(result))
-    atomic_write_json(out / "invariance.json", {"args": options, "model": subject.describe(), "images": names,
-                                                "findings": findings, **invariance_to_json(result, subject.classes)})
-    print(json.dumps({"out": str(out), "findings": findings}))
+    _write_result(out, "invariance.json", options, {"model": subject.describe(), "images": names, "findings": findings,
+                                                    **invariance_to_json(result, subject.classes)})
     return findings
 
 
@@ -318,10 +316,9 @@ def correspond(out: str, image: list[str] | None = None, data: str | None = None
     draw_correspondence(result, pictures, out / "correspondence.png")
     findings = to_json(correspondence_findings(result))
     body = correspondence_to_json(result)
-    atomic_write_json(out / "correspondence.json", {"args": options, "model": subject.describe(), "images": names,
-                                                    "labels": labels, "objects": [list(f) for f in frames],
-                                                    "findings": findings, **body})
-    print(json.dumps({"out": str(out), "table": body["table"], "findings": findings}))
+    _write_result(out, "correspondence.json", options, {"model": subject.describe(), "images": names, "labels": labels,
+                                                        "objects": [list(f) for f in frames], "findings": findings,
+                                                        **body}, table=body["table"])
     return findings
 
 
