@@ -30,7 +30,10 @@ def weights(path: Path) -> dict:
 
 
 def test_run_writes_config_metrics_snapshots_and_final(tmp_path):
-    metrics = train(TrainConfig(limit=256, batch_size=32, epochs=3, snapshots=[1, 3]), tmp_path)
+    # lr 0.02, not the small recipe's 0.08: at 0.08 the first 24 steps of 256 images are chaotic, and
+    # whether they lower the loss depended on the CPU's rounding; at 0.02 the loss falls by ~0.09 on
+    # fp32 and bf16 alike (seeds 0-2), far beyond any rounding difference
+    metrics = train(TrainConfig(limit=256, batch_size=32, epochs=3, snapshots=[1, 3], lr=0.02), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["recipe"] == "small" and config["val"] == "fashion-mnist:test" and config["epochs"] == 3
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
