@@ -12,6 +12,11 @@ layer-2 projections; and the test accuracy. ``deconvnet compare --runs A,B,...``
 directories (or checkpoints) of e.g. ``alexnet-small``, ``zfnet-small`` and ``zfnet-small
 --no-renorm`` trained on the same data and budget. Budget: about 5 s for three 28 px runs on 2 CPU
 cores (a top-1 pass over 1000 images each).
+
+Every claim compares two runs with a 95% interval over what varies within them: the filter statistics
+over layer-1 filters (two independent groups of filters, bootstrapped), the layer-2 statistic over the
+projected maps, and the test accuracy over training seeds (the seed spread Table 3's baseline measured,
+``seed_noise``) and test images (binomial).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from .topk import choose_maps, gallery, top_k
 from .figures import finish, new_figure
 from .findings import Finding
 from .findings import to_json as to_findings_json
+from .stats import bootstrap, difference_interval, verdict
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -59,15 +65,20 @@ def band_energy(x: torch.Tensor) -> torch.Tensor:
     return (energy / energy.sum(1, keepdim=True)).float()  # NaN for an all-zero image
 
 
-def aliased_energy(weights: torch.Tensor, stride: int) -> float:
-    """Mean share of each filter's energy at frequencies above the Nyquist frequency of ``stride``
-    (|fx| or |fy| > 1 / (2 stride) cycles/pixel): what sampling the filter's output every ``stride``
-    pixels folds back onto lower frequencies. 0 for stride 1."""
+def aliased_shares(weights: torch.Tensor, stride: int) -> torch.Tensor:
+    """Each filter's share of energy at frequencies above the Nyquist frequency of ``stride`` (|fx| or
+    |fy| > 1 / (2 stride) cycles/pixel): what sampling the filter's output every ``stride`` pixels folds
+    back onto lower frequencies. 0 for stride 1; NaN for an all-zero filter. (F,) float64."""
     size = max(SPECTRUM_SIZE, weights.shape[-1])
     power = torch.fft.fft2(weights.detach().double(), s=(size, size)).abs().pow(2).sum(1)  # (F, size, size)
     f = torch.fft.fftfreq(size, dtype=torch.float64).abs()
     above = (f[:, None] > 0.5 / stride) | (f[None, :] > 0.5 / stride)
-    return float((power[:, above].sum(1) / power.sum((1, 2))).nanmean())  # all-zero filters left out
+    return power[:, above].sum(1) / power.sum((1, 2))
+
+
+def aliased_energy(weights: torch.Tensor, stride: int) -> float:
+    """Mean of :func:`aliased_shares` over the filters (all-zero filters left out)."""
+    return float(aliased_shares(weights, stride).nanmean())
 
 
 def filter_metrics(weights: torch.Tensor) -> dict:
@@ -75,14 +86,21 @@ def filter_metrics(weights: torch.Tensor) -> dict:
 
     ``rms`` per filter; ``dead``: fraction with RMS below ``DEAD_RMS`` times the median; ``dominance``:
     max RMS / median RMS (1 = no filter dominates); ``bands``: mean over filters of each filter's
-    low / mid / high energy fractions (all-zero filters left out).
+    low / mid / high energy fractions (all-zero filters left out). Per filter too: ``is_dead`` (F,) bool
+    and ``band_fractions`` (F, 3), NaN rows for all-zero filters.
     """
     rms = weights.detach().double().pow(2).mean(dim=(1, 2, 3)).sqrt()
-    median = rms.median().clamp_min(1e-30)
-    bands = band_energy(weights.detach()).nanmean(0)
-    return {"rms": rms.float(), "dead": float((rms < DEAD_RMS * median).double().mean()),
-            "dominance": float(rms.max() / median),
-            "bands": {name: float(v) for name, v in zip(BANDS, bands)}}
+    is_dead = rms < DEAD_RMS * max(float(np.median(rms.numpy())), 1e-30)
+    fractions = band_energy(weights.detach())
+    return {"rms": rms.float(), "dead": float(is_dead.double().mean()), "dominance": dominance(rms.numpy()),
+            "bands": {name: float(v) for name, v in zip(BANDS, fractions.nanmean(0))},
+            "is_dead": is_dead, "band_fractions": fractions}
+
+
+def dominance(rms) -> float:
+    """How much one filter dominates: max RMS / median RMS (1 = none does)."""
+    rms = np.asarray(rms, dtype=float)
+    return float(rms.max() / max(float(np.median(rms)), 1e-30))
 
 
 @dataclass
@@ -94,12 +112,14 @@ class RunSummary:
     renorm: bool
     accuracy: dict  # {"top1", "top5", "data", "n"} from the checkpoint
     filters: torch.Tensor  # (F, C, k, k) layer-1 weights
-    metrics: dict  # filter_metrics(filters) without "rms", plus "silent"
+    metrics: dict  # filter_metrics(filters) without its per-filter entries, plus "silent"
     rms: list[float]
     maps: list[int]  # the layer-2 maps projected
     projections: torch.Tensor  # (M, C, R, R) each map's strongest activation projected, cut to its field
     aliasing: float  # aliased_energy of the layer-1 filters at the conv1 stride
     layer2_high: float  # mean high-band energy fraction of the layer-2 projections
+    per_filter: dict  # per layer-1 filter: "dead_or_silent" (0/1), "mid" band fraction, "aliased" share
+    layer2_high_maps: list[float]  # per projected layer-2 map: its high-band energy fraction
 
 
 def run_label(info: CheckpointInfo) -> str:
@@ -119,82 +139,134 @@ def summarise(model: nn.Module, info: CheckpointInfo, source: Source, indices, m
     chosen = choose_maps(table, maps, seed)
     shown = gallery(model, source, info.preprocess, layer2, table, chosen)
     projections = shown.projections[:, 0]  # (M, C, R, R), NaN outside the image
-    layer2_high = float(band_energy(projections.nan_to_num(0.0))[:, 2].nanmean()) if chosen else float("nan")
+    high = band_energy(projections.nan_to_num(0.0))[:, 2] if chosen else torch.zeros(0)
+    layer2_high = float(high.nanmean()) if chosen else float("nan")
     filters = model.conv1.weight.detach().clone()
     metrics = filter_metrics(filters)
     rms = metrics.pop("rms").tolist()
-    metrics["silent"] = float((tables["relu1"].values[:, 0] <= 0).double().mean())
-    aliasing = aliased_energy(filters, model.conv1.stride[0])
+    silent = tables["relu1"].values[:, 0] <= 0
+    metrics["silent"] = float(silent.double().mean())
+    shares = aliased_shares(filters, model.conv1.stride[0])
+    per_filter = {"dead_or_silent": (metrics.pop("is_dead") | silent).double().tolist(),
+                  "mid": metrics.pop("band_fractions")[:, 1].tolist(), "aliased": shares.tolist()}
     return RunSummary(run_label(info), info.config.name, bool(info.train_config.get("renorm", True)),
-                      dict(info.accuracy), filters, metrics, rms, chosen, projections, aliasing, layer2_high)
-
-
-TIE = 0.01  # relative differences below 1% count as no difference in the findings
-
-
-def _below(a: float, b: float) -> bool:
-    """``a`` clearly below ``b``: by more than ``TIE`` of the larger."""
-    return b - a > TIE * max(abs(a), abs(b))
+                      dict(info.accuracy), filters, metrics, rms, chosen, projections, float(shares.nanmean()),
+                      layer2_high, per_filter, [float(v) for v in high])
 
 
 def _find(runs: list[RunSummary], model: str, renorm: bool) -> RunSummary | None:
     return next((r for r in runs if r.model == model and r.renorm == renorm), None)
 
 
-def architecture_findings(runs: list[RunSummary]) -> list[Finding]:
+def _values(values) -> np.ndarray:
+    """The finite values (all-zero filters have no spectrum: NaN)."""
+    v = np.asarray(values, dtype=float)
+    return v[np.isfinite(v)]
+
+
+def _finding(claim: str, paper: str, ours, quantity: str, measured: tuple, n: int, unit: str, if_not_held: str,
+             reading: str) -> Finding:
+    estimate, interval = measured
+    span = "no interval" if interval is None else f"[{interval[0]:.3g}, {interval[1]:.3g}]"
+    return Finding(claim, paper, ours, verdict(interval), f"{reading}: {quantity} {estimate:.3g} {span}, n = {n} {unit}.",
+                   quantity=quantity, estimate=estimate, interval=interval, n=n, unit=unit, if_not_held=if_not_held)
+
+
+def accuracy_difference(a: dict, b: dict, seed_noise: list[float] | None) -> tuple[float, tuple[float, float] | None]:
+    """Test top-1 accuracy of run ``a`` minus run ``b`` (one run each), with a t interval from the seed
+    spread of ``seed_noise`` (accuracies of one model trained with several seeds, e.g. Table 3's baseline)
+    plus each accuracy's binomial variance over its test images (taken as independent: conservative, as
+    the two runs err on many of the same images). No interval without ``seed_noise`` or the test images'
+    count ``n``."""
+    from .stats import contrast_interval
+
+    known = bool(seed_noise) and all(r.get("n") for r in (a, b))
+    binomial = sum(r["top1"] * (1 - r["top1"]) / r["n"] for r in (a, b)) if known else 0.0
+    estimate, interval = contrast_interval([(1, [a["top1"]]), (-1, [b["top1"]]), (0, seed_noise or [])], binomial)
+    return estimate, (interval if known else None)
+
+
+def architecture_findings(runs: list[RunSummary], seed_noise: list[float] | None = None) -> list[Finding]:
     """Sec. 4.1's claims for the pairs present: ZFNet vs AlexNet (both renormalised), ZFNet with vs
     without renormalisation. Models are matched by name (``zfnet*`` against ``alexnet*`` of the same size).
-    A claim holds only by a margin: values within ``TIE`` of each other are a tie."""
+    Each claim is a difference between two runs, held when its 95% interval lies above 0: filter
+    statistics over the layer-1 filters of each run (two independent groups), the layer-2 statistic over
+    the projected maps, the accuracy over seeds (``seed_noise``: test top-1 accuracies of one model trained
+    with several seeds at one budget) and test images."""
     out = []
     for zf in [r for r in runs if r.model.startswith("zfnet") and r.renorm]:
         alex = _find(runs, zf.model.replace("zfnet", "alexnet"), True)
         if alex is not None:
-            pair = f"{zf.label} vs {alex.label}"
-            dead = [r.metrics["dead"] + r.metrics["silent"] for r in (zf, alex)]
-            out.append({"claim": f"{pair}: fewer dead layer-1 filters (collapsed or silent)",
-                        "paper": "Fig. 6(b) vs (c)", "ours": {"dead": [zf.metrics["dead"], alex.metrics["dead"]],
-                                                             "silent": [zf.metrics["silent"], alex.metrics["silent"]]},
-                        "held": dead[0] < dead[1]})
-            out.append({"claim": f"{pair}: no layer-1 filter dominates as much (max / median RMS)",
-                        "paper": "Fig. 6(b) vs (c)", "ours": [zf.metrics["dominance"], alex.metrics["dominance"]],
-                        "held": _below(zf.metrics["dominance"], alex.metrics["dominance"])})
-            out.append({"claim": f"{pair}: more mid-frequency energy in layer 1 (AlexNet: 'little coverage "
-                                 "of the mid frequencies')", "paper": "Sec. 4.1, Fig. 6(b) vs (c)",
-                        "ours": [zf.metrics["bands"]["mid"], alex.metrics["bands"]["mid"]],
-                        "held": _below(alex.metrics["bands"]["mid"], zf.metrics["bands"]["mid"])})
-            out.append({"claim": f"{pair}: less aliasing from the layer-1 stride (share of layer-1 filter "
-                                 "energy above the stride's Nyquist frequency)", "paper": "Sec. 4.1, Fig. 6(d) vs (e)",
-                        "ours": [zf.aliasing, alex.aliasing], "held": _below(zf.aliasing, alex.aliasing)})
-            out.append({"claim": f"{pair}: less high-frequency (aliasing) energy in the layer-2 projections",
-                        "paper": "Sec. 4.1, Fig. 6(d) vs (e)", "ours": [zf.layer2_high, alex.layer2_high],
-                        "held": _below(zf.layer2_high, alex.layer2_high)})
-            out.append({"claim": f"{pair}: higher test accuracy", "paper": "Table 2: 38.4% vs 40.5% top-1 error",
-                        "ours": [zf.accuracy.get("top1"), alex.accuracy.get("top1")],
-                        "held": (zf.accuracy.get("top1") or 0) > (alex.accuracy.get("top1") or 0)})
+            pair, filters = f"{zf.label} vs {alex.label}", len(zf.rms) + len(alex.rms)
+            dead = [zf.per_filter["dead_or_silent"], alex.per_filter["dead_or_silent"]]
+            out.append(_finding(
+                f"{pair}: fewer dead layer-1 filters (collapsed or silent)", "Fig. 6(b) vs (c)",
+                {"dead": [zf.metrics["dead"], alex.metrics["dead"]], "silent": [zf.metrics["silent"], alex.metrics["silent"]]},
+                f"share of dead or silent layer-1 filters, {alex.label} minus {zf.label}",
+                difference_interval(dead[1], dead[0], paired=False), filters, "filters",
+                "Of the scale: alexnet-small's conv1 is 5x5 at stride 2 on 28 px (AlexNet's 11x11 at stride 4 on 224 "
+                "px), and a few epochs leave filters little time to die.", "Dead or silent layer-1 filters"))
+            out.append(_finding(
+                f"{pair}: no layer-1 filter dominates as much (max / median RMS)", "Fig. 6(b) vs (c)",
+                [zf.metrics["dominance"], alex.metrics["dominance"]],
+                f"max / median RMS of the layer-1 filters, {alex.label} minus {zf.label}",
+                bootstrap(lambda a, z: dominance(a) - dominance(z), alex.rms, zf.rms, paired=False), filters,
+                "filters", "Of the set-up: both runs renormalise their filters to the same RMS radius, which caps "
+                           "how far any one can dominate.", "Layer-1 dominance"))
+            mid = [_values(zf.per_filter["mid"]), _values(alex.per_filter["mid"])]
+            out.append(_finding(
+                f"{pair}: more mid-frequency energy in layer 1 (AlexNet: 'little coverage of the mid frequencies')",
+                "Sec. 4.1, Fig. 6(b) vs (c)", [zf.metrics["bands"]["mid"], alex.metrics["bands"]["mid"]],
+                f"mid-band share of a layer-1 filter's energy, mean over filters, {zf.label} minus {alex.label}",
+                difference_interval(mid[0], mid[1], paired=False), len(mid[0]) + len(mid[1]), "filters",
+                "Of the scale: 3x3 and 5x5 filters have few frequencies per band, unlike AlexNet's 11x11.",
+                "Layer-1 mid-band energy"))
+            aliased = [_values(zf.per_filter["aliased"]), _values(alex.per_filter["aliased"])]
+            out.append(_finding(
+                f"{pair}: less aliasing from the layer-1 stride (share of layer-1 filter energy above the stride's "
+                "Nyquist frequency)", "Sec. 4.1, Fig. 6(d) vs (e)", [zf.aliasing, alex.aliasing],
+                f"share of a layer-1 filter's energy above its stride's Nyquist frequency, mean over filters, "
+                f"{alex.label} minus {zf.label}",
+                difference_interval(aliased[1], aliased[0], paired=False), len(aliased[0]) + len(aliased[1]),
+                "filters", "Of the set-up: it compares the two conv1 strides, so a 'not held' would mean AlexNet's "
+                           "filters learned to have no energy above their stride's Nyquist frequency.",
+                "Layer-1 aliasing"))
+            high = [_values(zf.layer2_high_maps), _values(alex.layer2_high_maps)]  # NaN: a blank projection
+            if len(high[0]) and len(high[1]):
+                out.append(_finding(
+                    f"{pair}: less high-frequency (aliasing) energy in the layer-2 projections",
+                    "Sec. 4.1, Fig. 6(d) vs (e)", [zf.layer2_high, alex.layer2_high],
+                    f"high-band share of a layer-2 projection's energy, mean over maps, {alex.label} minus {zf.label}",
+                    difference_interval(high[1], high[0], paired=False), len(high[0]) + len(high[1]), "maps",
+                    "Of the scale: at 28 px a layer-2 projection spans a few pixels, where aliasing has little room "
+                    "to show.", "Layer-2 high-band energy"))
+            if zf.accuracy.get("top1") is not None and alex.accuracy.get("top1") is not None:
+                measured = accuracy_difference(zf.accuracy, alex.accuracy, seed_noise)
+                seeds = len(seed_noise or [])
+                out.append(_finding(
+                    f"{pair}: higher test accuracy", "Table 2: 38.4% vs 40.5% top-1 error",
+                    [zf.accuracy["top1"], alex.accuracy["top1"]],
+                    f"test top-1 accuracy, {zf.label} minus {alex.label}", measured, seeds,
+                    f"seeds (Table 3's baseline) and {zf.accuracy.get('n', '?')} test images",
+                    "Of the scale: on 28 px Fashion-MNIST after a few epochs both nets may be as accurate, and the "
+                    "paper's 2-point gap on ImageNet need not appear.",
+                    "Test accuracy" if seed_noise else
+                    "Test accuracy (no seed spread given: compare --seed-noise ABLATION.json)"))
         plain = _find(runs, zf.model, False)
         if plain is not None:
-            out.append({"claim": f"{zf.model}: RMS renormalisation stops a few layer-1 filters dominating "
-                                 "(max / median RMS, with vs without)", "paper": "Sec. 3, Fig. 6(a)",
-                        "ours": [zf.metrics["dominance"], plain.metrics["dominance"]],
-                        "held": _below(zf.metrics["dominance"], plain.metrics["dominance"])})
-    return [Finding(**d, reading=_reading(d)) for d in out]
+            out.append(_finding(
+                f"{zf.model}: RMS renormalisation stops a few layer-1 filters dominating (max / median RMS, with vs "
+                "without)", "Sec. 3, Fig. 6(a)", [zf.metrics["dominance"], plain.metrics["dominance"]],
+                f"max / median RMS of the layer-1 filters, {plain.label} minus {zf.label}",
+                bootstrap(lambda p, z: dominance(p) - dominance(z), plain.rms, zf.rms, paired=False),
+                len(zf.rms) + len(plain.rms), "filters",
+                "Of the set-up: with the small recipe's initialisation, weight decay and short schedule the filters "
+                "may never grow past the radius, leaving renormalisation nothing to stop.",
+                "Layer-1 dominance with vs without renormalisation"))
+    return out
 
 
-def _reading(claim: dict) -> str:
-    """One sentence: the claim's subject and our two values (ZFNet's first)."""
-    ours = claim["ours"]
-    if isinstance(ours, dict):
-        values = "; ".join(f"{k} {_fmt(v[0])} vs {_fmt(v[1])}" for k, v in ours.items())
-    else:
-        values = f"{_fmt(ours[0])} vs {_fmt(ours[1])}"
-    return f"{claim['claim'].split(' (')[0]}: {values}, {'held' if claim['held'] else 'not held'} at this scale."
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.3g}"
-
-
-def architecture_to_json(runs: list[RunSummary]) -> dict:
+def architecture_to_json(runs: list[RunSummary], seed_noise: list[float] | None = None) -> dict:
     """Per-run numbers and the findings, ready for ``json.dump``."""
     return {"analysis": "architecture selection (Fig. 6)",
             "definitions": {"dead": f"fraction of layer-1 filters with RMS < {DEAD_RMS} x the median RMS",
@@ -208,9 +280,13 @@ def architecture_to_json(runs: list[RunSummary]) -> dict:
                             "layer2_high": "mean high-band energy fraction of the layer-2 projections"},
             "runs": [{"label": r.label, "model": r.model, "renorm": r.renorm, "accuracy": r.accuracy,
                       **r.metrics, "aliasing": r.aliasing, "layer2_high": r.layer2_high, "filter_rms": r.rms,
-                      "layer2_maps": r.maps}
+                      "layer2_maps": r.maps,
+                      "per_filter": {k: [v if np.isfinite(v) else None for v in values]  # NaN: an all-zero filter
+                                     for k, values in r.per_filter.items()},
+                      "layer2_high_maps": [v if np.isfinite(v) else None for v in r.layer2_high_maps]}
                      for r in runs],
-            "findings": to_findings_json(architecture_findings(runs))}
+            "seed_noise": seed_noise,
+            "findings": to_findings_json(architecture_findings(runs, seed_noise))}
 
 
 def _grid(tiles: torch.Tensor, cols: int, shared_scale: bool) -> torch.Tensor:

@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak learning rate (default: the recipe's; short budgets need less, demo 0.02)")
     p.add_argument("--variants", type=_name_list, default=None, help="a subset of the variants (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline-seeds", type=_int_list, default=None,
+                   help="train the baseline again with these seeds (e.g. 1,2) to measure the seed noise the "
+                        "variants' differences are judged against")
     p.add_argument("--out", required=True, help="directory: one run per variant, ablation.png + ablation.json")
     p.set_defaults(func=commands.ablate)
 
@@ -242,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=1000, help="search the first N images for the strongest activations")
     p.add_argument("--maps", type=_positive_int, default=16, help="layer-2 maps projected, chosen at random")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed-noise", default=None, metavar="ABLATION_JSON",
+                   help="ablation.json of `deconvnet ablate --baseline-seeds`: the seed spread the accuracy "
+                        "difference is judged against")
     p.add_argument("--out", required=True, help="output directory (architecture.png + architecture.json)")
     p.set_defaults(func=commands.compare)
 
@@ -263,8 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="images searched (default: the run's training data)")
     p.add_argument("--limit", type=_positive_int, default=2000, help="search the first N images (default 2000)")
     p.add_argument("--maps", type=_positive_int, default=5, help="feature maps per layer, chosen at random")
+    p.add_argument("--probe", type=_positive_int, default=500,
+                   help="images of the run's validation data on which each layer's CKA is measured (default 500)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory (evolution-layerN.png, evolution.png/json)")
+    p.add_argument("--out", required=True, help="output directory (evolution-layerN.png, evolution.png/json, "
+                                                "evolution-cka.png)")
     p.set_defaults(func=commands.evolution)
 
     p = sub.add_parser("inspect", help="list every layer a command accepts: type, output shape, receptive field")

@@ -15,6 +15,7 @@ import types
 from pathlib import Path
 
 from .errors import UserError
+from .findings import brief
 from .runner import atomic_write_json
 
 # The options naming the model under study (the CLI's --model, --checkpoint, --weights, ...).
@@ -142,7 +143,7 @@ def _write_result(out: Path, name: str, options: dict, body: dict, text: str | N
     atomic_write_json(out / name, {"args": options, **body})
     if text is not None:
         print(text)
-    print(json.dumps({"out": str(out), **summary, "findings": body["findings"]}))
+    print(json.dumps({"out": str(out), **summary, "findings": brief(body["findings"])}))
 
 
 def _options(local: dict) -> dict:
@@ -422,10 +423,12 @@ def _checkpoint_path(run: str) -> Path:
     return path / "final.pt" if path.is_dir() else path
 
 
-def evolution(out: str, run: str, data: str | None = None, limit: int = 2000, maps: int = 5, seed: int = 0) -> list[dict]:
-    """Strongest activations projected at each training snapshot (Fig. 4)."""
+def evolution(out: str, run: str, data: str | None = None, limit: int = 2000, maps: int = 5, probe: int = 500,
+              seed: int = 0) -> list[dict]:
+    """Strongest activations projected at each training snapshot, and each layer's CKA with the last (Fig. 4)."""
     from .data import open_source
-    from .evolution import draw_evolution, draw_evolution_layer, evolution as measure, evolution_to_json, load_snapshots
+    from .evolution import (cka_evolution, draw_evolution, draw_evolution_cka, draw_evolution_layer,
+                            evolution as measure, evolution_to_json, load_snapshots)
 
     options = _options(locals())
     snapshots, info = load_snapshots(run)
@@ -433,24 +436,37 @@ def evolution(out: str, run: str, data: str | None = None, limit: int = 2000, ma
     source = open_source(spec, info.preprocess.stored_size, info.preprocess.channels)
     indices = list(range(min(limit, len(source))))
     result = measure(snapshots, info.preprocess, source, indices, maps=maps, seed=seed)
+    probe_spec = info.train_config.get("val") or spec  # the run's validation data: images it did not train on
+    probe_source = open_source(probe_spec, info.preprocess.stored_size, info.preprocess.channels)
+    result.cka = cka_evolution(snapshots, info.preprocess, probe_source, range(min(probe, len(probe_source))))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for n in result.layers:
         draw_evolution_layer(result, n, out / f"evolution-layer{n}.png")
     draw_evolution(result, out / "evolution.png")
-    body = {"data": spec, **evolution_to_json(result)}
+    draw_evolution_cka(result, out / "evolution-cka.png")
+    body = {"data": spec, "probe_data": probe_spec, **evolution_to_json(result)}
     _write_result(out, "evolution.json", options, body, epochs=result.epochs)
     return body["findings"]
 
 
 def compare(out: str, runs: list[str], data: str | None = None, limit: int = 1000, maps: int = 16,
-            seed: int = 0) -> list[dict]:
-    """Layer-1 filters and layer-2 projections of several runs (Fig. 6)."""
+            seed: int = 0, seed_noise: str | None = None) -> list[dict]:
+    """Layer-1 filters and layer-2 projections of several runs (Fig. 6); ``seed_noise``: an ablation.json whose
+    baseline seeds give the seed spread the accuracy difference is judged against."""
     from .architecture import architecture_to_json, draw_architecture, summarise
     from .checkpoint import load_checkpoint
     from .data import open_source
 
     options = _options(locals())
+    noise = None
+    if seed_noise is not None:
+        try:
+            errors = json.loads(Path(seed_noise).read_text())["seed_noise"]["test_top1"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"--seed-noise {seed_noise} is not an ablation.json with seed noise "
+                            "(from deconvnet ablate --baseline-seeds)") from None
+        noise = [1 - e / 100 for e in errors]  # test top-1 accuracies of the baseline's seeds
     summaries = []
     for run in runs:
         net, info = load_checkpoint(_checkpoint_path(run))
@@ -461,21 +477,22 @@ def compare(out: str, runs: list[str], data: str | None = None, limit: int = 100
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     draw_architecture(summaries, out / "architecture.png")
-    body = architecture_to_json(summaries)
+    body = architecture_to_json(summaries, noise)
     _write_result(out, "architecture.json", options, body)
     return body["findings"]
 
 
 def ablate(out: str, model: str = "zfnet-small", data: str = "fashion-mnist", epochs: int | None = None,
            limit: int | None = None, batch_size: int = 128, lr: float | None = None,
-           variants: list[str] | None = None, seed: int = 0) -> list[dict]:
-    """Train Table 3's variants (removed / resized layers) and compare their errors; resumes in ``out``."""
+           variants: list[str] | None = None, seed: int = 0, baseline_seeds: list[int] | None = None) -> list[dict]:
+    """Train Table 3's variants (removed / resized layers) and compare their errors against the baseline's
+    seed noise (``baseline_seeds``: the baseline trained again with these seeds); resumes in ``out``."""
     from .ablation import ablate as run_ablation, ablation_to_json, draw_ablation
     from .train import TrainConfig
 
     options = _options(locals())
     base = TrainConfig(model=model, data=data, epochs=epochs, limit=limit, seed=seed, batch_size=batch_size, lr=lr)
-    result = run_ablation(base, out, variants)
+    result = run_ablation(base, out, variants, baseline_seeds)
     out = Path(out)
     draw_ablation(result, out / "ablation.png")
     body = ablation_to_json(result)

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import commands
 from .commands import command_line
 from .errors import UserError
-from .report import STYLE, section_html
+from .report import STYLE, section_html, summary_html
 from .runner import Step, atomic_write_text, run_step
 from .sections import BY_STEP
 
@@ -82,6 +82,7 @@ def write_page(root: Path, steps: list[Step], records: dict, description: dict, 
 <p>The analyses of Zeiler &amp; Fergus (ECCV 2014) run by <code>deconvnet report</code> on your model and images:
 top activations projected to pixels (Fig. 2), invariance (Fig. 5), occlusion sensitivity (Fig. 7) and, with a
 target data set, per-layer features (Table 7). Layers: {html.escape(', '.join(description['stages']))}.</p>
+{summary_html(root, [BY_STEP[step.name] for step in steps])}
 {''.join(body)}
 <section id="run"><h2>Run</h2>
 <p>Command: <code>{html.escape(' '.join(sys.argv))}</code></p>

@@ -13,6 +13,7 @@ import platform
 from pathlib import Path
 
 from .checkpoint import read_checkpoint
+from .findings import interval_text
 from .runner import atomic_write_text
 from .sections import SECTIONS, Section
 
@@ -24,7 +25,7 @@ figcaption { color: #777; font-size: .8em; }
 table { border-collapse: collapse; margin: 1em 0; font-size: .9em; }
 td, th { border: 1px solid #ccc; padding: .3em .6em; vertical-align: top; }
 td.held { background: #e6f4e6; } td.not { background: #fbe9e7; } td.none { background: #f3f3f3; }
-.paper { color: #555; } .reading { font-size: 1.05em; } pre { background: #f6f6f6; padding: .6em; overflow-x: auto; }
+.paper { color: #555; } .note { color: #7a3b2e; } .reading { font-size: 1.05em; } pre { background: #f6f6f6; padding: .6em; overflow-x: auto; }
 </style>"""  # shared by the report of `deconvnet report`
 
 
@@ -44,24 +45,65 @@ def _img(path: Path) -> str:
            f"<figcaption>{html.escape(path.name)}</figcaption></figure>"
 
 
-def _verdict(finding: dict) -> tuple[str, str]:
-    """(CSS class, words) for a finding's ``held``: True, False or None (not measurable here)."""
-    held = finding["held"]
-    return ("held", "held") if held else ("not", "did not hold") if held is False else ("none", "not measured")
+VERDICT_CLASS = {"held": "held", "not held": "not", "inconclusive": "none"}  # CSS class of each verdict
+
+
+def _verdict_cell(finding: dict) -> str:
+    return f"<td class={VERDICT_CLASS[finding['verdict']]}>{html.escape(finding['verdict'])}</td>"
+
+
+def _measured(finding: dict) -> str:
+    """The compared quantity, its estimate and 95% interval, n: one cell's text."""
+    if finding.get("estimate") is None:
+        return "not measured"
+    text = interval_text(finding)
+    quantity = finding.get("quantity") or ""
+    threshold = finding.get("threshold") or 0
+    claim = f" (held when above {threshold:g})" if threshold else ""
+    return f"{quantity}{claim}: {text}" if quantity else text
 
 
 def findings_html(findings: list[dict]) -> str:
-    """A section's findings as written by its analysis: the readings, then claim / paper / ours / verdict."""
+    """A section's findings as written by its analysis: the readings, then one row per claim with the
+    paper's numbers, ours, the compared quantity with its 95% interval and n, and the verdict."""
     if not findings:
         return ""
     readings = " ".join(f["reading"] for f in findings if f.get("reading"))
+    notes = " ".join(f["if_not_held"] for f in findings if f["verdict"] == "not held" and f.get("if_not_held"))
     rows = "".join(
         f"<tr><td>{html.escape(f['claim'])}</td><td>{html.escape(_value(f['paper']))}</td>"
-        f"<td>{html.escape(_value(f['ours']))}</td><td class={_verdict(f)[0]}>{_verdict(f)[1]}</td></tr>"
+        f"<td>{html.escape(_value(f['ours']))}</td><td>{html.escape(_measured(f))}</td>{_verdict_cell(f)}</tr>"
         for f in findings)
     return (f"<p class=reading>{html.escape(readings)}</p>" if readings else "") + \
-        ("<table><tr><th>paper's claim</th><th>paper</th><th>ours</th><th>at this scale</th></tr>"
-         f"{rows}</table>")
+        ("<table><tr><th>paper's claim</th><th>paper</th><th>ours</th><th>compared quantity: estimate "
+         "[95% interval], n</th><th>verdict</th></tr>"
+         f"{rows}</table>") + (f"<p class=note><b>Not held:</b> {html.escape(notes)}</p>" if notes else "")
+
+
+def summary_html(root: Path, sections: list[Section]) -> str:
+    """The table the report leads with: every finding of every section run (claim, paper, ours with
+    its interval, n, verdict), each linking to its section, and the counts of each verdict."""
+    rows, counts = [], {v: 0 for v in VERDICT_CLASS}
+    for section in sections:
+        if not section.result or not (root / section.step / section.result).is_file():
+            continue
+        for f in json.loads((root / section.step / section.result).read_text())["findings"]:
+            counts[f["verdict"]] += 1
+            ours = "not measured" if f.get("estimate") is None else interval_text(f).split(", n = ")[0]
+            n = f"{f.get('n', 0)} {f.get('unit', '')}".strip()
+            rows.append(f'<tr><td><a href="#{section.anchor}">{html.escape(section.label)}</a></td>'
+                        f"<td>{html.escape(f['claim'])}</td><td>{html.escape(_value(f['paper']))}</td>"
+                        f"<td>{html.escape(f.get('quantity') or '')}: {html.escape(ours)}</td>"
+                        f"<td>{html.escape(n)}</td>{_verdict_cell(f)}</tr>")
+    if not rows:
+        return ""
+    tally = ", ".join(f"{counts[v]} {v}" for v in VERDICT_CLASS)
+    return (f'<section id="summary"><h2>Summary: {len(rows)} claims, {tally}</h2>'
+            "<p>Each verdict is decided by the 95% interval of the compared quantity over what varies (images, "
+            "pairs, maps, folds or seeds): <i>held</i> when the whole interval lies on the claim's side, <i>not held"
+            "</i> when it lies wholly on the other side, <i>inconclusive</i> when it contains the threshold.</p>"
+            "<table><tr><th>section</th><th>claim</th><th>paper</th><th>ours [95% interval]</th><th>n</th>"
+            f"<th>verdict</th></tr>{''.join(rows)}</table></section>")
 
 
 def section_html(root: Path, section: Section, command: str | None = None) -> str:
@@ -131,7 +173,8 @@ def write_report(root: Path, records: dict, budget: str, argv: list[str]) -> Pat
 <h1>Visualizing and Understanding Convolutional Networks, reproduced</h1>
 <p>Zeiler &amp; Fergus (ECCV 2014), run by <code>deconvnet reproduce</code> ({html.escape(budget)} budget) on the
 embedded data. Each section shows our figure, our numbers beside the paper's, and whether its claim held at
-this scale.</p>
+this scale, with its 95% interval and sample size.</p>
+{summary_html(root, SECTIONS)}
 {''.join(body)}
 <section id="run"><h2>Run</h2>
 <p>Command: <code>{html.escape(' '.join(['deconvnet', *argv[1:]]))}</code></p>

@@ -4,11 +4,13 @@ import json
 import pytest
 import torch
 
-from deconvnet.architecture import aliased_energy, band_energy, filter_metrics, architecture_findings, draw_architecture, summarise, architecture_to_json
+from deconvnet.architecture import (accuracy_difference, aliased_energy, aliased_shares, architecture_findings,
+                                    architecture_to_json, band_energy, draw_architecture, filter_metrics, summarise)
 from deconvnet.checkpoint import CheckpointInfo, save_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import open_source, preprocess_for
 from deconvnet.models import build_model
+from deconvnet.stats import HELD, INCONCLUSIVE, VERDICTS, t_quantile
 
 
 def _filters(*rms_values: float) -> torch.Tensor:
@@ -51,11 +53,13 @@ def test_aliased_energy_of_a_strided_filter():
     assert aliased_energy(checker, 2) > 0.9  # all its energy is above 0.25 cycles/pixel
     assert aliased_energy(flat, 2) < 0.2  # a 5x5 box: only its side lobes
     assert aliased_energy(flat, 4) > aliased_energy(flat, 2) > 0  # a larger stride folds back more
+    shares = aliased_shares(torch.cat([checker, torch.zeros(1, 1, 3, 3)]), 2)
+    assert shares[0] > 0.9 and shares[1].isnan()  # per filter; an all-zero filter has no spectrum
 
 
 def _info(model, renorm: bool) -> CheckpointInfo:
     pre = preprocess_for(28, 1)
-    return CheckpointInfo(model.config, [str(i) for i in range(10)], pre, {"top1": 0.5, "top5": 0.9},
+    return CheckpointInfo(model.config, [str(i) for i in range(10)], pre, {"top1": 0.5, "top5": 0.9, "n": 10000},
                           train_config={"renorm": renorm})
 
 
@@ -76,13 +80,36 @@ def test_compare_runs_and_findings(tmp_path):
         assert r.metrics["dead"] == pytest.approx(1 / len(r.rms))  # and its RMS is 0
         assert r.projections.shape[0] == 4 and 0 <= r.layer2_high <= 1
         assert sum(r.metrics["bands"].values()) == pytest.approx(1, abs=1e-4)
+        assert len(r.per_filter["dead_or_silent"]) == len(r.rms) and sum(r.per_filter["dead_or_silent"]) == 1
+        assert len(r.layer2_high_maps) == 4 and r.layer2_high == pytest.approx(sum(r.layer2_high_maps) / 4)
     claims = architecture_findings(runs)
     assert runs[0].aliasing == 0.0 and runs[1].aliasing > 0  # conv1 stride 1 vs 2
-    assert len(claims) == 7 and all(isinstance(c.held, bool) and c.reading for c in claims)
+    assert len(claims) == 7 and all(c.verdict in VERDICTS and c.reading and c.quantity and c.if_not_held for c in claims)
+    assert [c.unit for c in claims] == ["filters"] * 4 + ["maps", f"seeds (Table 3's baseline) and 10000 test images",
+                                                          "filters"]
+    assert [c.n for c in claims[:5]] == [64, 64, 62, 62, 8]  # the planted all-zero filters have no spectrum
+    assert all(c.interval is not None for c in claims[:5])
+    assert claims[0].estimate == 0.0 and claims[0].verdict == INCONCLUSIVE  # one planted dead filter in each
+    assert claims[3].verdict == HELD  # stride 2 aliases, stride 1 cannot: every filter's share is 0 in ZFNet's
+    accuracy = claims[5]
+    assert accuracy.estimate == 0.0 and accuracy.interval is None and accuracy.verdict == INCONCLUSIVE  # no seed noise
+    assert architecture_findings(runs, [0.5, 0.52, 0.49])[5].interval is not None
     assert claims[-1].claim.startswith("zfnet-small: RMS renormalisation")
-    json.dumps(architecture_to_json(runs))
+    json.dumps(architecture_to_json(runs), allow_nan=False)
     draw_architecture(runs, tmp_path / "architecture.png")
     assert (tmp_path / "architecture.png").stat().st_size > 0
+
+
+def test_accuracy_difference_against_seed_and_test_noise():
+    a, b = {"top1": 0.90, "n": 10000}, {"top1": 0.88, "n": 10000}
+    binomial = (0.9 * 0.1 + 0.88 * 0.12) / 10000
+    d, (low, high) = accuracy_difference(a, b, [0.90, 0.91, 0.89])  # seed sd 0.01
+    half = t_quantile(2) * (2 * 0.01 ** 2 + binomial) ** 0.5
+    assert d == pytest.approx(0.02) and (low, high) == pytest.approx((0.02 - half, 0.02 + half))
+    assert low < 0  # 2 points within the noise of three seeds
+    _, quiet = accuracy_difference(a, b, [0.90, 0.9001, 0.8999])  # seeds agree: the test images' spread decides
+    assert quiet[0] > 0
+    assert accuracy_difference(a, b, None)[1] is None
 
 
 def test_compare_command(tmp_path):
@@ -96,3 +123,12 @@ def test_compare_command(tmp_path):
                  "--maps", "3", "--out", str(out)]) == 0
     body = json.loads((out / "architecture.json").read_text())
     assert [r["label"] for r in body["runs"]] == ["zfnet-small", "alexnet-small"] and len(body["findings"]) == 6
+    assert body["findings"][5]["interval"] is None and body["seed_noise"] is None
+    noise = tmp_path / "ablation.json"
+    noise.write_text(json.dumps({"seed_noise": {"test_top1": [10.0, 11.0, 9.5]}}))
+    assert main(["compare", "--runs", ",".join(map(str, paths)), "--data", "digits", "--limit", "50",
+                 "--maps", "3", "--seed-noise", str(noise), "--out", str(out)]) == 0
+    body = json.loads((out / "architecture.json").read_text())
+    assert body["seed_noise"] == pytest.approx([0.9, 0.89, 0.905]) and body["findings"][5]["interval"] is not None
+    noise.write_text("{}")
+    assert main(["compare", "--runs", str(paths[0]), "--seed-noise", str(noise), "--out", str(out)]) == 2

@@ -1,4 +1,4 @@
-"""Feature evolution (Fig. 4): snapshots, the stable epoch, and the command."""
+"""Feature evolution (Fig. 4): snapshots, the stable epoch, linear CKA, the findings, and the command."""
 import json
 
 import numpy as np
@@ -9,8 +9,11 @@ from deconvnet.checkpoint import CheckpointInfo, save_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import open_source, preprocess_for
 from deconvnet.errors import UserError
-from deconvnet.evolution import evolution, evolution_findings, load_snapshots, snapshot_paths, stable_from
+from deconvnet.evolution import (EvolutionResult, LayerEvolution, centred_gram, cka_from_grams, evolution,
+                                 evolution_findings, gram_cka, linear_cka, load_snapshots, settled_from,
+                                 snapshot_paths, stable_from)
 from deconvnet.models import build_model
+from deconvnet.stats import HELD, INCONCLUSIVE, NOT_HELD
 
 
 def test_stable_from_hand_cases():
@@ -19,6 +22,87 @@ def test_stable_from_hand_cases():
     assert stable_from(epochs, np.array([7, 3, 3, 3]), np.array([0.2, 0.99, 0.97])) == 2
     assert stable_from(epochs, np.array([3, 3, 3, 3]), np.array([0.95, 0.5, 0.97])) == 5  # projection changed
     assert stable_from(epochs, np.array([3, 3, 3, 4]), np.array([0.95, 0.99, 0.97])) == 10  # never settles
+
+
+def test_settled_from_hand_cases():
+    epochs = [1, 2, 5, 10]
+    assert settled_from(epochs, [True, True, True, False]) == 1  # the last (the reference) is not read
+    assert settled_from(epochs, [True, False, True, True]) == 5
+    assert settled_from(epochs, [False, False, False, True]) == 10
+
+
+def _direct_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA (Kornblith et al. 2019) written out in feature space: ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F), columns centred."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def test_linear_cka_is_the_formula_and_its_invariances():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 12)) + 2.0
+    y = np.tanh(x[:, :6] @ rng.normal(size=(6, 9))) + 0.5 * rng.normal(size=(40, 9))
+    assert linear_cka(x, y) == pytest.approx(_direct_cka(x, y), rel=1e-10)
+    assert 0.2 < linear_cka(x, y) < 0.95  # a real test: neither end of the range
+    rotation, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, 3.7 * x) == pytest.approx(1.0, abs=1e-12)  # isotropic scaling
+    assert linear_cka(x, x @ rotation) == pytest.approx(1.0, abs=1e-12)  # orthogonal transform
+    assert linear_cka(x @ rotation, 0.2 * y) == pytest.approx(linear_cka(x, y), rel=1e-10)
+    stretched = x * np.linspace(0.1, 3, 12)  # anisotropic scaling changes the representation
+    assert linear_cka(x, stretched) < 0.99
+
+
+def test_weighted_cka_is_the_cka_of_the_resample():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(30, 5)), rng.normal(size=(30, 8))
+    y[:, :5] += x
+    pick = rng.integers(0, 30, 30)
+    weights = np.bincount(pick, minlength=30)
+    assert gram_cka(centred_gram(x), centred_gram(y), weights) == pytest.approx(_direct_cka(x[pick], y[pick]), rel=1e-9)
+
+
+def _grams(speeds: dict[int, float], epochs: list[int], n: int = 60, seed: int = 0) -> dict[int, list[np.ndarray]]:
+    """Layer n's representation at epoch e: its final one plus noise that decays as exp(-speed * e)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for layer, speed in speeds.items():
+        final = rng.normal(size=(n, 20))
+        out[layer] = [centred_gram(final + 3 * np.exp(-speed * e) * rng.normal(size=(n, 20))) for e in epochs[:-1]]
+        out[layer].append(centred_gram(final))
+    return out
+
+
+def test_cka_findings_on_constructed_runs():
+    epochs = [1, 2, 3, 4, 6, 8, 10]
+    fast_low = cka_from_grams(epochs, _grams({1: 2.0, 2: 1.5, 3: 0.8, 4: 0.5, 5: 0.4}, epochs), resamples=50)
+    assert fast_low.cka[1][-1] == pytest.approx(1.0) and fast_low.band[5].shape == (len(epochs), 2)
+    assert fast_low.settled[1][0] < fast_low.settled[5][0]
+    assert (fast_low.band[5][:-1, 0] < fast_low.band[5][:-1, 1]).all()  # probe images vary: bands have width
+    result = EvolutionResult(epochs, {}, fast_low)
+    finding = evolution_findings(result)[-1]
+    assert finding.verdict == HELD and finding.n == 60 and finding.interval[0] > 0 and "CKA" in finding.claim
+    fast_high = cka_from_grams(epochs, _grams({1: 0.4, 2: 0.5, 3: 0.8, 4: 1.5, 5: 2.0}, epochs), resamples=50)
+    assert evolution_findings(EvolutionResult(epochs, {}, fast_high))[-1].verdict == NOT_HELD
+    same = cka_from_grams(epochs, _grams({n: 1.0 for n in range(1, 6)}, epochs), resamples=50)
+    assert evolution_findings(EvolutionResult(epochs, {}, same))[-1].verdict != HELD
+
+
+def _layer(stable: list[int]) -> LayerEvolution:
+    m = len(stable)
+    return LayerEvolution("x", list(range(m)), np.zeros((m, 2)), np.zeros((m, 2)), torch.zeros(m, 2, 1, 1, 1),
+                          np.ones((m, 1)), stable)
+
+
+def test_visual_findings_on_constructed_maps():
+    def verdict_of(low: list[int], high: list[int]) -> str:
+        layers = {1: _layer(low), 2: _layer(low), 3: _layer([5]), 4: _layer(high), 5: _layer(high)}
+        finding = evolution_findings(EvolutionResult([1, 30], layers))[0]
+        assert finding.n == 4 * len(low) and finding.unit == "maps" and finding.if_not_held
+        return finding.verdict
+
+    assert verdict_of([1, 2, 1, 2, 3], [20, 25, 30, 25, 20]) == HELD
+    assert verdict_of([20, 25, 30, 25, 20], [1, 2, 1, 2, 3]) == NOT_HELD
+    assert verdict_of([1, 30, 1, 30, 2], [2, 30, 1, 30, 1]) == INCONCLUSIVE
 
 
 def _run(tmp_path, weights: list[int]):
@@ -49,12 +133,17 @@ def test_unchanged_weights_are_stable(tmp_path):
         assert layer.correlation[:, 1] == pytest.approx([1.0, 1.0])
         assert all(e <= 2 for e in layer.stable_epoch)
     assert evolution_findings(result)[0].claim.startswith("lower layers converge")
+    assert len(evolution_findings(result)) == 1  # no CKA measured here
 
 
 def test_evolution_command(tmp_path):
     run = _run(tmp_path / "run", [1, 2])
     out = tmp_path / "out"
-    assert main(["evolution", "--run", str(run), "--limit", "40", "--maps", "2", "--out", str(out)]) == 0
+    assert main(["evolution", "--run", str(run), "--limit", "40", "--maps", "2", "--probe", "60", "--out", str(out)]) == 0
     body = json.loads((out / "evolution.json").read_text())
     assert body["epochs"] == [1, 2] and set(body["layers"]) == {f"layer{n}" for n in range(1, 6)}
     assert all((out / f"evolution-layer{n}.png").exists() for n in range(1, 6)) and (out / "evolution.png").exists()
+    assert (out / "evolution-cka.png").exists() and body["probe_data"] == "digits"
+    assert [f["unit"] for f in body["findings"]] == ["maps", "probe images"]
+    layer1 = body["cka"]["layers"]["layer1"]
+    assert layer1["cka"][-1] == pytest.approx(1.0) and len(layer1["band"]) == 2 and layer1["settled"] in (1, 2)

@@ -60,9 +60,18 @@ def test_every_section_has_real_numbers(report):
             section_html = section_html[:section_html.index("</section>")]
             for f in findings:  # each reading is in the page, written from the section's own numbers
                 assert f["reading"] and html.escape(f["reading"]) in section_html, label
-            # the verdict cells, in order, are the findings' values
-            cells = re.findall(r"<td class=(held|not|none)>", section_html)
-            assert cells == [{True: "held", False: "not", None: "none"}[f["held"]] for f in findings], label
+            # the verdict cells, in order, are the findings' verdicts, each decided by an interval over n
+            cells = re.findall(r"<td class=(held|not|none)>([a-z ]+)</td>", section_html)
+            assert cells == [({"held": "held", "not held": "not", "inconclusive": "none"}[f["verdict"]], f["verdict"])
+                             for f in findings], label
+            for f in findings:
+                assert f["verdict"] == "inconclusive" or (f["n"] > 0 and f["interval"] is not None), (label, f)
+                if f["interval"] is not None:
+                    assert f["interval"][0] <= f["estimate"] <= f["interval"][1], (label, f)
+    summary = page[page.index('<section id="summary">'):]
+    summary = summary[:summary.index("</section>")]
+    total = sum(len(json.loads((out / s.step / s.result).read_text())["findings"]) for s in SECTIONS if s.result)
+    assert summary.count("<tr>") == total + 1  # the header and one row per finding, each linking to its section
     assert page.count("<img") >= 10
     train = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert f"{100 * train[-1]['val_top1']:.2f}%" in page
