@@ -102,7 +102,9 @@ def _add_image_args(p: argparse.ArgumentParser, count: int) -> None:
 def _add_target_args(p: argparse.ArgumentParser, per_class: str) -> None:
     """The transfer protocol's arguments (Sec. 5.2), shared by ``transfer`` and ``layers``."""
     _add_model_args(p)
-    p.add_argument("--target", default="digits", help="target data: digits or folder:PATH (e.g. Caltech-101)")
+    p.add_argument("--target", default="digits",
+                   help="target data: digits, a class subset such as fashion-mnist[2,3,6,7,8]:test (the classes "
+                        "B of a model pretrained on fashion-mnist[0,1,4,5,9]), or folder:PATH (e.g. Caltech-101)")
     p.add_argument("--per-class", type=_int_list, default=_int_list(per_class),
                    help=f"training images per class (default {per_class})")
     p.add_argument("--folds", type=int, default=5, help="random train/test folds (default 5)")
@@ -111,7 +113,7 @@ def _add_target_args(p: argparse.ArgumentParser, per_class: str) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def cmd_report(out: str, data: str, target: str | None = None, images: int = 5, limit: int | None = None,
+def cmd_report(out: str, data: str, target: str | None = None, images: int = 30, limit: int | None = None,
                **model) -> None:
     from .commands import absolute_model_options, subject_of
     from .model_report import model_report
@@ -131,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model with the paper's recipe (Sec. 3)")
     p.add_argument("--model", default="zfnet-small", help="zfnet, alexnet, zfnet-small or alexnet-small")
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits or folder:PATH")
+    p.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist, a class subset such as fashion-mnist[0,1,4,5,9], digits or folder:PATH")
     p.add_argument("--val", default=None, help="validation data (default: fashion-mnist:test, or 10%% held out)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--recipe", choices=["paper", "small"], default=None,
@@ -169,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("occlude", help="occlusion sensitivity of one or more images (Fig. 7)")
     _add_image_args(p, 1)
+    p.add_argument("--count", type=_positive_int, default=None,
+                   help="take the first N images of --data (instead of --index); the findings are over all")
+    p.add_argument("--draw", type=int, default=None, metavar="K",
+                   help="draw the panels (occlusion-NAME.png) of the first K images only (default: all)")
     p.add_argument("--target", default=None, help="class to map p() of (name or number; default: the label)")
     p.add_argument("--size", type=int, default=None, help="square side in pixels (default 35/224 of the image)")
     p.add_argument("--stride", type=int, default=None, help="square step in pixels (default 14/224 of the image)")
@@ -178,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("invariance", help="feature and output changes under translation, scale, rotation (Fig. 5)")
     _add_image_args(p, 5)
+    p.add_argument("--count", type=_positive_int, default=None,
+                   help="take the first N images of --data (default 5, instead of --index)")
     p.add_argument("--layers", type=_name_list, default=None, help="low,high layer (default: layers 1 and 7)")
     p.add_argument("--translations", type=_float_list, default=None,
                    help="vertical shifts in pixels, e.g. --translations=-4,0,4")
@@ -285,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="your images: folder:PATH (one folder per class) or another data spec")
     p.add_argument("--target", default=None, help="labelled data for Table 7's per-layer probes (folder:PATH)")
-    p.add_argument("--images", type=_positive_int, default=5, help="images for Fig. 5 (and up to 3 for Fig. 7)")
+    p.add_argument("--images", type=_positive_int, default=30,
+                   help="images for the statistics of Fig. 5 and Fig. 7 (panels drawn for up to 3)")
     p.add_argument("--limit", type=_positive_int, default=None, help="Fig. 2 over the first N images only")
     p.add_argument("--out", required=True, help="output directory (index.html + one folder per step, cached)")
     p.set_defaults(func=cmd_report)

@@ -10,6 +10,7 @@ one-line JSON summary. The model under study is given by the options of
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import types
 from pathlib import Path
@@ -37,7 +38,7 @@ def command_line(command: str, options: dict) -> str:
         elif isinstance(value, (list, tuple)):
             words += [flag, ",".join(str(v) for v in value)]
         else:
-            words += [flag, str(value)]
+            words += [flag, shlex.quote(str(value))]  # a class subset's brackets are a shell pattern
     return " ".join(words)
 
 
@@ -201,50 +202,71 @@ def evaluate(data: str, limit: int | None = None, ten_crop: bool = False, **mode
 
 # ----------------------------------------------------------------------------- per-image analyses
 
+def _image_count(image: list[str] | None, index: list[int] | None, count: int | None, default: int) -> int:
+    """How many of the first images of --data a per-image command takes: ``count`` (``--count N``), which
+    goes without --index and --image, or ``default``."""
+    if count is None:
+        return default
+    if image or index is not None:
+        raise UserError("--count takes the first N images of --data; it goes without --index and --image")
+    if count < 1:
+        raise UserError(f"--count must be a positive number of images, got {count}")
+    return count
+
+
 def occlude(out: str, image: list[str] | None = None, data: str | None = None, index: list[int] | None = None,
-            target: str | None = None, size: int | None = None, stride: int | None = None, layer: str | None = None,
-            **model) -> list[dict]:
-    """Occlusion sensitivity of one or more images (Fig. 7): occlusion-NAME.png + occlusion.json."""
+            count: int | None = None, draw: int | None = None, target: str | None = None, size: int | None = None,
+            stride: int | None = None, layer: str | None = None, **model) -> list[dict]:
+    """Occlusion sensitivity of one or more images (Fig. 7): occlusion-NAME.png for the first ``draw``
+    images (default all) + occlusion.json with every image's maps and the findings over all of them;
+    ``count``: the first N images of ``data``."""
     from ._analysis import foreground
     from .findings import to_json
-    from .occlusion import draw_occlusion, occlusion, occlusion_findings, occlusion_to_json
+    from .occlusion import cover_statistics, draw_occlusion, occlusion, occlusion_findings, occlusion_to_json
 
     options = _options(locals())
+    if draw is not None and draw < 0:
+        raise UserError(f"--draw must be 0 or more images, got {draw}")
+    count = _image_count(image, index, count, 1)
     subject = subject_of(model)
     layer = layer or default_layers(subject, None)[-1]
-    raw, labels, names = select_images(subject, image, data, index)
+    raw, labels, names = select_images(subject, image, data, index, count=count)
     pictures, out = subject.pictures(raw), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for x, label, name, pic in zip(subject.prepare(raw), labels, names, pictures):
+    for i, (x, label, name, pic) in enumerate(zip(subject.prepare(raw), labels, names, pictures)):
         followed = _class_index(target, subject.classes) if target is not None else label
         result = occlusion(subject.model, x, followed, size=size, stride=stride, layer=layer,
                            other_activations=subject.other_activations)
-        draw_occlusion(result, out / f"occlusion-{name}.png", pic, subject.classes)
+        if draw is None or i < draw:
+            draw_occlusion(result, out / f"occlusion-{name}.png", pic, subject.classes)
         results.append(result)
     # object masks by threshold hold for Fashion-MNIST's black backgrounds, not for photos
     objects = list(foreground(pictures)) if subject.info is not None else []
     findings = to_json(occlusion_findings(results, objects))
+    covers = [cover_statistics(r, m) for r, m in zip(results, objects)] or [None] * len(results)
     _write_result(out, "occlusion.json", options, {
         "model": subject.describe(), "findings": findings,
-        "images": [{"name": n, "true_label": l, **occlusion_to_json(r, subject.classes)}
-                   for n, l, r in zip(names, labels, results)]})
+        "images": [{"name": n, "true_label": l, **occlusion_to_json(r, subject.classes), "cover": c}
+                   for n, l, r, c in zip(names, labels, results, covers)]})
     return findings
 
 
 def invariance(out: str, image: list[str] | None = None, data: str | None = None, index: list[int] | None = None,
-               layers: list[str] | None = None, translations: list[float] | None = None,
+               count: int | None = None, layers: list[str] | None = None, translations: list[float] | None = None,
                scales: list[float] | None = None, rotations: list[float] | None = None, **model) -> list[dict]:
-    """Feature and output changes under translation, scale and rotation (Fig. 5)."""
+    """Feature and output changes under translation, scale and rotation (Fig. 5); ``count``: the first N
+    images of ``data`` (default 5), the findings over all of them."""
     import torch
 
     from .findings import to_json
     from .invariance import default_amounts, draw_invariance, invariance as measure, invariance_findings, invariance_to_json
 
     options = _options(locals())
+    count = _image_count(image, index, count, 5)
     subject = subject_of(model)
     layers = default_layers(subject, layers, [1, 7])
-    raw, labels, names = select_images(subject, image, data, index, count=5)
+    raw, labels, names = select_images(subject, image, data, index, count=count)
     if None in labels:  # files or unknown classes: the true label is the model's answer on the untransformed image
         with torch.no_grad():
             predicted = subject.model(subject.prepare(raw)).argmax(1).tolist()
@@ -388,7 +410,8 @@ def topk(out: str, data: str, layers: list[str] | None = None, k: int = 9, limit
     findings = topk_findings(tables, source.labels)
     atomic_write_json(out / "topk.json", {"args": options, "model": subject.describe(), "images": n, "k": k,
                                           "findings": to_json(findings), "layers": topk_to_json(tables, chosen)})
-    print(json.dumps({"out": str(out), "images": n, "gallery_maps": chosen, "class_purity": findings[0].ours}))
+    print(json.dumps({"out": str(out), "images": n, "gallery_maps": chosen,
+                      "class_purity": findings[0].ours["class_purity"], "findings": brief(to_json(findings))}))
     return to_json(findings)
 
 
@@ -503,8 +526,9 @@ def ablate(out: str, model: str = "zfnet-small", data: str = "fashion-mnist", ep
 # ----------------------------------------------------------------------------- transfer (Sec. 5)
 
 def _target_and_overlaps(subject, target: str, pretrain_data: str | None):
-    """The target set at the model's size, and its images found in the pretraining data (Sec. 5.2).
-    A model that is not ours is checked against ``pretrain_data`` only when it is given."""
+    """The target set at the model's size, its images found in the pretraining data (Sec. 5.2), their
+    nearest correlations and the pretraining data's classes. A model that is not ours is checked
+    against ``pretrain_data`` only when it is given."""
     from .transfer import find_overlaps
 
     target_source = subject.open_data(target)
@@ -513,13 +537,13 @@ def _target_and_overlaps(subject, target: str, pretrain_data: str | None):
     if not spec and info is None:
         print("deconvnet: no --pretrain-data given, so no target image is checked against the model's "
               "training data (Sec. 5.2)", file=sys.stderr)
-        return target_source, [], None
+        return target_source, [], None, []
     if not spec:
         raise UserError("the checkpoint does not say what it was trained on; give --pretrain-data SPEC")
     reference = subject.open_data(spec)
     limit = None if pretrain_data or info is None else info.train_config.get("limit")
     overlaps, nearest = find_overlaps(target_source, reference, limit)
-    return target_source, overlaps, nearest
+    return target_source, overlaps, nearest, list(reference.classes)
 
 
 def transfer(out: str, target: str = "digits", per_class: list[int] = (1, 2, 3, 5, 10, 15, 30), folds: int = 5,
@@ -533,9 +557,10 @@ def transfer(out: str, target: str = "digits", per_class: list[int] = (1, 2, 3, 
         raise UserError("transfer compares with the same architecture trained from scratch, which needs a "
                         "deconvnet checkpoint; for your model, `deconvnet layers --model ... --target SPEC` "
                         "gives Table 7's per-layer linear probes")
-    target_source, overlaps, nearest = _target_and_overlaps(subject, target, pretrain_data)
+    target_source, overlaps, nearest, pretrain_classes = _target_and_overlaps(subject, target, pretrain_data)
     result = run_transfer(subject.model, subject.info, target_source, list(per_class), folds,
-                          scratch_steps=scratch_steps, overlaps=overlaps, nearest=nearest, seed=seed)
+                          scratch_steps=scratch_steps, overlaps=overlaps, nearest=nearest, seed=seed,
+                          pretrain_classes=pretrain_classes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     draw_transfer(result, out / "transfer.png")
@@ -551,7 +576,8 @@ def layers(out: str, target: str = "digits", per_class: list[int] = (15, 30), fo
 
     options = _options(locals())
     subject = subject_of(model)
-    target_source, overlaps, _ = _target_and_overlaps(subject, target, pretrain_data)
+    target_source, overlaps, _, _ = _target_and_overlaps(subject, target, pretrain_data)
+    trained_on = pretrain_data or ((subject.info.train_config or {}).get("data", "") if subject.info else "")
     chosen = grid = None
     if subject.info is None:  # the stages and the penultimate layer stand for layers 1..7
         default_layers(subject, None, sorted(subject.layer_numbers))
@@ -559,7 +585,8 @@ def layers(out: str, target: str = "digits", per_class: list[int] = (15, 30), fo
         shapes = {c.name: c.shape for c in subject.calls()}
         grid = min(shapes[name][-1] for name in chosen.values() if len(shapes[name]) == 3)
     result = layer_analysis(subject.model, subject.preprocess, target_source, list(per_class), folds,
-                            exclude=[o.target_index for o in overlaps], seed=seed, layers=chosen, grid=grid)
+                            exclude=[o.target_index for o in overlaps], seed=seed, layers=chosen, grid=grid,
+                            pretrain_data=trained_on)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     draw_layer_features(result, out / "layers.png")

@@ -1,6 +1,7 @@
 """Data sources and the paper's preprocessing (Sec. 3).
 
-A *source* (``fashion-mnist``, ``fashion-mnist:test``, ``digits``, ``folder:PATH``) gives uint8
+A *source* (``fashion-mnist``, ``fashion-mnist:test``, a class subset ``fashion-mnist[2,3,6,7,8]``,
+``digits``, ``folder:PATH``) gives uint8
 images already at the model's stored size and channel count via ``source.get(indices)``;
 :class:`Preprocess` turns them into the model's input space (scale, minus the per-pixel mean image,
 then a 224 crop from 256 for the paper's models, or a 28 crop from a 2 px padded 28 for small ones).
@@ -11,6 +12,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import tempfile
 import urllib.request
 import warnings
@@ -232,12 +234,49 @@ def _unreadable(root: Path, files: list[Path], size: int, channels: int) -> list
     return cached(cache_dir() / "folders" / f"{key[:32]}.json", key, check)[0]
 
 
+# The two halves of Fashion-MNIST's classes for transfer inside one data set (Yosinski et al. 2014, the
+# analogue of Sec. 5.2's ImageNet -> Caltech-101): pretrain on A, transfer to B. The rule, fixed before any
+# result: group the classes by kind (tops 0, 2, 4, 6; other garments 1, 3; footwear 5, 7, 9; bags 8) and
+# deal them alternately to A and B in that order, so each half holds tops, another garment and footwear
+# (B is related to A) while no class is in both (B is new to the pretrained model).
+SPLIT_A = (0, 1, 4, 5, 9)  # T-shirt/top, Trouser, Coat, Sandal, Ankle boot
+SPLIT_B = (2, 3, 6, 7, 8)  # Pullover, Dress, Shirt, Sneaker, Bag
+_SUBSET = re.compile(r"fashion-mnist\[([^\]]*)\](:train|:test)?")
+
+
+def subset_spec(classes, split: str = "") -> str:
+    """The data spec of Fashion-MNIST's ``classes`` (label numbers), e.g. ``fashion-mnist[2,3,6,7,8]:test``."""
+    return f"fashion-mnist[{','.join(str(int(c)) for c in classes)}]" + (f":{split}" if split else "")
+
+
+def _subset_classes(text: str, spec: str) -> list[int]:
+    try:
+        chosen = [int(c) for c in text.split(",")]
+    except ValueError:
+        chosen = []
+    if not chosen or len(set(chosen)) != len(chosen) or not all(0 <= c < len(FASHION_CLASSES) for c in chosen):
+        raise DataError(f"bad class subset in {spec!r}: give distinct class numbers 0-9, e.g. "
+                        f"{subset_spec(SPLIT_B)}")
+    return chosen
+
+
 def open_source(spec: str, size: int = 28, channels: int = 1) -> Source:
     """Open a data spec: ``fashion-mnist``, ``fashion-mnist:test``, ``digits`` or ``folder:PATH``.
 
-    ``size`` and ``channels`` are the stored image size and channel count of the model
-    (see :func:`preprocess_for`): 28/1 for the small models, 256/3 for the paper's.
+    ``fashion-mnist[2,3,6,7,8]`` (and ``...:test``) keeps only the listed classes, relabelled 0..k-1 in
+    the listed order and named as in Fashion-MNIST; :data:`SPLIT_A` and :data:`SPLIT_B` are the halves
+    of the transfer analogue (Sec. 5.2). ``size`` and ``channels`` are the stored image size and channel
+    count of the model (see :func:`preprocess_for`): 28/1 for the small models, 256/3 for the paper's.
     """
+    subset = _SUBSET.fullmatch(spec.replace(" ", ""))
+    if subset:
+        chosen = _subset_classes(subset.group(1), spec)
+        whole = open_source("fashion-mnist" + (subset.group(2) or ""), size, channels)
+        keep = torch.isin(whole.labels, torch.tensor(chosen)).nonzero().flatten()
+        relabel = torch.full((len(FASHION_CLASSES),), -1, dtype=torch.long)
+        relabel[torch.tensor(chosen)] = torch.arange(len(chosen))
+        return TensorSource(subset_spec(chosen, (subset.group(2) or "")[1:]), whole.images[keep],
+                            relabel[whole.labels[keep]], [FASHION_CLASSES[c] for c in chosen], size, channels)
     if spec in ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test"):
         d = fashion_mnist_dir()
         prefix = "t10k" if spec.endswith(":test") else "train"
@@ -252,7 +291,8 @@ def open_source(spec: str, size: int = 28, channels: int = 1) -> Source:
         return TensorSource(spec, images, labels, [str(i) for i in range(10)], size, channels)
     if spec.startswith("folder:"):
         return FolderSource(spec[len("folder:"):], size, channels)
-    raise DataError(f"unknown data spec {spec!r}; use fashion-mnist, fashion-mnist:test, digits or folder:PATH")
+    raise DataError(f"unknown data spec {spec!r}; use fashion-mnist, fashion-mnist:test, "
+                    f"fashion-mnist[CLASSES] (e.g. {subset_spec(SPLIT_B)}), digits or folder:PATH")
 
 
 # ----------------------------------------------------------------------------- preprocessing

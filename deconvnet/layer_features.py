@@ -20,16 +20,15 @@ from .data import Preprocess, Source
 from .features import feature_grid, feature_layers, fit_linear, layer_features, per_class_folds
 from .runner import progress
 from .figures import finish, new_figure
-from .findings import Finding
+from .findings import Finding, unmeasured
 from .findings import to_json as to_findings_json
+from .stats import difference_interval, verdict
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 CLASSIFIERS = ("svm", "softmax")
 PER_CLASS = (15, 30)  # Table 7 reports Caltech-101 at 30 and Caltech-256 at 60 images per class
-PAPER = {"svm": "Caltech-101, 30/class, SVM on layers 1-5, 7: 44.8, 66.2, 72.3, 76.6, 86.2, 85.5",
-         "softmax": "Caltech-101, 30/class, softmax on layers 5, 7: 82.9, 85.4"}
 
 
 @dataclass
@@ -43,6 +42,7 @@ class LayerResult:
     dims: dict[int, int]  # feature dimension per layer
     scores: dict[tuple[str, int, int], list[float]] = field(default_factory=dict)
     excluded: list[int] = field(default_factory=list)
+    pretrain_data: str = ""  # what the model was trained on (names the setting in the readings)
 
     def mean(self, kind: str, n: int, layer: int) -> float:
         return float(np.mean(self.scores[(kind, n, layer)]))
@@ -63,7 +63,8 @@ class LayerResult:
 
 def layer_analysis(model: nn.Module, preprocess: Preprocess, target: Source, per_class=PER_CLASS,
                    folds: int = 5, n_test: int = 50, exclude=(), seed: int = 0,
-                   layers: dict[int, str] | None = None, grid: int | None = None) -> LayerResult:
+                   layers: dict[int, str] | None = None, grid: int | None = None,
+                   pretrain_data: str = "") -> LayerResult:
     """Table 7: a linear SVM and a softmax on the features of every layer 1..7 the model has.
 
     ``exclude`` holds target indices never used (images found in the pretraining set, Sec. 5.2).
@@ -77,27 +78,69 @@ def layer_analysis(model: nn.Module, preprocess: Preprocess, target: Source, per
     feats = layer_features(model, preprocess, target, np.arange(len(labels)), list(layers.values()), grid)
     result = LayerResult(target.name, layers, list(per_class), folds,
                          {n: int(feats[name].shape[1]) for n, name in layers.items()},
-                         excluded=sorted(int(i) for i in exclude))
+                         excluded=sorted(int(i) for i in exclude), pretrain_data=pretrain_data)
     jobs = [(kind, n, layer) for n in per_class for layer in layers for kind in CLASSIFIERS]
     for kind, n, layer in progress(jobs, desc="layers", unit="fit"):
         result.scores[(kind, n, layer)] = [fit_linear(kind, feats[layers[layer]], labels, s, seed) for s in splits[n]]
     return result
 
 
+def _layer_difference(result: LayerResult, kind: str, n: int, top: int, lower: int) -> tuple[float, tuple | None]:
+    """Layer ``top`` minus layer ``lower`` (points), paired by fold: both are scored on the same splits."""
+    return difference_interval(100 * np.asarray(result.scores[(kind, n, top)]),
+                               100 * np.asarray(result.scores[(kind, n, lower)]))
+
+
 def layer_features_findings(result: LayerResult) -> list[Finding]:
-    """Table 7's claim: accuracy rises steadily with the layer, for each classifier and N."""
+    """Table 7's claim, accuracy rises with depth, at the largest N (Table 7's 30/class column), as three
+    quantities paired by fold (t interval over folds):
+
+    - SVM, the top layer minus layer 1: the rise the paper reports (44.8 -> 85.5 on Caltech-101);
+    - SVM, the top layer minus the best lower layer (the one with the highest mean; choosing it by its
+      mean favours it, so the quantity leans against the claim): "best at the top";
+    - softmax, the top layer minus layer 5: the two softmax rows the paper gives.
+    """
+    from .transfer import transfer_setting
+
+    n = max(result.per_class)
+    layers = sorted(result.layers)
+    top, bottom = layers[-1], layers[0]
+    setting = transfer_setting(result.pretrain_data, result.target)
+    not_held = ("A \"not held\" here would be a property of the scale: a 28 px model's top layers see little "
+                "more than its middle ones, and after minutes of training on few classes they fit those classes; "
+                if result.target.startswith("fashion-mnist[") else
+                "A \"not held\" is expected of the far-domain set-up: the top layers of a clothes model specialise "
+                "in clothes, and digits are better served by its general lower layers; ")
     out = []
-    for kind in CLASSIFIERS:
-        for n in result.per_class:
-            acc = [result.mean(kind, n, layer) for layer in result.layers]
-            rises = all(b >= a for a, b in zip(acc, acc[1:]))
-            best = list(result.layers)[int(np.argmax(acc))]
-            cells = ", ".join(f"{layer}: {100 * a:.1f}" for layer, a in zip(result.layers, acc))
-            reading = (f"{kind}, {n}/class, accuracy (%) by layer {cells}; best at layer {best}: "
-                       + ("it rises steadily with depth, as in the paper." if rises else "it does not rise steadily."))
-            out.append(Finding(f"{kind}, {n}/class: accuracy rises steadily with the layer, best at the top",
-                               PAPER[kind], {f"layer{layer}": round(100 * a, 2) for layer, a in zip(result.layers, acc)},
-                               bool(rises), reading))
+    svm = [result.mean("svm", n, layer) for layer in layers]
+    best_lower = layers[int(np.argmax(svm[:-1]))] if len(layers) > 1 else bottom
+    mid = max((layer for layer in layers if layer <= 5 and layer != top), default=bottom)
+    parts = [("svm", bottom, f"SVM, {n}/class: layer {top} beats layer {bottom} (accuracy rises with depth)",
+              "Caltech-101, 30/class, SVM: layer 1 44.8, layer 7 85.5 (+40.7); Caltech-256, 60/class: 24.6, 71.7"),
+             ("svm", best_lower, f"SVM, {n}/class: the top layer {top} beats the best lower layer "
+                                 f"(layer {best_lower} here): best at the top",
+              "Caltech-101: layer 7 85.5 vs layer 5 86.2 (-0.7); Caltech-256: 71.7 vs 65.6 (+6.1)"),
+             ("softmax", mid, f"softmax, {n}/class: layer {top} beats layer {mid}",
+              "Caltech-101, 30/class, softmax: layer 5 82.9, layer 7 85.4 (+2.5); Caltech-256: 65.7, 72.6")]
+    for kind, lower, claim, paper in parts:
+        if lower == top:
+            out.append(unmeasured(claim, paper, f"the model has only layer {top}: no lower layer to compare"))
+            continue
+        estimate, interval = _layer_difference(result, kind, n, top, lower)
+        decided = verdict(interval)
+        acc = {f"layer{layer}": round(100 * result.mean(kind, n, layer), 2) for layer in layers}
+        cells = ", ".join(f"{layer}: {100 * result.mean(kind, n, layer):.1f}" for layer in layers)
+        where = f"Per-layer features, {setting}. " if not out else ""
+        reading = (f"{where}{kind}, {n}/class, accuracy (%) by layer {cells}; layer {top} "
+                   f"minus layer {lower}: {estimate:+.1f} points"
+                   + (f", 95% interval over {result.folds} folds [{interval[0]:+.1f}, {interval[1]:+.1f}]: {decided}."
+                      if interval else f", no interval ({result.folds} fold): {decided}."))
+        out.append(Finding(claim=f"{claim} ({'far-domain control, ' if result.target == 'digits' else ''}{result.target})",
+                           paper=paper, ours=acc, verdict=decided, reading=reading,
+                           quantity=f"{kind} mean per-class accuracy of layer {top} minus layer {lower} (points), "
+                                    f"{n}/class, mean over folds",
+                           estimate=estimate, interval=interval, n=result.folds, unit="folds",
+                           if_not_held=not_held + "the paper's rise comes from ImageNet-scale training."))
     return out
 
 
@@ -112,7 +155,8 @@ def layer_features_to_json(result: LayerResult) -> dict:
                                       "std": round(100 * result.std(kind, n, layer), 2),
                                       "folds": [round(100 * v, 2) for v in result.scores[(kind, n, layer)]]}
                    for n in result.per_class}}
-    return {"analysis": "per-layer features (Table 7)", "target": result.target, "folds": result.folds,
+    return {"analysis": "per-layer features (Table 7)", "target": result.target, "pretrain_data": result.pretrain_data,
+            "folds": result.folds,
             "metric": "mean of per-class accuracies (%)", "excluded_overlaps": result.excluded,
             "table": table, "findings": to_findings_json(layer_features_findings(result))}
 

@@ -29,8 +29,8 @@ def plan(model: dict, inputs: list[str], data: str, images: int, limit: int | No
     """The steps for one model and data set; ``model`` holds the model options (absolute paths),
     ``inputs`` the files whose content keys the steps (weights, model file, class names)."""
     options = {"fig2": dict(data=data, limit=limit, maps=maps),
-               "fig5": dict(data=data, index=list(range(images))),
-               "fig7": dict(data=data, index=list(range(min(images, 3)))),
+               "fig5": dict(data=data, count=images),
+               "fig7": dict(data=data, count=images, draw=min(images, 3)),
                "table7": dict(target=target, per_class=[5, 10], folds=3)}
     steps = []
     for name in STEPS:
@@ -44,7 +44,7 @@ def plan(model: dict, inputs: list[str], data: str, images: int, limit: int | No
 
 
 def model_report(out: str | Path, model: dict, inputs: list[str], data: str, description: dict,
-                 images: int = 5, limit: int | None = None, target: str | None = None) -> Path:
+                 images: int = 30, limit: int | None = None, target: str | None = None) -> Path:
     """Run the steps (cached) and write ``out/index.html``; returns its path."""
     if images < 1:
         raise UserError(f"--images must be at least 1, got {images}")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import commands
 from .commands import command_line
+from .data import SPLIT_A, SPLIT_B, subset_spec
 from .errors import UserError
 from .runner import Step, atomic_write_json, format_seconds, run_step
 from .sections import SECTIONS
@@ -28,36 +29,45 @@ BUDGETS = {
     "quick": {"train": dict(limit=1000, epochs=2, snapshots=[1, 2]),
               "fig2": dict(limit=500, maps=4),
               "fig4": dict(limit=300, maps=3, probe=200),
-              "fig5": dict(index=[0, 1, 2]),
+              "fig5": dict(count=10),
               "fig6-runs": dict(limit=1000, epochs=1, no_ten_crop=True),
               "fig6": dict(limit=300, maps=8),
-              "fig7": dict(index=[0, 1]),
-              "table1": dict(repeats=2),
+              "fig7": dict(count=10, draw=2),
+              "table1": dict(count=10, repeats=2),
               "table3": dict(limit=500, epochs=1, baseline_seeds=[1, 2]),
+              "pretrain-a": dict(limit=1000, epochs=1, no_ten_crop=True),
               "tables4-5": dict(per_class=[1, 5], folds=2, scratch_steps=30),
-              "table7": dict(per_class=[5], folds=2)},
+              "tables4-5-digits": dict(per_class=[1, 5], folds=2, scratch_steps=30),
+              "table7": dict(per_class=[5], folds=2),
+              "table7-digits": dict(per_class=[5], folds=2)},
     "default": {"train": dict(snapshots=[1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30]),  # + time_budget (sized)
                 "fig2": dict(maps=9),
                 "fig4": dict(limit=2000, maps=5, probe=500),
-                "fig5": {},
+                "fig5": dict(count=200),  # the findings over 200 test images, 5 drawn
                 "fig6-runs": dict(epochs=3, no_ten_crop=True),  # + time_budget (sized)
                 "fig6": dict(limit=1000, maps=16),
-                "fig7": dict(index=[0, 1, 2, 3, 4], size=8, stride=2),
-                "table1": {},
+                "fig7": dict(count=200, draw=5, size=8, stride=2),  # statistics over 200, panels of 5
+                "table1": dict(count=30),  # 30 sneakers: 435 pairs
                 "table3": dict(epochs=3, lr=0.02, baseline_seeds=[1, 2]),  # + limit (sized)
+                "pretrain-a": dict(no_ten_crop=True),  # + time_budget (sized)
                 "tables4-5": {},  # + scratch_steps (sized)
-                "table7": {}},
+                "tables4-5-digits": dict(per_class=[1, 5, 15]),  # + scratch_steps (sized)
+                "table7": {},
+                "table7-digits": {}},
     "full": {"train": dict(epochs=60, snapshots=[1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60]),
              "fig2": dict(maps=16),
              "fig4": dict(limit=10000, maps=8, probe=1000),
-             "fig5": {},
+             "fig5": dict(count=1000),
              "fig6-runs": dict(epochs=12, no_ten_crop=True),
              "fig6": dict(limit=5000, maps=16),
-             "fig7": dict(index=[0, 1, 2, 3, 4], size=8, stride=2),
-             "table1": dict(repeats=10),
+             "fig7": dict(count=1000, draw=5, size=8, stride=2),
+             "table1": dict(count=100, repeats=10),
              "table3": dict(epochs=12, baseline_seeds=[1, 2]),
+             "pretrain-a": dict(epochs=30, no_ten_crop=True),
              "tables4-5": {},
-             "table7": {}},
+             "tables4-5-digits": {},
+             "table7": {},
+             "table7-digits": {}},
 }
 
 DEMO_MINUTES = 20.0  # `make demo`, set-up excluded
@@ -65,10 +75,12 @@ DEMO_MINUTES = 20.0  # `make demo`, set-up excluded
 # in seconds, at its measured speed of REFERENCE training and evaluation images/s (zfnet-small); the
 # analyses' figures were corrected by two demos measured at a fifth of that speed (BENCHMARKS.md, README).
 REFERENCE = {"train_images_per_s": 4100.0, "eval_images_per_s": 3500.0}
-ANALYSES = {"fig2": 6, "fig4": 8, "fig5": 1, "fig6": 1, "fig7": 1, "table1": 1, "table7": 14}  # ~ evaluation
-SCALED = {"table3": 250, "tables4-5": 66}  # ~ training speed (the Fig. 6 runs and training are budgeted)
+ANALYSES = {"fig2": 6, "fig4": 13, "fig5": 10, "fig6": 1, "fig7": 13, "table1": 2, "table7": 14,
+            "table7-digits": 14}  # ~ evaluation
+SCALED = {"table3": 330, "tables4-5": 66, "tables4-5-digits": 28}  # ~ training speed (the Fig. 6 runs and training are budgeted)
 ABLATE_LIMIT, SCRATCH_STEPS, FIG6_EPOCHS, TRAIN_EPOCHS = 20000, 300, 3, 30
-OVERHEAD = 20  # seconds: start-up of 13 commands, the calibration, the report
+OVERHEAD = 25  # seconds: start-up of 16 commands, the calibration, the report
+PRETRAIN_SHARE = 0.25  # of the time left for training, for the pretraining on classes A (Tables 4/5, 7)
 START = 8  # seconds of a budgeted training run before its first epoch: data, mean image, its own measurement
 
 
@@ -77,7 +89,9 @@ def size_demo(speed: dict, minutes: float = DEMO_MINUTES, data_images: int = 600
 
     The analyses keep their sizes (they take seconds); the Fig. 6 runs, the ablation and transfer's
     from-scratch baseline keep theirs where the machine is fast enough and shrink together where it is
-    not; the main training gets the rest as its --time-budget (at most 30 epochs).
+    not; the main training gets the rest as its --time-budget (at most 30 epochs), less the share
+    PRETRAIN_SHARE of it that pretrains on classes A for Tables 4/5 and 7 (on half the images an epoch
+    takes half the time, so the two models see about as many epochs).
     """
     f = speed["train_images_per_s"] / REFERENCE["train_images_per_s"]
     g = speed["eval_images_per_s"] / REFERENCE["eval_images_per_s"]
@@ -87,7 +101,7 @@ def size_demo(speed: dict, minutes: float = DEMO_MINUTES, data_images: int = 600
     fig6 = {name: START + FIG6_EPOCHS * epoch * (0.4 if name == "fig6-alexnet" else 1.0)  # alexnet-small's
             for name in ("fig6-zfnet", "fig6-alexnet", "fig6-norenorm")}  # strided conv1: ~0.4x the work
     left = total - OVERHEAD - sum(estimates.values())
-    wanted = sum(fig6.values()) + (SCALED["table3"] + SCALED["tables4-5"]) / f
+    wanted = sum(fig6.values()) + (SCALED["table3"] + SCALED["tables4-5"] + SCALED["tables4-5-digits"]) / f
     share = max(0.0, min(1.0, 0.45 * left / wanted))  # the main training keeps at least 55% of what is left
     sizes = {}
     for name, whole in fig6.items():
@@ -98,8 +112,12 @@ def size_demo(speed: dict, minutes: float = DEMO_MINUTES, data_images: int = 600
     sizes["table3"] = max(1000, int(ABLATE_LIMIT * share) // 1000 * 1000)
     estimates["table3"] = SCALED["table3"] / f * sizes["table3"] / ABLATE_LIMIT
     sizes["tables4-5"] = max(30, int(SCRATCH_STEPS * share) // 10 * 10)
-    estimates["tables4-5"] = SCALED["tables4-5"] / f * sizes["tables4-5"] / SCRATCH_STEPS
-    train = max(0.4 * left, total - OVERHEAD - sum(estimates.values()))  # a very slow machine overruns
+    for name in ("tables4-5", "tables4-5-digits"):  # both transfers train their baselines this long
+        estimates[name] = SCALED[name] / f * sizes["tables4-5"] / SCRATCH_STEPS
+    rest = max(0.4 * left, total - OVERHEAD - sum(estimates.values()))  # a very slow machine overruns
+    pretrain, train = PRETRAIN_SHARE * rest, (1 - PRETRAIN_SHARE) * rest
+    sizes["pretrain-a"] = round(pretrain / 60, 2)
+    estimates["pretrain-a"] = min(START + TRAIN_EPOCHS * epoch / 2, pretrain * 0.98)
     sizes["train"] = round(train / 60, 2)
     whole = START + TRAIN_EPOCHS * epoch + 10 * val_images / speed["eval_images_per_s"]
     estimates["train"] = min(whole, train * 0.98)
@@ -131,8 +149,13 @@ def plan(data: str, model: str, budget: str, sizes: dict | None = None) -> list[
         for name in FIG6_RUNS:
             runs[name]["time_budget"] = sizes[name]
         b["table3"]["limit"] = sizes["table3"]
-        b["tables4-5"]["scratch_steps"] = sizes["tables4-5"]
+        b["tables4-5"]["scratch_steps"] = b["tables4-5-digits"]["scratch_steps"] = sizes["tables4-5"]
+        b["pretrain-a"]["time_budget"] = sizes["pretrain-a"]
     ckpt = "train/final.pt"
+    # Tables 4/5 and 7 transfer from classes A of Fashion-MNIST to its disjoint classes B (the analogue of
+    # ImageNet -> Caltech-101, data.SPLIT_A/SPLIT_B), pretrained by the step pretrain-a whatever --data is;
+    # their -digits steps transfer the main model to 8x8 digits, a far-domain control.
+    pretrained, target_b = "pretrain-a/final.pt", subset_spec(SPLIT_B, "test")
     test = f"{data}:test" if data == "fashion-mnist" else data
     arch_model = "alexnet-small" if model.endswith("-small") else "alexnet"
     common = {  # what each step is given besides its budget
@@ -140,13 +163,17 @@ def plan(data: str, model: str, budget: str, sizes: dict | None = None) -> list[
         "fig5": dict(checkpoint=ckpt, data=test), "fig6": dict(runs=list(FIG6_RUNS), seed_noise="table3/ablation.json"),
         "fig7": dict(checkpoint=ckpt, data=test),
         "table1": dict(checkpoint=ckpt, data=test, **({"class_name": "Sneaker"} if data == "fashion-mnist" else {})),
-        "table3": dict(model=model, data=data), "tables4-5": dict(checkpoint=ckpt), "table7": dict(checkpoint=ckpt)}
-    inputs = {"fig2": [ckpt], "fig4": [ckpt], "fig5": [ckpt], "fig7": [ckpt], "table1": [ckpt], "tables4-5": [ckpt],
-              "table7": [ckpt], "fig6": [f"{name}/final.pt" for name in FIG6_RUNS] + ["table3/ablation.json"]}
+        "table3": dict(model=model, data=data),
+        "tables4-5": dict(checkpoint=pretrained, target=target_b), "table7": dict(checkpoint=pretrained, target=target_b),
+        "tables4-5-digits": dict(checkpoint=ckpt, target="digits"), "table7-digits": dict(checkpoint=ckpt, target="digits")}
+    inputs = {"fig2": [ckpt], "fig4": [ckpt], "fig5": [ckpt], "fig7": [ckpt], "table1": [ckpt], "tables4-5": [pretrained],
+              "table7": [pretrained], "tables4-5-digits": [ckpt], "table7-digits": [ckpt], "fig6": [f"{name}/final.pt" for name in FIG6_RUNS] + ["table3/ablation.json"]}
     steps = [_step("train", "train", {**common["train"], **b["train"]})]
     steps += [_step("fig6-zfnet", "train", dict(model=model, data=data, **runs["fig6-zfnet"])),
               _step("fig6-alexnet", "train", dict(model=arch_model, data=data, **runs["fig6-alexnet"])),
               _step("fig6-norenorm", "train", dict(model=model, data=data, no_renorm=True, **runs["fig6-norenorm"]))]
+    steps.append(_step("pretrain-a", "train", dict(model=model, data=subset_spec(SPLIT_A), val=subset_spec(SPLIT_A, "test"),
+                                                   **b["pretrain-a"])))
     for section in SECTIONS:
         if section.step and section.step != "train":
             steps.append(_step(section.step, section.command, {**common[section.step], **b[section.step]},

@@ -81,14 +81,25 @@ SECTIONS = [
         command='ablate', step='table3', result='ablation.json'),
     Section('Tables 4/5, Fig. 9', 'Transfer: fixed layers 1-7 and a new softmax',
         'Caltech-101: 83.8 / 86.5% with 15 / 30 images per class pretrained vs 22.8 / 46.5% from '
-        'scratch; pretrained features stay strong down to a few images per class.',
+        'scratch; pretrained features stay strong down to a few images per class. Here: a model '
+        'pretrained on Fashion-MNIST classes A (T-shirt/top, Trouser, Coat, Sandal, Ankle boot) transferred '
+        'to the disjoint classes B (Pullover, Dress, Shirt, Sneaker, Bag), the analogue of ImageNet -> '
+        'Caltech-101 (Yosinski et al. 2014).',
         command='transfer', step='tables4-5', result='transfer.json'),
+    Section('Tables 4/5 control', 'Far-domain control: the Fashion-MNIST model transferred to 8x8 digits',
+        'Not in the paper, which transfers to related object classes: the same protocol to a kind of image '
+        'the features never saw, to tell what the analogue above owes to the relation between A and B.',
+        command='transfer', step='tables4-5-digits', result='transfer.json'),
     Section('Table 6', 'PASCAL VOC 2012',
         '20-way softmax on the pretrained features: 79.0% mean AP, competitive with the best of 2012.',
         offline=OFFLINE['Table 6']),
     Section('Table 7', 'Features of each layer with a linear SVM or softmax',
-        'Accuracy rises steadily with depth (Caltech-101 SVM: 44.8% at layer 1 to 85.5% at layer 7).',
+        'Accuracy rises steadily with depth (Caltech-101 SVM: 44.8% at layer 1 to 85.5% at layer 7). Here: '
+        'the model pretrained on classes A, probed on the classes B.',
         command='layers', step='table7', result='layers.json'),
+    Section('Table 7 control', 'Far-domain control: per-layer features of the Fashion-MNIST model on 8x8 digits',
+        'Not in the paper: the per-layer probes on a kind of image the features never saw.',
+        command='layers', step='table7-digits', result='layers.json'),
 ]
 
 BY_STEP = {s.step: s for s in SECTIONS if s.step}

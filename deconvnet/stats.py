@@ -88,6 +88,24 @@ def difference_interval(a: Sequence[float], b: Sequence[float], paired: bool = T
     return bootstrap(lambda x, y: np.mean(x) - np.mean(y), a, b, paired=False, level=level)
 
 
+def unit_interval(statistic: Callable[[np.ndarray], float], n: int,
+                  level: float = LEVEL) -> tuple[float, tuple[float, float] | None]:
+    """A statistic of ``n`` units (images) whose terms share units (pairs of images), with its interval
+    over the units: ``statistic(indices)`` is computed on the units picked. From :data:`SMALL` units on,
+    the percentile bootstrap of the units; below, the jackknife (leave one unit out) standard error with
+    Student's t on n - 1 degrees of freedom, since a bootstrap of a few units is too narrow."""
+    units = np.arange(n)
+    if n < 2:
+        return float(statistic(units)), None
+    if n >= SMALL:
+        return bootstrap(lambda picked: statistic(picked.astype(int)), units, level=level)
+    estimate = float(statistic(units))
+    leave_one_out = np.array([statistic(np.delete(units, i)) for i in range(n)], dtype=float)
+    se = math.sqrt((n - 1) / n * float(((leave_one_out - leave_one_out.mean()) ** 2).sum()))
+    half = t_quantile(n - 1, level) * se
+    return estimate, (estimate - half, estimate + half)
+
+
 def t_quantile(df: int, level: float = LEVEL) -> float:
     """The two-sided Student t quantile for ``df`` degrees of freedom."""
     from scipy.stats import t  # scipy comes with scikit-learn

@@ -264,9 +264,10 @@ def draw_gallery(result: Gallery, path=None, title: str = "") -> Figure:
     return finish(fig, path)
 
 
-def class_purity(tables: dict[str, TopK], labels: torch.Tensor) -> dict[str, float | None]:
-    """Per layer, over the maps that fire, the mean share of a map's top images that carry its most
-    common label (None for a layer where no map fires)."""
+def map_purity(tables: dict[str, TopK], labels: torch.Tensor) -> dict[str, list[float]]:
+    """Per layer, one value per feature map that fires (its strongest activation above 0) over every map
+    of the table, not only the maps drawn: the share of the map's top images that carry its most common
+    label."""
     purity = {}
     for name, t in tables.items():
         shares = []
@@ -274,28 +275,56 @@ def class_purity(tables: dict[str, TopK], labels: torch.Tensor) -> dict[str, flo
             images = t.images[c][t.images[c] >= 0]
             if len(images) and t.values[c, 0] > 0:
                 shares.append(labels[images].bincount().max().item() / len(images))
-        purity[name] = sum(shares) / len(shares) if shares else None
+        purity[name] = shares
     return purity
+
+
+def class_purity(tables: dict[str, TopK], labels: torch.Tensor) -> dict[str, float | None]:
+    """Per layer, the mean of :func:`map_purity` over the maps that fire (None where no map fires)."""
+    return {name: sum(v) / len(v) if v else None for name, v in map_purity(tables, labels).items()}
 
 
 def topk_findings(tables: dict[str, TopK], labels: torch.Tensor) -> list[Finding]:
     """Fig. 2's reading in numbers: how often a map's top images share one class, per layer.
 
     Layer 1 responds to edges found in every class, higher layers to object parts (Fig. 2), so a map's
-    top images should come from fewer classes higher up (:func:`class_purity`).
+    top images should come from fewer classes higher up. Set-up: one purity per map that fires, over
+    every map of the first and the last layer (:func:`map_purity`); the last layer's mean minus the
+    first's, the maps of the two layers taken as two independent groups
+    (:func:`stats.difference_interval` with ``paired=False``); held when its 95% interval lies above 0.
+    Both layers' tables hold the same k images per map, so chance purity is the same in both.
     """
+    from .findings import interval_text
+    from .stats import difference_interval, verdict
+
+    per_map = map_purity(tables, labels)
     purity = class_purity(tables, labels)
-    first, last = next(iter(purity)), list(purity)[-1]
-    held = None if None in (purity[first], purity[last]) else purity[last] > purity[first]
-    shown = ", ".join(f"{k} {pct(v)}" for k, v in purity.items() if v is not None)
-    reading = (f"The strongest images of a feature map share one class {pct(purity[first] or 0)} of the time in "
-               f"{first} and {pct(purity[last] or 0)} in {last} ({shown}). "
-               + ("Higher layers respond to more class-specific structure, as the paper shows by eye." if held else
-                  "At this scale the higher layers are not more class-specific." if held is False else
-                  "No map fired in one of the layers, so the layers cannot be compared."))
-    return [Finding(f"a feature map's top images share a class more often in {last} than in {first} (Fig. 2)",
-                    "layer 1: edges and colours; higher layers: object parts, whole objects",
-                    {name: round(v, 3) for name, v in purity.items() if v is not None}, held, reading)]
+    first, last = next(iter(per_map)), list(per_map)[-1]
+    claim = f"a feature map's top images share a class more often in {last} than in {first} (Fig. 2)"
+    paper = "layer 1: edges and colours; higher layers: object parts, whole objects"
+    quantity = f"share of a map's top images with its most common class, mean over {last}'s maps minus {first}'s"
+    if_not_held = ("Of the scale: Fashion-MNIST's ten classes share outlines at 28 px, so even upper-layer maps "
+                   "of a small net may respond to parts common to several classes.")
+    shown = ", ".join(f"{k} {pct(v)} of {len(per_map[k])} maps" for k, v in purity.items() if v is not None)
+    ours = {"class_purity": {name: round(v, 3) for name, v in purity.items() if v is not None},
+            "maps_that_fire": {name: len(v) for name, v in per_map.items()}}
+    if first == last or not per_map[first] or not per_map[last]:
+        why = ("only one layer was given" if first == last else
+               f"no map fired in {first if not per_map[first] else last}")
+        return [Finding(claim, paper, ours, verdict(None), f"Not measured: {why}, so the layers cannot be compared.",
+                        quantity=quantity, n=0, unit="maps", if_not_held=if_not_held)]
+    estimate, interval = difference_interval(per_map[last], per_map[first], paired=False)
+    n = len(per_map[first]) + len(per_map[last])
+    result = verdict(interval)
+    reading = (f"The strongest images of a feature map share one class {pct(purity[first])} of the time in "
+               f"{first} and {pct(purity[last])} in {last} ({shown}); {last} minus {first}: "
+               f"{interval_text({'estimate': estimate, 'interval': interval, 'n': n, 'unit': 'maps'})}. "
+               + {"held": "Higher layers respond to more class-specific structure, as the paper shows by eye.",
+                  "not held": "At this scale the higher layers are less class-specific.",
+                  "inconclusive": "The interval contains 0: the higher layer is not shown to be more "
+                                  "class-specific."}[result])
+    return [Finding(claim, paper, ours, result, reading, quantity=quantity, estimate=estimate, interval=interval,
+                    n=n, unit="maps", if_not_held=if_not_held)]
 
 
 def topk_to_json(tables: dict[str, TopK], galleries: dict[str, list[int]] | None = None) -> dict:

@@ -155,7 +155,7 @@ def test_atlas_under_torchrun_writes_the_same_site(tmp_path, tiny_checkpoint):
 
 
 def test_atlas_reads_the_tables_deconvnet_topk_wrote(tmp_path, tiny_checkpoint, capsys):
-    """Issue 13: one cache. The top-k pass `deconvnet topk` made for the same model, data and layers is
+    """one cache. The top-k pass `deconvnet topk` made for the same model, data and layers is
     the atlas's: its first run passes no image through the model for the tables."""
     data = ["--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--layers", "conv1,conv2",
             "--k", "3", "--limit", "40"]

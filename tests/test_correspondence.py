@@ -11,8 +11,9 @@ from torch import nn
 
 from deconvnet import UserError
 from deconvnet.cli import main
-from deconvnet.correspondence import (FASHION_PARTS, correspondence, correspondence_findings, correspondence_to_json,
-                                      object_box, random_boxes, relative_box)
+from deconvnet.correspondence import (FASHION_PARTS, Correspondence, correspondence, correspondence_findings,
+                                      correspondence_to_json, image_bootstrap, object_box, pair_matrix, random_boxes,
+                                      relative_box)
 
 # Three 1x2x2 images; the model's features are the pixels themselves ("pixels") and their doubles.
 IMAGES = torch.tensor([[[[1.0, -2.0], [3.0, 4.0]]],
@@ -56,10 +57,59 @@ def test_random_draws_follow_the_seed():
     assert len(a.boxes["random"]) == 3 and len(a.hamming["random"]["conv"]) == 3 * 6
     assert a.boxes["random"] == b.boxes["random"] != c.boxes["random"]
     assert torch.equal(a.hamming["random"]["flat"], b.hamming["random"]["flat"])
-    findings = correspondence_findings(a)
+    (finding,) = correspondence_findings(a)
     mean = {k: float(v["conv"].mean()) for k, v in a.hamming.items()}
-    assert findings[0].held == (mean["corner"] < mean["random"])
-    assert findings[0].ours["mean_hamming"]["corner"]["conv"] == pytest.approx(mean["corner"])
+    assert finding.estimate == pytest.approx(mean["random"] - mean["corner"]) and finding.n == 4
+    assert finding.interval[0] <= finding.estimate <= finding.interval[1]
+    assert finding.ours["mean_hamming"]["corner"]["conv"] == pytest.approx(mean["corner"])
+
+
+def table(part: torch.Tensor, random: torch.Tensor, draws: int = 2) -> Correspondence:
+    """A Table 1 of ``len(part)`` images whose pair distances (n, n) are ``part`` for the part and
+    ``random`` for every random draw, at both layers."""
+    n = len(part)
+    i, j = torch.triu_indices(n, n, offset=1)
+    sets = {"toe": {layer: part[i, j] for layer in ("l5", "l7")},
+            "random": {layer: random[i, j].repeat(draws) for layer in ("l5", "l7")}}
+    boxes = {"toe": [[(0, 0, 1, 1)] * n], "random": [[(0, 0, 1, 1)] * n] * draws}
+    return Correspondence(["l5", "l7"], boxes, sets, 0)
+
+
+def test_pairs_as_a_matrix_and_draws_averaged():
+    n = 4
+    h = torch.arange(6, dtype=torch.float)  # pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
+    m = pair_matrix(torch.cat([h, h + 2]), n)  # two draws: per pair 1 more than h
+    assert m[0, 1] == m[1, 0] == 1 and m[2, 3] == m[3, 2] == 6 and m[0, 0] == 0
+
+
+def test_table1_verdict_over_images():
+    """Random minus part, images resampled: held when every image's part is tighter, inconclusive when
+    half the images go each way, not held when the part is looser everywhere."""
+    n = 30
+    noise = (torch.rand(n, n, generator=torch.Generator().manual_seed(0)) - 0.5) * 0.02
+    noise = noise + noise.T  # symmetric, mean 0
+    tight = correspondence_findings(table(0.05 + noise, torch.full((n, n), 0.10)))[0]
+    assert tight.verdict == "held" and tight.n == 30 and tight.unit == "images" and tight.interval[0] > 0
+    assert tight.ours["part_verdicts"] == {"toe": "held"}
+    assert set(tight.ours["random_minus_part"]) == {"l5", "l7"} and "In l7:" in tight.reading
+    side = torch.tensor([1.0] * 15 + [-1.0] * 15)  # images 0-14 tighter than random, 15-29 looser
+    split = correspondence_findings(table(0.10 - 0.05 * (side[:, None] + side[None, :]) / 2 + noise,
+                                          torch.full((n, n), 0.10)))[0]
+    assert split.verdict == "inconclusive" and split.interval[0] < 0 < split.interval[1]
+    loose = correspondence_findings(table(0.15 + noise, torch.full((n, n), 0.10)))[0]
+    assert loose.verdict == "not held" and loose.interval[1] < 0
+
+
+def test_one_image_cannot_carry_table1():
+    """The pairs share images: a difference carried by the pairs of one image is not evidence, as
+    resampling images (not pairs) leaves that image out of a third of the resamples."""
+    n = 30
+    d = torch.zeros(n, n, dtype=torch.float64)
+    d[0, 1:] = d[1:, 0] = 1.0  # only pairs with image 0 differ
+    estimate, (low, high) = image_bootstrap(d.numpy())
+    assert estimate == pytest.approx(2 / n) and low == 0.0 < high
+    (f,) = correspondence_findings(table(0.10 - d.float() * 0.05, torch.full((n, n), 0.10)))
+    assert f.verdict == "inconclusive"
 
 
 def test_boxes_from_the_object():
@@ -88,6 +138,9 @@ def test_cli_correspond(tiny_checkpoint, tmp_path):
     assert record["labels"] == [7, 7, 7] and record["layers"] == ["pool5", "relu7"]
     assert set(record["table"]) == {"toe", "heel", "laces", "random"}
     assert record["table"]["random"]["pool5"]["pairs"] == 3 * 2 * 3  # 3 part sizes x 2 draws x 3 pairs
+    (finding,) = record["findings"]
+    assert finding["n"] == 3 and finding["unit"] == "images" and len(finding["interval"]) == 2
+    assert set(finding["ours"]["part_verdicts"]) == {"toe", "heel", "laces"}
     assert 0 <= record["table"]["toe"]["relu7"]["mean"] <= 1
     parts = tmp_path / "parts.json"
     parts.write_text(json.dumps({"top": [0, 0, 5, 27], "middle": [[10, 0, 15, 27]] * 3}))

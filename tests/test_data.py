@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deconvnet.data import (FASHION_CLASSES, FASHION_FILES, FASHION_SYSTEM_DIR, DataError, FolderSource,
-                            mean_image, open_source, preprocess_for, read_idx)
+from deconvnet.data import (FASHION_CLASSES, FASHION_FILES, FASHION_SYSTEM_DIR, SPLIT_A, SPLIT_B, DataError,
+                            FolderSource, mean_image, open_source, preprocess_for, read_idx, subset_spec)
 
 needs_fashion = pytest.mark.skipif(not (FASHION_SYSTEM_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
                                    reason="Debian's dataset-fashion-mnist is not installed")
@@ -27,6 +27,32 @@ def test_fashion_mnist_splits():
     x = test.get([0, 1])
     assert x.dtype == torch.uint8 and x.shape == (2, 1, 28, 28)
     assert test.labels[0].item() == 9  # the first test image is an ankle boot
+
+
+def test_transfer_halves_are_disjoint_cover_all_classes_and_mix_kinds():
+    assert not set(SPLIT_A) & set(SPLIT_B) and sorted(SPLIT_A + SPLIT_B) == list(range(10))
+    kinds = {"tops": {0, 2, 4, 6}, "footwear": {5, 7, 9}}
+    for half in (SPLIT_A, SPLIT_B):  # each half holds tops and footwear: B is related to A
+        assert all(set(half) & classes for classes in kinds.values())
+
+
+@needs_fashion
+def test_class_subset_keeps_its_images_relabelled():
+    whole = open_source("fashion-mnist:test")
+    b = open_source(subset_spec(SPLIT_B, "test"))
+    assert b.name == "fashion-mnist[2,3,6,7,8]:test" and b.classes == ["Pullover", "Dress", "Shirt", "Sneaker", "Bag"]
+    assert len(b) == 5000 and torch.bincount(b.labels).tolist() == [1000] * 5
+    first = int(torch.isin(whole.labels, torch.tensor(SPLIT_B)).nonzero()[0])  # the first B image of the test set
+    assert torch.equal(b.get([0]), whole.get([first])) and b.classes[b.labels[0]] == FASHION_CLASSES[whole.labels[first]]
+    reordered = open_source("fashion-mnist[9, 0]")  # listed order gives the labels; train split by default
+    assert reordered.classes == ["Ankle boot", "T-shirt/top"] and len(reordered) == 12000
+    assert torch.equal(reordered.labels[:3], torch.tensor([0, 1, 1]))  # train labels start 9, 0, 0
+
+
+@pytest.mark.parametrize("spec", ["fashion-mnist[]", "fashion-mnist[1,1]", "fashion-mnist[10]", "fashion-mnist[a]"])
+def test_bad_class_subset_is_a_clear_error(spec):
+    with pytest.raises(DataError, match="distinct class numbers 0-9"):
+        open_source(spec)
 
 
 @needs_fashion

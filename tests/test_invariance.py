@@ -62,25 +62,49 @@ def test_distances_and_probability_equal_direct_computation(setup):
             torch.testing.assert_close(result.probability[kind][:, 0], p, rtol=1e-5, atol=1e-6)
 
 
-def test_findings_from_hand_made_curves():
-    # 2 images; shifts -2..2. Layer "a" jumps to 0.5 of its norm at 1 px, "b" grows linearly to 0.4.
-    d_a = torch.tensor([[5.0, 5.0, 0.0, 5.0, 5.0]] * 2)  # norm 10: relative 0.5, share of largest 1.0
-    d_b = torch.tensor([[4.0, 2.0, 0.0, 2.0, 4.0]] * 2)  # norm 10: relative 0.2, share 0.5
-    p_t = torch.tensor([[0.8, 0.9, 1.0, 0.9, 0.8]] * 2)  # mean drop 0.15
-    result = Invariance(
-        layers=["a", "b"], labels=torch.tensor([0, 1]),
+def curves(n: int, rotation_drop, translation_drop=0.15):
+    """``n`` images; shifts -2..2. Layer "a" jumps to 0.5 of its norm at 1 px, "b" grows linearly to 0.4.
+    p(true) falls by ``translation_drop`` over the translation sweep (mean), 0.1 under scale and by
+    ``rotation_drop[i]`` at 90 degrees for image i."""
+    d_a = torch.tensor([[5.0, 5.0, 0.0, 5.0, 5.0]] * n)  # norm 10: relative 0.5, share of largest 1.0
+    d_b = torch.tensor([[4.0, 2.0, 0.0, 2.0, 4.0]] * n)  # norm 10: relative 0.2, share 0.5
+    t = translation_drop
+    p_t = torch.tensor([[1 - 4 * t / 3, 1 - 2 * t / 3, 1.0, 1 - 2 * t / 3, 1 - 4 * t / 3]] * n)
+    return Invariance(
+        layers=["a", "b"], labels=torch.zeros(n, dtype=torch.long),
         amounts={"translation": [-2.0, -1.0, 0.0, 1.0, 2.0], "scale": [1.0, 1.5], "rotation": [0.0, 90.0]},
         distance={"translation": {"a": d_a, "b": d_b}, "scale": {}, "rotation": {}},
-        probability={"translation": p_t, "scale": torch.tensor([[1.0, 0.9]] * 2),
-                     "rotation": torch.tensor([[1.0, 0.2]] * 2)},
-        clean_probability=torch.tensor([1.0, 1.0]), norm={"a": torch.full((2,), 10.0), "b": torch.full((2,), 10.0)})
-    small, stable = invariance_findings(result)
-    assert small.ours["shift_px"] == 1.0 and small.held
+        probability={"translation": p_t, "scale": torch.tensor([[1.0, 0.9]] * n),
+                     "rotation": torch.stack([torch.ones(n), 1 - torch.as_tensor(rotation_drop)], 1)},
+        clean_probability=torch.ones(n), norm={"a": torch.full((n,), 10.0), "b": torch.full((n,), 10.0)})
+
+
+def test_findings_from_hand_made_curves():
+    small, stable = invariance_findings(curves(2, [0.8, 0.8]))
+    assert small.ours["shift_px"] == 1.0 and small.n == 2
+    assert small.estimate == pytest.approx(0.3) and small.interval == pytest.approx((0.3, 0.3))  # no spread
     assert small.ours["relative_distance"] == pytest.approx({"a": 0.5, "b": 0.2})
     assert small.ours["share_of_largest_distance"] == pytest.approx({"a": 1.0, "b": 0.5})
     assert "by 50.0% of their norm and b's by 20.0%" in small.reading
     assert stable.ours["mean_drop_of_p_true"] == pytest.approx({"translation": 0.15, "scale": 0.1, "rotation": 0.8})
-    assert stable.held and "0.15 under translation, 0.10 under scaling and 0.80 under rotation" in stable.reading
+    assert "0.15 under translation, 0.10 under scaling and 0.80 under rotation" in stable.reading
+    assert stable.estimate == pytest.approx(0.8 - 0.15)
+
+
+def test_findings_are_paired_over_images():
+    """Per image, rotation's drop minus the larger of translation's and scale's: held when every image
+    shows it, inconclusive when the images split evenly, not held when none does."""
+    n = 30
+    jitter = torch.linspace(-0.05, 0.05, n)
+    shifted = curves(n, 0.8 + jitter)
+    small, stable = invariance_findings(shifted)
+    assert small.verdict == "held" and small.n == n  # relative distance 0.5 vs 0.2, share 1.0 vs 0.5: no spread
+    assert stable.verdict == "held" and stable.n == n and stable.interval[0] > 0
+    assert stable.estimate == pytest.approx(0.65)
+    split = invariance_findings(curves(n, torch.tensor([0.45, -0.15] * (n // 2)) + jitter))[1]
+    assert split.verdict == "inconclusive" and split.interval[0] < 0 < split.interval[1]
+    none = invariance_findings(curves(n, 0.05 + jitter))[1]
+    assert none.verdict == "not held" and none.interval[1] < 0
 
 
 def test_cli_invariance(tiny_checkpoint, tmp_path):
@@ -94,6 +118,13 @@ def test_cli_invariance(tiny_checkpoint, tmp_path):
     assert sweep["amounts"] == [-2.0, 0.0, 2.0] and max(d[1] for d in sweep["distance"]["norm1"]) <= 1e-6
     assert sweep["p_true"][0][1] == pytest.approx(record["p_true_untransformed"][0])
     assert [f["claim"].split(" ")[0] for f in record["findings"]] == ["a", "p(true)"]
-    assert all(set(f) == {"claim", "paper", "ours", "held", "reading"} for f in record["findings"])
+    assert all(f["verdict"] in ("held", "not held", "inconclusive") and f["n"] == 2 and f["unit"] == "images"
+               for f in record["findings"])
+    assert main(["invariance", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--count", "3",
+                 "--translations=-1,0,1", "--scales", "1", "--rotations", "0,90", "--out", str(tmp_path / "n")]) == 0
+    record = json.loads((tmp_path / "n" / "invariance.json").read_text())
+    assert record["images"] == ["0", "1", "2"] and all(f["n"] == 3 for f in record["findings"])
+    assert main(["invariance", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--count", "3",
+                 "--index", "0", "--out", str(tmp_path / "m")]) == 2
     assert main(["invariance", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
                  "--layers", "nope,relu7", "--out", str(tmp_path)]) == 2

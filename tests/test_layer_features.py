@@ -9,7 +9,8 @@ from deconvnet.cli import main
 from deconvnet.data import open_source
 from deconvnet.errors import UserError
 from deconvnet.features import Split, feature_grid, feature_layers, fit_linear, layer_features, per_class_folds
-from deconvnet.layer_features import layer_analysis, draw_layer_features, layer_features_to_json
+from deconvnet.layer_features import (LayerResult, draw_layer_features, layer_analysis, layer_features_findings,
+                                      layer_features_to_json)
 from deconvnet.models import build_model
 
 
@@ -62,7 +63,11 @@ def test_layer_table_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     body = layer_features_to_json(result)
     assert body["table"]["svm (1)"]["dim"] == model.config.convs["conv1"].out * 9
     assert body["excluded_overlaps"] == [0, 1]
-    assert [f["claim"].split(":")[0] for f in body["findings"]] == ["svm, 2/class", "softmax, 2/class"]
+    assert [f["claim"].split(":")[0] for f in body["findings"]] == ["SVM, 2/class"] * 2 + ["softmax, 2/class"]
+    for f in body["findings"]:  # each paired by fold: 2 folds, a t interval
+        assert f["n"] == 2 and f["unit"] == "folds" and f["interval"][0] <= f["estimate"] <= f["interval"][1]
+    top_minus_first = 100 * (np.array(result.scores[("svm", 2, 7)]) - np.array(result.scores[("svm", 2, 1)]))
+    assert body["findings"][0]["estimate"] == pytest.approx(top_minus_first.mean())
     draw_layer_features(result, tmp_path / "layers.png")
     assert "softmax (7)" in result.table()
 
@@ -79,3 +84,19 @@ def test_layers_command(tiny_checkpoint, tmp_path):
 def test_per_class_folds_rejects_empty_protocols(n_train, folds):
     with pytest.raises(UserError, match="at least 1 training image per class, 1 fold"):
         per_class_folds(np.repeat(np.arange(3), 10), n_train, folds)
+
+
+def test_layer_verdicts_on_constructed_fold_scores():
+    """Top minus layer 1, top minus the best lower layer (SVM), top minus layer 5 (softmax), paired by fold."""
+    wobble = np.array([0.01, -0.01, 0.02, 0.0, -0.02])
+    svm = {1: 0.4, 2: 0.5, 3: 0.6, 4: 0.65, 5: 0.8, 6: 0.75, 7: 0.7}  # rises, then falls after layer 5
+    softmax = {1: 0.4, 2: 0.5, 3: 0.6, 4: 0.65, 5: 0.7, 6: 0.7, 7: 0.7}  # flat from layer 5 on: a tie
+    scores = {(kind, 30, layer): list(acc[layer] + (wobble if kind == "svm" or layer == 7 else wobble[::-1]))
+              for kind, acc in (("svm", svm), ("softmax", softmax)) for layer in range(1, 8)}
+    result = LayerResult("fashion-mnist[2,3,6,7,8]:test", {n: f"l{n}" for n in range(1, 8)}, [30], 5,
+                         {n: 1 for n in range(1, 8)}, scores, pretrain_data="fashion-mnist[0,1,4,5,9]")
+    rise, best, soft = layer_features_findings(result)
+    assert rise.verdict == "held" and rise.estimate == pytest.approx(30.0) and rise.n == 5
+    assert best.verdict == "not held" and "layer 5 here" in best.claim and best.estimate == pytest.approx(-10.0)
+    assert soft.verdict == "inconclusive" and soft.interval[0] < 0 < soft.interval[1]
+    assert "disjoint classes" in rise.reading

@@ -231,7 +231,7 @@ def test_topk_is_computed_once_and_cached_on_disk(server, tiny_checkpoint):
 
 
 def test_serve_reads_the_tables_deconvnet_topk_wrote(server, tiny_checkpoint, tmp_path):
-    """Issue 13: one cache. `deconvnet topk` over the whole data set (its default) leaves its tables where
+    """one cache. `deconvnet topk` over the whole data set (its default) leaves its tables where
     the viewer finds them: the viewer then passes no image through the model, and shows the same tables."""
     data = "fashion-mnist:test"
     assert main(["topk", "--checkpoint", str(tiny_checkpoint), "--data", data, "--maps", "1",

@@ -102,3 +102,13 @@ def test_report_renders_intervals_and_leads_with_the_summary(tmp_path):
     assert "<td class=held>held</td>" in cells and "<td class=not>not held</td>" in cells
     assert "At 28 px the object fills the image." in cells  # the sentence shown only for "not held"
     assert "At 28 px" not in findings_html([held])
+
+
+def test_unit_interval_jackknife_of_a_mean_is_students_t():
+    """For a plain mean of a few units the jackknife standard error is s / sqrt(n) exactly."""
+    x = np.array([0.3, 1.1, -0.4, 0.9, 0.2, 0.7])
+    estimate, (low, high) = stats.unit_interval(lambda idx: x[idx].mean(), len(x))
+    mean, interval = stats.mean_interval(x)
+    assert estimate == pytest.approx(mean) and (low, high) == pytest.approx(interval)
+    many = np.random.default_rng(6).normal(0, 1, 200)  # from 20 units on, the bootstrap of the units
+    assert stats.unit_interval(lambda idx: many[idx].mean(), 200)[1] == pytest.approx(stats.mean_interval(many)[1])

@@ -84,8 +84,42 @@ def test_class_purity_of_top_images():
     high = TopK(torch.tensor([[3.0, 2, 1], [5, 4, 0]]), torch.tensor([[0, 1, 2], [3, 4, 5]]), zeros, zeros)
     findings = topk_findings({"conv1": low, "conv5": high}, labels)
     # conv1: map 0 has labels 0, 1, 2 -> 1/3; map 1 does not fire. conv5: 2/3 and 3/3.
-    assert findings[0].ours == {"conv1": round(1 / 3, 3), "conv5": round((2 / 3 + 1) / 2, 3)}
-    assert findings[0].held is True and "33.3% of the time in conv1 and 83.3% in conv5" in findings[0].reading
+    assert findings[0].ours == {"class_purity": {"conv1": round(1 / 3, 3), "conv5": round((2 / 3 + 1) / 2, 3)},
+                                "maps_that_fire": {"conv1": 1, "conv5": 2}}
+    assert "33.3% of the time in conv1 and 83.3% in conv5" in findings[0].reading
+    assert findings[0].n == 3 and findings[0].unit == "maps"  # conv1's map 1 does not fire: 1 + 2 maps
+    assert findings[0].estimate == pytest.approx(0.5)
+
+
+def purity_tables(low: list[int], high: list[int]) -> tuple[dict, torch.Tensor]:
+    """Two layers of maps with k = 3 top images; map m of a layer is pure (its 3 images of one class)
+    when its entry is 1, mixed (3 classes) when 0. Images 3c, 3c+1, 3c+2 carry class c."""
+    labels = torch.arange(30) // 3
+    pure, mixed = [0, 1, 2], [0, 3, 6]
+
+    def layer(kinds: list[int]) -> TopK:
+        images = torch.tensor([pure if k else mixed for k in kinds])
+        values = torch.ones(len(kinds), 3)
+        zeros = torch.zeros(len(kinds), 3, dtype=torch.long)
+        return TopK(values, images, zeros, zeros)
+
+    return {"conv1": layer(low), "conv5": layer(high)}, labels
+
+
+def test_class_purity_over_every_map_two_groups():
+    """Fig. 2: one purity per map, the layers' maps as two independent groups: held when the upper
+    layer's maps are purer, inconclusive when both layers mix pure and mixed maps alike."""
+    held = topk_findings(*purity_tables([0] * 20, [1] * 15 + [0] * 5))[0]
+    assert held.verdict == "held" and held.n == 40 and held.interval[0] > 0
+    assert held.estimate == pytest.approx(0.75 * (1 - 1 / 3))
+    same = topk_findings(*purity_tables([1, 0] * 10, [0, 1] * 10))[0]
+    assert same.verdict == "inconclusive" and same.interval[0] < 0 < same.interval[1]
+    lower = topk_findings(*purity_tables([1] * 20, [0] * 20))[0]
+    assert lower.verdict == "not held"
+    dead = TopK(-torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.long), *[torch.zeros(2, 3, dtype=torch.long)] * 2)
+    tables, labels = purity_tables([1], [1])
+    none = topk_findings({"conv1": dead, "conv5": tables["conv5"]}, labels)[0]
+    assert none.verdict == "inconclusive" and none.n == 0 and "no map fired in conv1" in none.reading
 
 
 def test_gallery_tiles_hold_the_receptive_field_patches():
@@ -142,6 +176,9 @@ def test_cli_topk_one_process_and_torchrun_agree(tmp_path, tiny_checkpoint, caps
             "--layers", "conv1,conv5", "--k", "4", "--maps", "2"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     printed = json.loads(capsys.readouterr().out)
+    (finding,) = printed["findings"]
+    assert finding["unit"] == "maps" and finding["n"] == sum(
+        json.loads((tmp_path / "one" / "topk.json").read_text())["findings"][0]["ours"]["maps_that_fire"].values())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),

@@ -10,7 +10,8 @@ from deconvnet.cli import main
 from deconvnet.data import TensorSource, open_source
 from deconvnet.errors import UserError
 from deconvnet.features import mean_class_accuracy, per_class_folds
-from deconvnet.transfer import find_overlaps, draw_transfer, transfer_to_json, transfer
+from deconvnet.transfer import (TransferResult, draw_transfer, find_overlaps, transfer, transfer_findings,
+                                transfer_to_json)
 
 
 def test_folds_give_n_per_class_disjoint_and_at_most_50_test():
@@ -66,7 +67,14 @@ def test_transfer_protocol_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     assert np.mean(result.pretrained[3]) > 0.2  # fixed features + softmax beat chance (10%) on digits
     body = transfer_to_json(result)
     assert set(body["table"]) == {"pretrained + softmax", "from scratch"}
-    assert body["findings"][0]["claim"].startswith("a softmax on the fixed pretrained layers")
+    assert body["pretrain_data"] == "fashion-mnist" and "far-domain control" in body["setting"]
+    [finding] = body["findings"]
+    assert finding["claim"].startswith("a softmax on the fixed pretrained layers")
+    assert finding["n"] == 2 and finding["unit"] == "folds" and finding["verdict"] in ("held", "not held", "inconclusive")
+    low, high = finding["interval"]
+    assert low <= finding["estimate"] <= high
+    per_fold = [100 * np.mean([result.pretrained[n][f] - result.scratch[n][f] for n in (1, 3)]) for f in range(2)]
+    assert finding["estimate"] == pytest.approx(np.mean(per_fold))
     draw_transfer(result, tmp_path / "transfer.png")
     assert "1/class" in result.table()
 
@@ -79,3 +87,27 @@ def test_transfer_command(tiny_checkpoint, tmp_path):
     body = json.loads((out / "transfer.json").read_text())
     assert body["overlap"]["removed"] == []  # digits do not occur in Fashion-MNIST
     assert body["args"]["per_class"] == [2] and (out / "transfer.png").exists()
+
+
+def _result(pretrained, scratch, target="fashion-mnist[2,3,6,7,8]:test"):
+    """A transfer result from per-fold scores: ``pretrained[n]`` and ``scratch[n]`` (5 folds each)."""
+    return TransferResult(target, ["Pullover", "Dress", "Shirt", "Sneaker", "Bag"], "relu7", sorted(pretrained), 5,
+                          300, pretrained=pretrained, scratch=scratch, pretrain_data="fashion-mnist[0,1,4,5,9]",
+                          pretrain_classes=["T-shirt/top", "Trouser", "Coat", "Sandal", "Ankle boot"])
+
+
+def test_transfer_verdict_on_constructed_fold_scores():
+    """Pretrained minus scratch, pooled over N <= 15 per fold: the t interval over 5 folds decides."""
+    wobble = np.array([0.02, -0.01, 0.0, 0.01, -0.02])
+    high = {n: list(0.8 + wobble) for n in (1, 5, 30)}
+    low = {n: list(0.5 - wobble[::-1]) for n in (1, 5, 30)}
+    [won] = transfer_findings(_result(high, low))
+    assert won.verdict == "held" and won.estimate == pytest.approx(30.0) and won.n == 5
+    assert won.interval[0] > 0 and "N = [1, 5] " in won.quantity  # N = 30 is not small
+    assert "T-shirt/top" in won.reading and "Pullover" in won.reading  # the reading names A and B
+    [lost] = transfer_findings(_result(low, high))
+    assert lost.verdict == "not held" and lost.interval[1] < 0
+    noisy = {n: list(0.6 + 5 * wobble) for n in (1, 5, 30)}
+    [tie] = transfer_findings(_result(noisy, {n: list(0.6 + 5 * wobble[::-1]) for n in (1, 5, 30)}))
+    assert tie.verdict == "inconclusive" and tie.interval[0] < 0 < tie.interval[1]
+    assert won.ours["30_per_class"]["difference"] == pytest.approx(30.0)  # every N is shown with its interval
