@@ -56,7 +56,7 @@ def test_every_section_has_real_numbers(report):
             result = json.loads((out / section.step / section.result).read_text())
             findings = result["findings"]
             assert findings, f"{label}: no findings in {section.result}"
-            section_html = page[page.index(f">{label}: "):]
+            section_html = page[page.index(f'<section id="{section.anchor}">'):]
             section_html = section_html[:section_html.index("</section>")]
             for f in findings:  # each reading is in the page, written from the section's own numbers
                 assert f["reading"] and html.escape(f["reading"]) in section_html, label
@@ -93,7 +93,7 @@ def test_report_loads_in_headless_chromium(report, tmp_path):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         browser.close()
-    assert [s.split(":")[0] for s in sections] == [s.label for s in SECTIONS] + ["Run"]
+    assert [s.split(":")[0] for s in sections] == ["Summary"] + [s.label for s in SECTIONS] + ["Run"]
     assert images and all(images)
 
 
