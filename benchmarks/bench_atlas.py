@@ -71,7 +71,7 @@ def main() -> None:
         return sampled(model, source, pre, n, args)
     load = os.getloadavg()[0]
     phases: dict = {}
-    originals = {name: getattr(atlas_module, name) for name in ("top_k", "gallery", "_png")}
+    originals = {name: getattr(atlas_module, name) for name in ("topk_pass", "gallery", "_png")}
     for name, fn in originals.items():
         setattr(atlas_module, name, timed(phases, name, fn))
     try:
@@ -95,9 +95,9 @@ def main() -> None:
         "model": args.model, "weights": args.checkpoint or "random (He init)", "images": n, "layers": LAYERS,
         "maps": maps, "projections": projections, "out": out,
         "atlas_s": round(atlas_s, 1), "atlas_cpu_s": round(atlas_cpu, 1),
-        "phases_s": {"top_k": round(phases["top_k"], 1),
+        "phases_s": {"topk_pass": round(phases["topk_pass"], 1),
                      "projections": round(phases["gallery"], 1), "png": round(phases["_png"], 1),
-                     "rest": round(atlas_s - phases["top_k"] - phases["gallery"] - phases["_png"], 1)},
+                     "rest": round(atlas_s - phases["topk_pass"] - phases["gallery"] - phases["_png"], 1)},
         "projections_per_s": round(projections / phases["gallery"], 1),
         "rerun_s": round(rerun_s, 1),
         "plain_forward_s": round(forward_s, 2), "plain_forward_cpu_s": round(forward_cpu, 2),
@@ -111,10 +111,10 @@ def main() -> None:
 def sampled(model, source, pre, n: int, args) -> None:
     """The top-k pass over ``n`` images, then the first ``--sample-maps`` maps of each layer projected and
     drawn; the projections of all maps extrapolated per layer from those."""
-    from deconvnet.topk import gallery, top_k
+    from deconvnet.topk import gallery, topk_pass
 
     wall = time.perf_counter()
-    tables = top_k(model, source, pre, LAYERS, k=9, indices=range(n))
+    tables = topk_pass(model, source, pre, LAYERS, k=9, indices=range(n))
     topk_s = time.perf_counter() - wall
     per_layer, total = {}, 0.0
     for layer in LAYERS:

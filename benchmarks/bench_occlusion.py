@@ -28,7 +28,7 @@ import torch
 
 from deconvnet.data import mean_image, open_source, preprocess_for
 from deconvnet.models import build_model
-from deconvnet.occlusion import occlusion
+from deconvnet.occlusion import occlude_image
 
 
 def per_pixel(result, clean: float, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +70,7 @@ def run(name: str, image: torch.Tensor, ppes: list[int], repeats: int) -> dict:
     model, layer, target = build(name, image)
 
     def ours():
-        return occlusion(model, image, target, size=35, stride=14, layer=layer)
+        return occlude_image(model, image, target, size=35, stride=14, layer=layer)
 
     def captum(ppe: int):
         def forward(x):

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_topk.py --model torchvision:resnet18 --limit 1000
 
 Default: ``zfnet-small`` over the first 3,000 Fashion-MNIST test images, layers conv1..conv5, k = 9,
-batches of 256: ``top_k`` (data, preprocessing, forward to conv5, per-map maxima, streaming merge)
+batches of 256: ``topk_pass`` (data, preprocessing, forward to conv5, per-map maxima, streaming merge)
 against the same loop running the whole model and nothing else. The bar: at most 1.1x.
 
 ``--model SPEC`` (e.g. ``torchvision:resnet18``, random weights) runs the model under study at its
@@ -29,7 +29,7 @@ from PIL import Image
 
 from deconvnet.data import batches, open_source, preprocess_for
 from deconvnet.models import build_model
-from deconvnet.topk import top_k
+from deconvnet.topk import topk_pass
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 
@@ -85,7 +85,7 @@ def main() -> None:
             model(pre.eval(raw))
 
     def ours():
-        return top_k(model, source, pre, layers, k=9, indices=indices, batch_size=batch_size)
+        return topk_pass(model, source, pre, layers, k=9, indices=indices, batch_size=batch_size)
 
     plain(), ours()  # warm-up
     plain_s, ours_s = [], []

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from tv import torchvision_model  # noqa: E402  torchvision's model classes on this machine's CPU torch
 
-from deconvnet.occlusion import occlusion  # noqa: E402
+from deconvnet.occlusion import occlude_image  # noqa: E402
 
 MODELS = {"resnet50": "layer3", "densenet121": "features.denseblock3", "googlenet": "inception4c",
           "vgg11": "features.15", "alexnet": "features.8", "mobilenet_v2": "features.10",
@@ -32,7 +32,7 @@ CELLS = [0, 37, 112, 224]
 def check(name: str, layer: str, image: torch.Tensor) -> dict:
     model = torchvision_model(name, 1000)
     start = time.perf_counter()
-    result = occlusion(model, image, layer=layer)
+    result = occlude_image(model, image, layer=layer)
     seconds = time.perf_counter() - start
     worst = 0.0
     with torch.no_grad():

@@ -3,13 +3,15 @@ of named layers for a batch of images, and turning an image back into
 pixels to draw."""
 from __future__ import annotations
 
+import sys
+import types
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .data import Preprocess
-from .probe import activations, layer_names
+from .probe import activations
 
 
 @contextmanager
@@ -21,11 +23,6 @@ def eval_mode(model: nn.Module):
         yield model
     finally:
         model.train(was_training)
-
-
-def output_layer(model: nn.Module) -> str:
-    """Name of the model's last leaf module, whose output is the class scores."""
-    return layer_names(model)[-1]
 
 
 @torch.no_grad()
@@ -66,3 +63,15 @@ def to_rgb(img: torch.Tensor):
     """(C, H, W) float in [0, 1] -> an array matplotlib draws, (H, W) grey or (H, W, 3)."""
     img = img.clamp(0, 1)
     return img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+
+
+def callable_module(name: str, function) -> None:
+    """Make the module ``name`` callable as its analysis ``function``: ``deconvnet.occlusion(model,
+    images)`` runs the analysis while ``deconvnet.occlusion.draw_occlusion`` (and every other name of
+    the module) stays reachable, so one name serves both."""
+    class Analysis(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return function(*args, **kwargs)
+
+    Analysis.__call__.__doc__ = function.__doc__
+    sys.modules[name].__class__ = Analysis

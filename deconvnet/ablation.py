@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._analysis import callable_module
 from .checkpoint import load_checkpoint
 from .data import open_source
 from .errors import UserError
@@ -77,7 +78,7 @@ def variant_changes(base: ModelConfig) -> dict[str, dict]:
 
 
 @dataclass
-class AblationResult:
+class Ablation:
     """Errors (in %) of each variant: ``rows[variant] = {"train_top1", "test_top1", "test_top5", "params"}``;
     ``seeds[seed]``: the same for the baseline trained with each seed (the base seed's is ``rows["baseline"]``)."""
 
@@ -130,8 +131,8 @@ def _errors(cfg: TrainConfig, run: Path) -> dict:
     return cached(run / "errors.json", key, compute)[0]
 
 
-def ablate(base: TrainConfig, out: str | Path, variants: list[str] | None = None,
-           baseline_seeds: list[int] | None = None) -> AblationResult:
+def ablation(base: TrainConfig, out: str | Path, variants: list[str] | None = None,
+              baseline_seeds: list[int] | None = None) -> Ablation:
     """Train every Table 3 variant of ``base`` (same data, budget and seed) into ``out/<variant>``, and
     the baseline again with each of ``baseline_seeds`` into ``out/baseline-seed<S>`` (the seed noise).
 
@@ -147,7 +148,7 @@ def ablate(base: TrainConfig, out: str | Path, variants: list[str] | None = None
         raise UserError(f"--baseline-seeds {seeds} must be distinct and differ from --seed {base.seed}")
     base = base.resolved()
     changes = variant_changes(model_config(base.model))
-    result = AblationResult(base.model, base.data, base.epochs, base.limit)
+    result = Ablation(base.model, base.data, base.epochs, base.limit)
     runs = [(name, name, base.seed) for name in names] + [("baseline", f"baseline-seed{s}", s) for s in seeds]
     for name, folder, seed in progress(runs, desc="ablation", unit="run"):
         cfg = dataclasses.replace(base, model_changes=changes[name], seed=seed, final_ten_crop=False)  # center crop
@@ -172,12 +173,12 @@ def _interval_words(estimate: float, interval: tuple[float, float] | None) -> st
     return f"{estimate:+.2f} points [{interval[0]:+.2f}, {interval[1]:+.2f}]"
 
 
-def vs_baseline(result: AblationResult, name: str, metric: str = "test_top1") -> tuple[float, tuple[float, float] | None]:
+def vs_baseline(result: Ablation, name: str, metric: str = "test_top1") -> tuple[float, tuple[float, float] | None]:
     """``name``'s ``metric`` minus the baseline's (mean over its seeds), with the seed-noise t interval."""
     return seed_interval([result.rows[name][metric]], result.baseline(metric))
 
 
-def ablation_findings(result: AblationResult) -> list[Finding]:
+def ablation_findings(result: Ablation) -> list[Finding]:
     """Table 3's claims, each a contrast of runs (test top-1 error, points) judged against the baseline's
     seed-to-seed spread (Sec. 5.1)."""
     rows = result.rows
@@ -256,7 +257,7 @@ def ablation_findings(result: AblationResult) -> list[Finding]:
     return out
 
 
-def ablation_to_json(result: AblationResult) -> dict:
+def ablation_to_json(result: Ablation) -> dict:
     """The table and its findings, ready for ``json.dump``."""
     def rounded(r: dict) -> dict:
         return {m: (round(v, 2) if isinstance(v, float) else v) for m, v in r.items()}
@@ -278,7 +279,7 @@ def ablation_to_json(result: AblationResult) -> dict:
             "findings": to_findings_json(ablation_findings(result))}
 
 
-def draw_ablation(result: AblationResult, path=None) -> Figure:
+def draw_ablation(result: Ablation, path=None) -> Figure:
     """Train and test top-1 error of every variant as grouped bars (Table 3 as a figure)."""
     names = list(result.rows)
     fig, ax = new_figure(figsize=(max(6, 1.1 * len(names)), 4.5))
@@ -295,3 +296,6 @@ def draw_ablation(result: AblationResult, path=None) -> Figure:
     ax.set_title(f"Ablation of {result.model} on {result.data} ({budget}), cf. Table 3")
     ax.legend()
     return finish(fig, path)
+
+
+callable_module(__name__, ablation)

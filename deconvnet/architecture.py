@@ -8,7 +8,7 @@ and low frequency information, with little coverage of the mid frequencies"), tw
 aliasing of Fig. 6(d) ("aliasing artifacts caused by the large stride 4 used in the 1st layer"): its
 cause, the share of layer-1 filter energy above the Nyquist frequency of the conv1 stride (which the
 stride folds back into the maps layer 2 reads), and its symptom, the high-band energy share of the
-layer-2 projections; and the test accuracy. ``deconvnet compare --runs A,B,...`` takes run
+layer-2 projections; and the test accuracy. ``deconvnet architecture --runs A,B,...`` takes run
 directories (or checkpoints) of e.g. ``alexnet-small``, ``zfnet-small`` and ``zfnet-small
 --no-renorm`` trained on the same data and budget. Budget: about 5 s for three 28 px runs on 2 CPU
 cores (a top-1 pass over 1000 images each).
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._analysis import to_rgb
+from ._analysis import callable_module, to_rgb
 from .checkpoint import CheckpointInfo
 from .data import Source
 from .deconvnet import contrast_stretch
-from .features import layer_output
-from .topk import choose_maps, gallery, top_k
+from .errors import UserError
+from .topk import choose_maps, gallery, topk_pass
 from .figures import finish, new_figure
 from .findings import Finding
 from .findings import to_json as to_findings_json
@@ -104,7 +104,7 @@ def dominance(rms) -> float:
 
 
 @dataclass
-class RunSummary:
+class ArchitectureRun:
     """One run of Fig. 6: its layer-1 filters, layer-2 projections and their numbers."""
 
     label: str
@@ -128,33 +128,65 @@ def run_label(info: CheckpointInfo) -> str:
     return info.config.name + ("" if renorm else " (no renorm)")
 
 
-def summarise(model: nn.Module, info: CheckpointInfo, source: Source, indices, maps: int = 16,
-              seed: int = 0) -> RunSummary:
-    """Fig. 6 for one trained model: layer-1 filter numbers (``silent``: the share of filters whose
-    ReLU output is 0 everywhere on ``source[indices]``), and the strongest activation over those
-    images of ``maps`` random layer-2 maps projected to pixels (Sec. 2.1)."""
-    layer2 = layer_output(model, 2)
-    tables = top_k(model, source, info.preprocess, ["relu1", layer2], k=1, indices=indices)
+def architecture_run(model, source: Source, indices, maps: int = 16, seed: int = 0) -> ArchitectureRun:
+    """Fig. 6 for one trained model (a :class:`~deconvnet.subject.Subject`): layer-1 filter numbers
+    (``silent``: the share of filters whose output at layer 1 is 0 everywhere on ``source[indices]``),
+    and the strongest activation over those images of ``maps`` random layer-2 maps projected to pixels
+    (Sec. 2.1). The layer-1 filters are the first convolution's."""
+    from .subject import as_subject
+
+    subject = as_subject(model)
+    net, info, preprocess = subject.model, subject.info, subject.preprocess
+    layer1, layer2 = subject.layers(None, [1, 2])
+    conv1 = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv1 is None:
+        raise UserError(f"{subject.spec} has no convolution: Fig. 6 shows layer-1 filters")
+    tables = topk_pass(net, source, preprocess, [layer1, layer2], k=1, indices=indices)
     table = tables[layer2]
     chosen = choose_maps(table, maps, seed)
-    shown = gallery(model, source, info.preprocess, layer2, table, chosen)
+    shown = gallery(net, source, preprocess, layer2, table, chosen, subject.other_activations)
     projections = shown.projections[:, 0]  # (M, C, R, R), NaN outside the image
     high = band_energy(projections.nan_to_num(0.0))[:, 2] if chosen else torch.zeros(0)
     layer2_high = float(high.nanmean()) if chosen else float("nan")
-    filters = model.conv1.weight.detach().clone()
+    filters = conv1.weight.detach().clone()
     metrics = filter_metrics(filters)
     rms = metrics.pop("rms").tolist()
-    silent = tables["relu1"].values[:, 0] <= 0
+    silent = tables[layer1].values[:, 0] <= 0
+    if len(silent) != len(filters):  # layer 1 is not the first convolution's maps: no silence to read
+        silent = torch.zeros(len(filters), dtype=torch.bool)
     metrics["silent"] = float(silent.double().mean())
-    shares = aliased_shares(filters, model.conv1.stride[0])
+    shares = aliased_shares(filters, conv1.stride[0])
     per_filter = {"dead_or_silent": (metrics.pop("is_dead") | silent).double().tolist(),
                   "mid": metrics.pop("band_fractions")[:, 1].tolist(), "aliased": shares.tolist()}
-    return RunSummary(run_label(info), info.config.name, bool(info.train_config.get("renorm", True)),
-                      dict(info.accuracy), filters, metrics, rms, chosen, projections, float(shares.nanmean()),
-                      layer2_high, per_filter, [float(v) for v in high])
+    label = run_label(info) if info else subject.spec
+    renorm = bool(info.train_config.get("renorm", True)) if info else True
+    return ArchitectureRun(label, info.config.name if info else subject.spec, renorm,
+                           dict(info.accuracy) if info else {}, filters, metrics, rms, chosen, projections,
+                           float(shares.nanmean()), layer2_high, per_filter, [float(v) for v in high])
 
 
-def _find(runs: list[RunSummary], model: str, renorm: bool) -> RunSummary | None:
+def architecture(runs: list, data=None, limit: int = 1000, maps: int = 16, seed: int = 0) -> list[ArchitectureRun]:
+    """Fig. 6 for several trained models side by side (:func:`architecture_run` each).
+
+    Args:
+        runs: models under study: :class:`~deconvnet.subject.Subject`, ``nn.Module`` (wrapped by
+            :func:`~deconvnet.subject.as_subject`), or model specs (a run directory or checkpoint).
+        data: images searched for the strongest layer-2 activations (a spec or an open source);
+            default each checkpoint's test data.
+        limit: the first ``limit`` images.
+    """
+    from .subject import as_subject, load_subject
+
+    summaries = []
+    for run in runs:
+        subject = load_subject(str(run)) if isinstance(run, (str, Path)) else as_subject(run)
+        spec = data or (subject.info.accuracy.get("data") if subject.info else None) or "fashion-mnist:test"
+        source = subject.open_data(spec) if isinstance(spec, str) else spec
+        summaries.append(architecture_run(subject, source, range(min(limit, len(source))), maps=maps, seed=seed))
+    return summaries
+
+
+def _find(runs: list[ArchitectureRun], model: str, renorm: bool) -> ArchitectureRun | None:
     return next((r for r in runs if r.model == model and r.renorm == renorm), None)
 
 
@@ -186,7 +218,7 @@ def accuracy_difference(a: dict, b: dict, seed_noise: list[float] | None) -> tup
     return estimate, (interval if known else None)
 
 
-def architecture_findings(runs: list[RunSummary], seed_noise: list[float] | None = None) -> list[Finding]:
+def architecture_findings(runs: list[ArchitectureRun], seed_noise: list[float] | None = None) -> list[Finding]:
     """Sec. 4.1's claims for the pairs present: ZFNet vs AlexNet (both renormalised), ZFNet with vs
     without renormalisation. Models are matched by name (``zfnet*`` against ``alexnet*`` of the same size).
     Each claim is a difference between two runs, held when its 95% interval lies above 0: filter
@@ -266,7 +298,7 @@ def architecture_findings(runs: list[RunSummary], seed_noise: list[float] | None
     return out
 
 
-def architecture_to_json(runs: list[RunSummary], seed_noise: list[float] | None = None) -> dict:
+def architecture_to_json(runs: list[ArchitectureRun], seed_noise: list[float] | None = None) -> dict:
     """Per-run numbers and the findings, ready for ``json.dump``."""
     return {"analysis": "architecture selection (Fig. 6)",
             "definitions": {"dead": f"fraction of layer-1 filters with RMS < {DEAD_RMS} x the median RMS",
@@ -310,7 +342,7 @@ def _grid(tiles: torch.Tensor, cols: int, shared_scale: bool) -> torch.Tensor:
     return out
 
 
-def draw_architecture(runs: list[RunSummary], path=None) -> Figure:
+def draw_architecture(runs: list[ArchitectureRun], path=None) -> Figure:
     """Fig. 6 with numbers: per run, its layer-1 filters (one shared grey scale), the layer-2
     projections (each stretched) and the sorted filter RMS."""
     fig, axes = new_figure(len(runs), 3, figsize=(13, 3.8 * len(runs)), squeeze=False,
@@ -337,3 +369,6 @@ def draw_architecture(runs: list[RunSummary], path=None) -> Figure:
         a_rms.set_title("filter RMS", fontsize=9)
     fig.suptitle("Architecture selection, cf. Fig. 6", fontsize=11)
     return finish(fig, path)
+
+
+callable_module(__name__, architecture)

@@ -2,7 +2,7 @@
 
 Fig. 2 shows, for 9 maps per layer, the top 9 activations over the validation set, each projected to
 pixels by the deconvnet (Sec. 2.1) beside the input patch under its receptive field. The atlas does
-it for every map of the requested layers: one streaming top-k pass over the data (:func:`top_k`),
+it for every map of the requested layers: one streaming top-k pass over the data (:func:`topk_pass`),
 then, map by map, its k projections and patches drawn into one PNG, and one HTML page per layer with
 each map at a stable address ``LAYER.html#MAP``. The site reads from disk, no server needed::
 
@@ -36,7 +36,7 @@ from ._analysis import eval_mode
 from .data import Preprocess, Source
 from .errors import UserError
 from .runner import atomic_write_bytes, atomic_write_json, atomic_write_text, cache_key, progress, world
-from .topk import TopK, cached_top_k, class_purity, gallery, tile_pixels
+from .topk import TopK, cached_topk, class_purity, gallery, tile_pixels
 
 TILE = 48  # a tile's least side in the PNG (small receptive fields are enlarged, nearest neighbour)
 _OUTSIDE = (0.92, 0.93, 0.96)  # tile pixels outside the image (a field clipped by the border)
@@ -63,7 +63,7 @@ def build_atlas(model: nn.Module, source: Source, preprocess: Preprocess, layers
     classes = list(source.classes if classes is None else classes)
     rank, procs = world()
     # every process looks before any writes: the pass ends with a merge that waits for all of them
-    tables, tables_key, topk_reused = cached_top_k(model, source, preprocess, layers, k, indices, batch_size)
+    tables, tables_key, topk_reused = cached_topk(model, source, preprocess, layers, k, indices, batch_size)
     key = cache_key(build_atlas, {"tables": tables_key})
 
     done = _read_done(out, key)

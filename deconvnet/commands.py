@@ -1,11 +1,13 @@
 """What each ``deconvnet`` command does, as a function of plain keyword arguments.
 
-The CLI parses argv into one of these calls (its option names are these parameter names);
-``reproduce`` and ``report`` call them directly as cached steps, and :func:`command_line` writes the
-equivalent command for their provenance. Every analysis command writes its figure(s) and one JSON
-(its arguments, the model under study, the findings and the numbers) into ``out`` and prints a
-one-line JSON summary. The model under study is given by the options of
-:func:`deconvnet.subject.load_subject` (``model_spec`` or ``checkpoint``, ``weights``, ...).
+The options of every command are declared here once, as these functions' parameters (name, type,
+default) and the ``Args:`` of their docstrings (:mod:`deconvnet.options`): the CLI's parser is built
+from them, ``reproduce`` and ``report`` call them directly as cached steps, and
+:func:`command_line` writes the equivalent command for their provenance. Every analysis command
+writes its figure(s) and one JSON (its arguments, the model under study, the findings and the
+numbers) into ``out`` and prints a one-line JSON summary. ``**model`` stands for the options naming
+the model under study (:func:`deconvnet.options.model_options`: ``model_spec`` or ``checkpoint``,
+``weights``, ...); ``train``'s ``**config`` for the documented fields of :class:`TrainConfig`.
 """
 from __future__ import annotations
 
@@ -14,32 +16,23 @@ import shlex
 import sys
 import types
 from pathlib import Path
+from typing import Annotated
 
+from .deconvnet import RULES
 from .errors import UserError
 from .findings import brief
+from .options import MODEL_OPTIONS, Files, Flag, Out, Positive, named_box, options_of, words
 from .runner import atomic_write_json
-
-# The options naming the model under study (the CLI's --model, --checkpoint, --weights, ...).
-MODEL_OPTIONS = ("model_spec", "checkpoint", "weights", "classes", "preprocess", "input_size", "mean", "std",
-                 "other_activations")
-# Option -> CLI flag where the flag is not the option's name with dashes.
-FLAGS = {"model_spec": "--model", "class_name": "--class", "json_output": "--json"}
+from .train import TrainConfig
 
 
 def command_line(command: str, options: dict) -> str:
     """The ``deconvnet`` command line that makes the same call as ``command(**options)``."""
-    words = ["deconvnet", command]
+    by_name = {o.name: o for o in options_of(globals()[command])}
+    line = ["deconvnet", command.replace("_", "-")]
     for name, value in options.items():
-        if value is None or value is False:
-            continue
-        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
-        if value is True:
-            words.append(flag)
-        elif isinstance(value, (list, tuple)):
-            words += [flag, ",".join(str(v) for v in value)]
-        else:
-            words += [flag, shlex.quote(str(value))]  # a class subset's brackets are a shell pattern
-    return " ".join(words)
+        line += [shlex.quote(w) for w in words(by_name[name], value)]  # a class subset's brackets are a shell pattern
+    return " ".join(line)
 
 
 def subject_of(model: dict):
@@ -70,26 +63,6 @@ def absolute_model_options(model: dict) -> dict:
 
     return {name: absolute(value) if name in ("model_spec", "checkpoint", "weights", "classes") and value else value
             for name, value in model.items() if value is not None}
-
-
-def default_layers(subject, given: list[str] | None, numbers: list[int] | None = None) -> list[str]:
-    """``given``, or the model's defaults: its stages, or the paper's layers ``numbers`` (Fig. 3) where the
-    model has them. For models that are not ours, the choice is said on stderr."""
-    if given:
-        return given
-    if numbers is None:
-        chosen = list(subject.stages)
-    else:
-        chosen = [subject.layer_numbers.get(n) or (subject.stages[-1] if n <= 5 and subject.stages else None)
-                  for n in numbers]
-        if None in chosen:
-            raise UserError(f"this model has no default for layer(s) {numbers}; name them (deconvnet inspect lists them)")
-    if not chosen:
-        raise UserError("found no default layers in this model; name them (deconvnet inspect lists them)")
-    if subject.info is None:
-        print(f"deconvnet: layers chosen for {subject.spec}: {', '.join(chosen)} "
-              f"(override with --layer/--layers; `deconvnet inspect` lists all)", file=sys.stderr)
-    return chosen
 
 
 def _class_index(text: str, classes: list[str]) -> int:
@@ -152,33 +125,38 @@ def _options(local: dict) -> dict:
     modules imported are left out), the model options flattened."""
     local = {k: v for k, v in local.items() if not callable(v) and not isinstance(v, types.ModuleType)}
     model = local.get("model")
-    if not isinstance(model, dict):  # train and ablate: --model names an architecture
+    if not isinstance(model, dict):  # train and ablation: --model names an architecture
         return dict(local)
     return {**{k: v for k, v in local.items() if k != "model"}, **model}
 
 
 # ----------------------------------------------------------------------------- training and evaluation
 
-def train(out: str, model: str = "zfnet-small", data: str = "fashion-mnist", val: str | None = None,
-          recipe: str | None = None, epochs: int | None = None, time_budget: float | None = None,
-          batch_size: int = 128, lr: float | None = None, dropout: float | None = None, seed: int = 0,
-          limit: int | None = None, snapshots: list[int] | None = None, no_renorm: bool = False,
-          resume: bool = False, checkpoint_every: int = 200, workers: int = 0, no_ten_crop: bool = False,
-          label_smoothing: float | None = None, device: str = "auto", precision: str = "auto") -> dict:
-    """Train with the paper's recipe (Sec. 3) into the run directory ``out``."""
-    from .train import TrainConfig, train as run_training
+def train(out: Out, resume: bool = False, **config) -> dict:
+    """Train a model with the paper's recipe (Sec. 3) into a run directory.
 
-    cfg = TrainConfig(model=model, data=data, val=val, recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr,
-                      seed=seed, limit=limit, snapshots=snapshots, renorm=not no_renorm, dropout=dropout,
-                      checkpoint_every=checkpoint_every, workers=workers, label_smoothing=label_smoothing,
-                      device=device, precision=precision, final_ten_crop=not no_ten_crop, time_budget=time_budget)
-    final = run_training(cfg, out, resume=resume)
+    Args:
+        out: run directory
+        resume: continue an interrupted run in --out
+    """
+    from .train import train as run_training
+
+    final = run_training(TrainConfig(**config), out, resume=resume)
     print(json.dumps({"run": str(out), **final}))
     return final
 
 
-def evaluate(data: str, limit: int | None = None, ten_crop: bool = False, **model) -> dict:
-    """Top-1/top-5 accuracy of the model under study on labelled data."""
+train.CONFIG = TrainConfig  # train's other options: the documented fields of TrainConfig
+
+
+def evaluate(data: str, limit: Positive | None = None, ten_crop: bool = False, **model) -> dict:
+    """Top-1/top-5 accuracy of a model on labelled data, as JSON.
+
+    Args:
+        data: labelled data spec, e.g. fashion-mnist:test or folder:PATH
+        limit: use only the first N images
+        ten_crop: average the softmax over the 10 crops (Sec. 3)
+    """
     import torch
 
     from .train import evaluate as run_evaluation
@@ -214,33 +192,44 @@ def _image_count(image: list[str] | None, index: list[int] | None, count: int | 
     return count
 
 
-def occlude(out: str, image: list[str] | None = None, data: str | None = None, index: list[int] | None = None,
-            count: int | None = None, draw: int | None = None, target: str | None = None, size: int | None = None,
-            stride: int | None = None, layer: str | None = None, **model) -> list[dict]:
-    """Occlusion sensitivity of one or more images (Fig. 7): occlusion-NAME.png for the first ``draw``
-    images (default all) + occlusion.json with every image's maps and the findings over all of them;
-    ``count``: the first N images of ``data``."""
+def occlusion(out: Out, image: Files = None, data: str | None = None, index: list[int] | None = None,
+              count: Positive | None = None, draw: Annotated[int | None, Flag(metavar="K")] = None,
+              target: str | None = None, size: int | None = None, stride: int | None = None,
+              layer: str | None = None, **model) -> list[dict]:
+    """Occlusion sensitivity of one or more images (Fig. 7).
+
+    Writes occlusion-NAME.png for the first ``draw`` images and occlusion.json with every image's maps
+    and the findings over all of them.
+
+    Args:
+        out: output directory (PNG + JSON)
+        image: PNG/JPEG image file(s)
+        data: data spec to take images from, e.g. fashion-mnist:test or folder:PATH
+        index: comma-separated image indices in --data (default: the first)
+        count: take the first N images of --data (instead of --index); the findings are over all
+        draw: draw the panels (occlusion-NAME.png) of the first K images only (default: all)
+        target: class to map p() of (name or number; default: the label)
+        size: square side in pixels (default 35/224 of the image)
+        stride: square step in pixels (default 14/224 of the image)
+        layer: layer whose strongest feature map is followed (b, c); default the model's top stage
+    """
     from ._analysis import foreground
     from .findings import to_json
-    from .occlusion import cover_statistics, draw_occlusion, occlusion, occlusion_findings, occlusion_to_json
+    from .occlusion import cover_statistics, draw_occlusion, occlusion as measure, occlusion_findings, occlusion_to_json
 
     options = _options(locals())
     if draw is not None and draw < 0:
         raise UserError(f"--draw must be 0 or more images, got {draw}")
     count = _image_count(image, index, count, 1)
     subject = subject_of(model)
-    layer = layer or default_layers(subject, None)[-1]
     raw, labels, names = select_images(subject, image, data, index, count=count)
+    followed = [_class_index(target, subject.classes) if target is not None else label for label in labels]
+    results = measure(subject, raw, followed, size=size, stride=stride, layer=layer)
     pictures, out = subject.pictures(raw), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, (x, label, name, pic) in enumerate(zip(subject.prepare(raw), labels, names, pictures)):
-        followed = _class_index(target, subject.classes) if target is not None else label
-        result = occlusion(subject.model, x, followed, size=size, stride=stride, layer=layer,
-                           other_activations=subject.other_activations)
+    for i, (result, name, pic) in enumerate(zip(results, names, pictures)):
         if draw is None or i < draw:
             draw_occlusion(result, out / f"occlusion-{name}.png", pic, subject.classes)
-        results.append(result)
     # object masks by threshold hold for Fashion-MNIST's black backgrounds, not for photos
     objects = list(foreground(pictures)) if subject.info is not None else []
     findings = to_json(occlusion_findings(results, objects))
@@ -252,30 +241,35 @@ def occlude(out: str, image: list[str] | None = None, data: str | None = None, i
     return findings
 
 
-def invariance(out: str, image: list[str] | None = None, data: str | None = None, index: list[int] | None = None,
-               count: int | None = None, layers: list[str] | None = None, translations: list[float] | None = None,
-               scales: list[float] | None = None, rotations: list[float] | None = None, **model) -> list[dict]:
-    """Feature and output changes under translation, scale and rotation (Fig. 5); ``count``: the first N
-    images of ``data`` (default 5), the findings over all of them."""
-    import torch
+def invariance(out: Out, image: Files = None, data: str | None = None, index: list[int] | None = None,
+               count: Positive | None = None, layers: list[str] | None = None,
+               translations: list[float] | None = None, scales: list[float] | None = None,
+               rotations: list[float] | None = None, **model) -> list[dict]:
+    """Feature and output changes under translation, scale and rotation (Fig. 5).
 
+    Args:
+        out: output directory (invariance.png + invariance.json)
+        image: PNG/JPEG image file(s)
+        data: data spec to take images from, e.g. fashion-mnist:test or folder:PATH
+        index: comma-separated image indices in --data (default: the first 5)
+        count: take the first N images of --data (default 5, instead of --index); the findings are over all
+        layers: low,high layer (default: layers 1 and 7)
+        translations: vertical shifts in pixels, e.g. --translations=-4,0,4
+        scales: scale factors
+        rotations: rotations in degrees
+    """
     from .findings import to_json
     from .invariance import default_amounts, draw_invariance, invariance as measure, invariance_findings, invariance_to_json
 
     options = _options(locals())
     count = _image_count(image, index, count, 5)
     subject = subject_of(model)
-    layers = default_layers(subject, layers, [1, 7])
     raw, labels, names = select_images(subject, image, data, index, count=count)
-    if None in labels:  # files or unknown classes: the true label is the model's answer on the untransformed image
-        with torch.no_grad():
-            predicted = subject.model(subject.prepare(raw)).argmax(1).tolist()
-        labels = [p if y is None else y for y, p in zip(labels, predicted)]
     amounts = default_amounts(subject.preprocess.input_size)
     for kind, values in (("translation", translations), ("scale", scales), ("rotation", rotations)):
         if values is not None:
             amounts[kind] = values
-    result = measure(subject.model, raw, labels, subject.preprocess, layers=layers, amounts=amounts)
+    result = measure(subject, raw, labels, layers=layers, amounts=amounts)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     draw_invariance(result, out / "invariance.png", subject.classes)
@@ -312,18 +306,32 @@ def _parts(parts: str | None, part: list | None, class_name: str | None, n: int,
     return boxes_of
 
 
-def correspond(out: str, image: list[str] | None = None, data: str | None = None, index: list[int] | None = None,
-               class_name: str | None = None, count: int = 5, parts: str | None = None, part: list | None = None,
-               layers: list[str] | None = None, repeats: int = 5, seed: int = 0, **model) -> list[dict]:
-    """Part correspondence: sign changes when masking parts (Table 1)."""
+def correspondence(out: Out, image: Files = None, data: str | None = None, index: list[int] | None = None,
+                   class_name: Annotated[str | None, Flag(name="--class")] = None, count: Positive = 5,
+                   parts: str | None = None, part: Annotated[list | None, Flag(repeat=named_box, metavar="NAME=T,L,B,R")] = None,
+                   layers: list[str] | None = None, repeats: Positive = 5, seed: int = 0, **model) -> list[dict]:
+    """Part correspondence: sign changes when masking parts (Table 1).
+
+    Args:
+        out: output directory (correspondence.png + correspondence.json)
+        image: PNG/JPEG image file(s)
+        data: data spec to take images from, e.g. fashion-mnist:test or folder:PATH
+        index: comma-separated image indices in --data (default: the first 5)
+        class_name: take the first --count images of this class from --data (e.g. Sneaker)
+        count: number of images (default 5)
+        parts: JSON file: {"part": [top, left, bottom, right] or one per image}
+        part: a part's box in every image (repeatable)
+        layers: layers (default: layers 5 and 7)
+        repeats: random draws per part size for the control
+        seed: seed of the random boxes
+    """
     from ._analysis import foreground
-    from .correspondence import (correspondence, correspondence_findings, correspondence_to_json,
+    from .correspondence import (correspondence as measure, correspondence_findings, correspondence_to_json,
                                  draw_correspondence, object_box)
     from .findings import to_json
 
     options = _options(locals())
     subject = subject_of(model)
-    layers = default_layers(subject, layers, [5, 7])
     label = _class_index(class_name, subject.classes) if class_name else None
     raw, labels, names = select_images(subject, image, data, index, count=count, label=label)
     pictures = subject.pictures(raw)
@@ -332,8 +340,7 @@ def correspond(out: str, image: list[str] | None = None, data: str | None = None
     else:  # photos: the random control boxes go anywhere in the image
         frames = [(0, 0, pictures.shape[2] - 1, pictures.shape[3] - 1)] * len(raw)
     boxes = _parts(parts, part, class_name, len(raw), frames)
-    result = correspondence(subject.model, subject.prepare(raw), boxes, objects=frames, layers=layers,
-                            repeats=repeats, seed=seed)
+    result = measure(subject, raw, boxes, objects=frames, layers=layers, repeats=repeats, seed=seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     draw_correspondence(result, pictures, out / "correspondence.png")
@@ -345,9 +352,20 @@ def correspond(out: str, image: list[str] | None = None, data: str | None = None
     return findings
 
 
-def project(out: str, layer: str, image: list[str] | None = None, data: str | None = None,
-            index: list[int] | None = None, unit: list[int] | None = None, rule: str = "deconvnet", **model) -> dict:
-    """Project one activation to pixels with the deconvnet (Sec. 2.1): a PNG and a JSON beside it."""
+def project(out: Annotated[str, Flag(metavar="PNG")], layer: str, image: Files = None, data: str | None = None,
+            index: list[int] | None = None, unit: list[int] | None = None,
+            rule: Annotated[str, Flag(choices=RULES)] = "deconvnet", **model) -> dict:
+    """Project one activation to pixels with the deconvnet (Sec. 2.1).
+
+    Args:
+        out: output PNG (a JSON with the value and box goes beside it)
+        layer: layer name, e.g. conv5 or layer3.1.relu_1 (see inspect)
+        image: a PNG/JPEG image
+        data: data spec to take the image from, with --index
+        index: image index in --data (default 0)
+        unit: channel,y,x in the layer's output (default: the layer's strongest activation)
+        rule: deconvnet (Sec. 2.1), guided (guided backprop) or gradient
+    """
     from ._analysis import strongest_units
     from .deconvnet import Deconvnet, draw_projection
     from .geometry import unit_box
@@ -380,22 +398,34 @@ def project(out: str, layer: str, image: list[str] | None = None, data: str | No
 
 # ----------------------------------------------------------------------------- passes over a data set
 
-def topk(out: str, data: str, layers: list[str] | None = None, k: int = 9, limit: int | None = None, maps: int = 9,
-         seed: int = 0, **model) -> list[dict]:
-    """Top-k activations per feature map over a data set and the Fig. 2 gallery (gallery-LAYER.png +
-    topk.json). The tables go to the shared cache, where ``serve`` and ``atlas`` find them."""
+def topk(out: Out, data: str, layers: list[str] | None = None, k: Positive = 9, limit: Positive | None = None,
+         maps: Positive = 9, seed: int = 0, **model) -> list[dict]:
+    """Top-k activations per feature map over a data set and the Fig. 2 gallery.
+
+    Writes gallery-LAYER.png and topk.json. The tables go to the shared cache, where ``serve`` and
+    ``atlas`` find them.
+
+    Args:
+        out: output directory (gallery-LAYER.png + topk.json)
+        data: data spec, e.g. fashion-mnist:test or folder:PATH
+        layers: comma-separated layers (default: conv1..conv5, or the model's stages; see inspect)
+        k: activations kept per feature map (default 9, Fig. 2)
+        limit: use only the first N images
+        maps: feature maps drawn per layer, chosen at random
+        seed: seed of the random choice of maps
+    """
     from .findings import to_json
     from .runner import distributed, world
-    from .topk import cached_top_k, choose_maps, draw_gallery, gallery, topk_findings, topk_to_json
+    from .topk import cached_topk, choose_maps, draw_gallery, gallery, topk_findings, topk_to_json
 
     options = _options(locals())
     subject = subject_of(model)
     net, pre = subject.model, subject.preprocess
-    layers = default_layers(subject, layers)
+    layers = subject.layers(layers)
     source = subject.open_data(data)
     n = len(source) if limit is None else min(limit, len(source))
     with distributed():
-        tables = cached_top_k(net, source, pre, layers, k=k, indices=list(range(n)))[0]
+        tables = cached_topk(net, source, pre, layers, k=k, indices=list(range(n)))[0]
         rank = world()[0]
     if rank != 0:  # every process holds the merged tables; one draws them
         return []
@@ -415,14 +445,22 @@ def topk(out: str, data: str, layers: list[str] | None = None, k: int = 9, limit
     return to_json(findings)
 
 
-def atlas(out: str, data: str, layers: list[str] | None = None, k: int = 9, limit: int | None = None,
+def atlas(out: Out, data: str, layers: list[str] | None = None, k: Positive = 9, limit: Positive | None = None,
           **model) -> dict:
-    """Fig. 2 for every feature map: a static site with ``LAYER.html#MAP`` per map (resumable)."""
+    """Fig. 2 for every feature map: a static site, LAYER.html#MAP per map (resumable).
+
+    Args:
+        out: output directory (index.html, LAYER.html, LAYER/MAP.png); a rerun resumes or reuses it
+        data: data spec, e.g. fashion-mnist:test or folder:PATH
+        layers: comma-separated layers (default: conv1..conv5, or the model's stages; see inspect)
+        k: activations kept per feature map (default 9, Fig. 2)
+        limit: use only the first N images
+    """
     from .atlas import build_atlas
     from .runner import distributed, world
 
     subject = subject_of(model)
-    layers = default_layers(subject, layers)
+    layers = subject.layers(layers)
     source = subject.open_data(data)
     n = len(source) if limit is None else min(limit, len(source))
     about = {"model": subject.spec, "architecture": subject.name, "data": f"{data}, first {n} of {len(source)} images"}
@@ -446,22 +484,30 @@ def _checkpoint_path(run: str) -> Path:
     return path / "final.pt" if path.is_dir() else path
 
 
-def evolution(out: str, run: str, data: str | None = None, limit: int = 2000, maps: int = 5, probe: int = 500,
-              seed: int = 0) -> list[dict]:
-    """Strongest activations projected at each training snapshot, and each layer's CKA with the last (Fig. 4)."""
-    from .data import open_source
-    from .evolution import (cka_evolution, draw_evolution, draw_evolution_cka, draw_evolution_layer,
-                            evolution as measure, evolution_to_json, load_snapshots)
+def evolution(out: Out, run: str, data: str | None = None, limit: Positive = 2000, maps: Positive = 5,
+              probe: Positive = 500, seed: int = 0) -> list[dict]:
+    """Strongest activations projected at each training snapshot, and each layer's CKA with the last (Fig. 4).
+
+    Needs the training snapshots of a ``deconvnet train`` run (``--snapshots``); in Python,
+    :func:`deconvnet.evolution` also takes a list of any models.
+
+    Args:
+        out: output directory (evolution-layerN.png, evolution.png/json, evolution-cka.png)
+        run: training run directory with checkpoints/epoch-K.pt
+        data: images searched (default: the run's training data)
+        limit: search the first N images (default 2000)
+        maps: feature maps per layer, chosen at random
+        probe: images of the run's validation data on which each layer's CKA is measured (default 500)
+        seed: seed of the random choice of maps
+    """
+    from .evolution import draw_evolution, draw_evolution_cka, draw_evolution_layer, evolution as measure, evolution_to_json
+    from .evolution import load_snapshots
 
     options = _options(locals())
-    snapshots, info = load_snapshots(run)
+    info = load_snapshots(run)[1]
     spec = data or info.train_config.get("data") or "fashion-mnist"
-    source = open_source(spec, info.preprocess.stored_size, info.preprocess.channels)
-    indices = list(range(min(limit, len(source))))
-    result = measure(snapshots, info.preprocess, source, indices, maps=maps, seed=seed)
     probe_spec = info.train_config.get("val") or spec  # the run's validation data: images it did not train on
-    probe_source = open_source(probe_spec, info.preprocess.stored_size, info.preprocess.channels)
-    result.cka = cka_evolution(snapshots, info.preprocess, probe_source, range(min(probe, len(probe_source))))
+    result = measure(run, spec, limit=limit, maps=maps, probe=probe, probe_data=probe_spec, seed=seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for n in result.layers:
@@ -473,13 +519,21 @@ def evolution(out: str, run: str, data: str | None = None, limit: int = 2000, ma
     return body["findings"]
 
 
-def compare(out: str, runs: list[str], data: str | None = None, limit: int = 1000, maps: int = 16,
-            seed: int = 0, seed_noise: str | None = None) -> list[dict]:
-    """Layer-1 filters and layer-2 projections of several runs (Fig. 6); ``seed_noise``: an ablation.json whose
-    baseline seeds give the seed spread the accuracy difference is judged against."""
-    from .architecture import architecture_to_json, draw_architecture, summarise
-    from .checkpoint import load_checkpoint
-    from .data import open_source
+def architecture(out: Out, runs: list[str], data: str | None = None, limit: Positive = 1000, maps: Positive = 16,
+                 seed: int = 0, seed_noise: Annotated[str | None, Flag(metavar="ABLATION_JSON")] = None) -> list[dict]:
+    """Layer-1 filters and layer-2 projections of several runs (Fig. 6).
+
+    Args:
+        out: output directory (architecture.png + architecture.json)
+        runs: run directories or checkpoints, comma-separated
+        data: images for the layer-2 projections (default: each run's test data)
+        limit: search the first N images for the strongest activations
+        maps: layer-2 maps projected, chosen at random
+        seed: seed of the random choice of maps
+        seed_noise: ablation.json of `deconvnet ablation --baseline-seeds`: the seed spread the accuracy
+            difference is judged against
+    """
+    from .architecture import architecture as measure, architecture_to_json, draw_architecture
 
     options = _options(locals())
     noise = None
@@ -488,15 +542,9 @@ def compare(out: str, runs: list[str], data: str | None = None, limit: int = 100
             errors = json.loads(Path(seed_noise).read_text())["seed_noise"]["test_top1"]
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"--seed-noise {seed_noise} is not an ablation.json with seed noise "
-                            "(from deconvnet ablate --baseline-seeds)") from None
+                            "(from deconvnet ablation --baseline-seeds)") from None
         noise = [1 - e / 100 for e in errors]  # test top-1 accuracies of the baseline's seeds
-    summaries = []
-    for run in runs:
-        net, info = load_checkpoint(_checkpoint_path(run))
-        spec = data or info.accuracy.get("data") or "fashion-mnist:test"
-        source = open_source(spec, info.preprocess.stored_size, info.preprocess.channels)
-        indices = list(range(min(limit, len(source))))
-        summaries.append(summarise(net, info, source, indices, maps=maps, seed=seed))
+    summaries = measure(runs, data, limit=limit, maps=maps, seed=seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     draw_architecture(summaries, out / "architecture.png")
@@ -505,12 +553,27 @@ def compare(out: str, runs: list[str], data: str | None = None, limit: int = 100
     return body["findings"]
 
 
-def ablate(out: str, model: str = "zfnet-small", data: str = "fashion-mnist", epochs: int | None = None,
-           limit: int | None = None, batch_size: int = 128, lr: float | None = None,
-           variants: list[str] | None = None, seed: int = 0, baseline_seeds: list[int] | None = None) -> list[dict]:
-    """Train Table 3's variants (removed / resized layers) and compare their errors against the baseline's
-    seed noise (``baseline_seeds``: the baseline trained again with these seeds); resumes in ``out``."""
-    from .ablation import ablate as run_ablation, ablation_to_json, draw_ablation
+def ablation(out: Out, model: str = "zfnet-small", data: str = "fashion-mnist", epochs: Positive | None = None,
+             limit: Positive | None = None, batch_size: Positive = 128, lr: float | None = None,
+             variants: list[str] | None = None, seed: int = 0, baseline_seeds: list[int] | None = None) -> list[dict]:
+    """Train Table 3's variants (removed / resized layers) and compare their errors.
+
+    Each variant's difference is judged against the baseline's seed noise; a rerun resumes in ``out``.
+
+    Args:
+        out: directory: one run per variant, ablation.png + ablation.json
+        model: the model the variants change
+        data: training data
+        epochs: epochs per variant (default: the recipe's)
+        limit: use only the first N images (demo: 20000)
+        batch_size: mini-batch size
+        lr: peak learning rate (default: the recipe's; short budgets need less, demo 0.02)
+        variants: a subset of the variants (default: all)
+        seed: seed of every variant's run
+        baseline_seeds: train the baseline again with these seeds (e.g. 1,2) to measure the seed noise the
+            variants' differences are judged against
+    """
+    from .ablation import ablation as run_ablation, ablation_to_json, draw_ablation
     from .train import TrainConfig
 
     options = _options(locals())
@@ -546,20 +609,27 @@ def _target_and_overlaps(subject, target: str, pretrain_data: str | None):
     return target_source, overlaps, nearest, list(reference.classes)
 
 
-def transfer(out: str, target: str = "digits", per_class: list[int] = (1, 2, 3, 5, 10, 15, 30), folds: int = 5,
-             pretrain_data: str | None = None, seed: int = 0, scratch_steps: int = 300, **model) -> list[dict]:
-    """Fixed pretrained layers 1-7 + a new softmax against the same net trained from scratch (Tables 4/5)."""
+def transfer(out: Out, target: str = "digits", per_class: list[int] = (1, 2, 3, 5, 10, 15, 30), folds: int = 5,
+             pretrain_data: str | None = None, seed: int = 0, scratch_steps: Positive = 300, **model) -> list[dict]:
+    """Fixed pretrained layers 1-7 + a new softmax vs the same net trained from scratch (Tables 4/5, Fig. 9).
+
+    Args:
+        out: output directory (transfer.png + transfer.json)
+        target: target data: digits, a class subset such as fashion-mnist[2,3,6,7,8]:test (the classes B of
+            a model pretrained on fashion-mnist[0,1,4,5,9]), or folder:PATH (e.g. Caltech-101)
+        per_class: training images per class
+        folds: random train/test folds
+        pretrain_data: data searched for target images it also holds (default: the checkpoint's training data)
+        seed: seed of the folds
+        scratch_steps: SGD steps of each from-scratch training (default 300; demo 100)
+    """
     from .transfer import draw_transfer, transfer as run_transfer, transfer_to_json
 
     options = _options(locals())
     subject = subject_of(model)
-    if subject.info is None:
-        raise UserError("transfer compares with the same architecture trained from scratch, which needs a "
-                        "deconvnet checkpoint; for your model, `deconvnet layers --model ... --target SPEC` "
-                        "gives Table 7's per-layer linear probes")
     target_source, overlaps, nearest, pretrain_classes = _target_and_overlaps(subject, target, pretrain_data)
-    result = run_transfer(subject.model, subject.info, target_source, list(per_class), folds,
-                          scratch_steps=scratch_steps, overlaps=overlaps, nearest=nearest, seed=seed,
+    result = run_transfer(subject, target_source, list(per_class), folds, scratch_steps=scratch_steps,
+                          overlaps=overlaps, nearest=nearest, seed=seed, pretrain_data=pretrain_data,
                           pretrain_classes=pretrain_classes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -569,24 +639,27 @@ def transfer(out: str, target: str = "digits", per_class: list[int] = (1, 2, 3, 
     return body["findings"]
 
 
-def layers(out: str, target: str = "digits", per_class: list[int] = (15, 30), folds: int = 5,
-           pretrain_data: str | None = None, seed: int = 0, **model) -> list[dict]:
-    """A linear SVM and a softmax on each layer's features (Table 7)."""
-    from .layer_features import draw_layer_features, layer_analysis, layer_features_to_json
+def layer_features(out: Out, target: str = "digits", per_class: list[int] = (15, 30), folds: int = 5,
+                   pretrain_data: str | None = None, seed: int = 0, **model) -> list[dict]:
+    """A linear SVM and a softmax on each layer's features (Table 7).
+
+    Args:
+        out: output directory (layers.png + layers.json)
+        target: target data: digits, a class subset such as fashion-mnist[2,3,6,7,8]:test (the classes B of
+            a model pretrained on fashion-mnist[0,1,4,5,9]), or folder:PATH (e.g. Caltech-101)
+        per_class: training images per class
+        folds: random train/test folds
+        pretrain_data: data searched for target images it also holds (default: the checkpoint's training data)
+        seed: seed of the folds
+    """
+    from .layer_features import draw_layer_features, layer_features as measure, layer_features_to_json
 
     options = _options(locals())
     subject = subject_of(model)
     target_source, overlaps, _, _ = _target_and_overlaps(subject, target, pretrain_data)
     trained_on = pretrain_data or ((subject.info.train_config or {}).get("data", "") if subject.info else "")
-    chosen = grid = None
-    if subject.info is None:  # the stages and the penultimate layer stand for layers 1..7
-        default_layers(subject, None, sorted(subject.layer_numbers))
-        chosen = dict(subject.layer_numbers)
-        shapes = {c.name: c.shape for c in subject.calls()}
-        grid = min(shapes[name][-1] for name in chosen.values() if len(shapes[name]) == 3)
-    result = layer_analysis(subject.model, subject.preprocess, target_source, list(per_class), folds,
-                            exclude=[o.target_index for o in overlaps], seed=seed, layers=chosen, grid=grid,
-                            pretrain_data=trained_on)
+    result = measure(subject, target_source, list(per_class), folds, exclude=[o.target_index for o in overlaps],
+                     seed=seed, pretrain_data=trained_on)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     draw_layer_features(result, out / "layers.png")
@@ -597,8 +670,12 @@ def layers(out: str, target: str = "digits", per_class: list[int] = (15, 30), fo
 
 # ----------------------------------------------------------------------------- the model itself
 
-def inspect(json_output: bool = False, **model) -> list[dict]:
-    """Every layer call a command accepts: type, output shape, receptive field; printed as a table or JSON."""
+def inspect(json_output: Annotated[bool, Flag(name="--json")] = False, **model) -> list[dict]:
+    """List every layer a command accepts: type, output shape, receptive field.
+
+    Args:
+        json_output: print JSON instead of a table
+    """
     from . import geometry
 
     subject = subject_of(model)
@@ -634,9 +711,18 @@ def _field_text(field) -> str:
     return f"{size} px, stride {stride}"
 
 
-def serve(data: str | None = None, layers: list[str] | None = None, atlas: str | None = None,
-          host: str = "127.0.0.1", port: int = 8000, limit: int = 5000, **model) -> None:
-    """The interactive viewer over the model under study and a data set, until interrupted."""
+def serve(data: str | None = None, layers: list[str] | None = None, atlas: Annotated[str | None, Flag(metavar="DIR")] = None,
+          host: str = "127.0.0.1", port: int = 8000, limit: Positive = 5000, **model) -> None:
+    """The interactive viewer: a local web app over a model and a data set, until interrupted.
+
+    Args:
+        data: data set shown (default: the checkpoint's validation data)
+        layers: layers shown (default: conv1..conv5 or the model's stages)
+        atlas: a `deconvnet atlas` site of this model: each feature map links to its page there
+        host: address to bind (default 127.0.0.1, this machine only)
+        port: port to serve on
+        limit: top-k over the first N images (default 5000)
+    """
     try:
         import uvicorn  # noqa: F401 - checked here so that a missing extra is a one-line error, exit 2
 
@@ -644,4 +730,46 @@ def serve(data: str | None = None, layers: list[str] | None = None, atlas: str |
     except ImportError as e:
         raise UserError(f"serve needs the 'serve' extra ({e.name} is missing): pip install -e '.[serve]'") from None
     subject = subject_of(model)
-    run_viewer(subject, data, host=host, port=port, limit=limit, layers=default_layers(subject, layers), atlas=atlas)
+    run_viewer(subject, data, host=host, port=port, limit=limit, layers=subject.layers(layers), atlas=atlas)
+
+
+# ----------------------------------------------------------------------------- reports
+
+def report(out: Out, data: str, target: str | None = None, images: Positive = 30, limit: Positive | None = None,
+           **model) -> None:
+    """Fig. 2, 5, 7 (and Table 7 with --target) for your model as one HTML page.
+
+    Args:
+        out: output directory (index.html + one folder per step, cached)
+        data: your images: folder:PATH (one folder per class) or another data spec
+        target: labelled data for Table 7's per-layer probes (folder:PATH)
+        images: images for the statistics of Fig. 5 and Fig. 7 (panels drawn for up to 3)
+        limit: Fig. 2 over the first N images only
+    """
+    from .model_report import model_report
+
+    subject = subject_of(model)  # fails fast on a bad spec, before any step runs
+    images = min(images, len(subject.open_data(data)))
+    inputs = subject.files() + ([model["classes"]] if model.get("classes") else [])
+    model_report(out, absolute_model_options(model), inputs, data, subject.describe(), images=images, limit=limit,
+                 target=target)
+
+
+def reproduce(out: Out = "report", quick: bool = False, full: bool = False, data: str = "fashion-mnist",
+              model: str = "zfnet-small", time_budget: Annotated[float | None, Flag(metavar="MINUTES")] = None) -> None:
+    """Run the whole paper (cached steps) and write DIR/index.html.
+
+    Args:
+        out: output directory (default: report/)
+        quick: tiny settings for every step (a few minutes)
+        full: the longer fixed budgets (about 1.5 hours on 2 CPU cores)
+        data: training data (default fashion-mnist)
+        model: model trained and analysed (default zfnet-small)
+        time_budget: end within MINUTES (default 20): every step is sized from one measurement of this
+            machine's speed, cached in DIR/calibration.json
+    """
+    from .reproduce import reproduce as run_paper
+
+    if quick and full:
+        raise UserError("--quick and --full exclude each other")
+    run_paper(out, quick=quick, data=data, model=model, full=full, minutes=time_budget)

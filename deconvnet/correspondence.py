@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._analysis import features, to_rgb
+from ._analysis import callable_module, features, to_rgb
 from .errors import UserError
-from .features import layer_output
 from .figures import finish, new_figure
 from .findings import Finding
 
@@ -103,19 +102,27 @@ class Correspondence:
 
 
 @torch.no_grad()
-def correspondence(model: nn.Module, images: torch.Tensor, parts: dict[str, list[Box]],
-                   objects: list[Box] | None = None, layers: list[str] | None = None, repeats: int = 5,
-                   seed: int = 0, fill=None) -> Correspondence:
-    """Table 1 for ``images`` (N, C, H, W) in the model's input space, N >= 2.
+def correspondence(model, images, parts: dict[str, list[Box]], objects: list[Box] | None = None,
+                   layers: list[str] | None = None, repeats: int = 5, seed: int = 0, fill=None) -> Correspondence:
+    """Table 1 for ``images``, N >= 2 (Sec. 4.3).
 
     Args:
+        model: the model under study (:class:`~deconvnet.subject.Subject`), or an ``nn.Module``
+            wrapped by :func:`~deconvnet.subject.as_subject`.
+        images: image files or uint8 pixels (N, C, H, W), preprocessed; or a float tensor, the
+            model's input as it is (:meth:`Subject.inputs`). The boxes are in the model's input.
         parts: part name -> its box (top, left, bottom, right) in every image.
         objects: each image's object box, where random boxes go; default the whole image.
-        layers: default the outputs of layers 5 and 7 (``pool5``, ``relu7``).
+        layers: default layers 5 and 7 (ours: ``pool5``, ``relu7``).
         repeats: random draws per part size (the control masks random boxes the size of each part).
         seed: seeds the random boxes.
         fill: the mask's value, default 0 (the mean pixel).
     """
+    from .subject import as_subject
+
+    subject = as_subject(model, like=images)
+    pixels, to_input = subject.inputs(images)
+    model, images = subject.model, to_input(pixels)
     n, _, height, width = images.shape
     if n < 2:
         raise UserError("correspondence needs at least 2 images")
@@ -127,9 +134,7 @@ def correspondence(model: nn.Module, images: torch.Tensor, parts: dict[str, list
         for t, l, b, r in boxes:
             if not (0 <= t <= b < height and 0 <= l <= r < width):
                 raise UserError(f"part {name!r}: box {(t, l, b, r)} is not inside the {height}x{width} image")
-    layers = list(layers) if layers else [layer_output(model, 5), layer_output(model, 7)]
-    if None in layers:
-        raise UserError("this model lacks layer 5 or 7; name the layers to compare")
+    layers = subject.layers(layers, [5, 7])
     objects = objects or [(0, 0, height - 1, width - 1)] * n
     generator = torch.Generator().manual_seed(seed)
     sets = {name: [list(boxes)] for name, boxes in parts.items()}
@@ -262,3 +267,6 @@ def draw_correspondence(result: Correspondence, pictures: torch.Tensor, path=Non
         row[n].axis("off")
     axes[0, n].set_title(f"mean ± std of H, {len(pictures)} images", fontsize=9)
     return finish(fig, path)
+
+
+callable_module(__name__, correspondence)

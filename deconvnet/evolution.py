@@ -30,13 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._analysis import features, to_rgb
+from ._analysis import callable_module, features, to_rgb
 from .checkpoint import CheckpointInfo, load_checkpoint
-from .data import Preprocess, Source
+from .data import Preprocess, Source, open_source
 from .errors import UserError
-from .features import feature_layers
 from .runner import progress
-from .topk import mosaic, choose_maps, gallery, top_k
+from .topk import mosaic, choose_maps, gallery, topk_pass
 from .figures import finish, new_figure
 from .findings import Finding, unmeasured
 from .findings import to_json as to_findings_json
@@ -105,7 +104,7 @@ class CkaEvolution:
 
 
 @dataclass
-class EvolutionResult:
+class Evolution:
     epochs: list[int]
     layers: dict[int, LayerEvolution]  # by layer number 1..5
     cka: CkaEvolution | None = None  # the same snapshots measured by CKA (see :func:`cka_evolution`)
@@ -211,6 +210,15 @@ def cka_from_grams(epochs: list[int], grams: dict[int, list[np.ndarray]], thresh
     return CkaEvolution(n, threshold, resamples, cka, band, when, difference)
 
 
+def _layers_1_to_5(model: torch.nn.Module, preprocess: Preprocess) -> dict[int, str]:
+    """The paper's layers 1-5 of the last snapshot, by the one layer rule (ours: Fig. 3; any other
+    model: its stages)."""
+    from .subject import Subject, model_layers
+
+    subject = Subject(model, preprocess, [], type(model).__name__, [], {})
+    return {n: name for n, name in model_layers(model, subject.calls)[1].items() if n <= 5}
+
+
 def cka_evolution(snapshots: list[tuple[int, torch.nn.Module]], preprocess: Preprocess, source: Source, indices,
                   threshold: float = CKA_THRESHOLD, resamples: int = CKA_RESAMPLES) -> CkaEvolution:
     """Fig. 4 on whole layers: the linear CKA of each layer (1-5) at every snapshot with the same layer
@@ -221,7 +229,7 @@ def cka_evolution(snapshots: list[tuple[int, torch.nn.Module]], preprocess: Prep
     the one product per snapshot.
     """
     epochs = [e for e, _ in snapshots]
-    names = {n: name for n, name in feature_layers(snapshots[-1][1]).items() if n <= 5}
+    names = _layers_1_to_5(snapshots[-1][1], preprocess)
     x = preprocess.eval(source.get(torch.as_tensor(list(indices), dtype=torch.long)))
     grams: dict[int, list[np.ndarray]] = {n: [] for n in names}
     for _, model in progress(snapshots, desc="CKA", unit="ckpt"):
@@ -231,19 +239,19 @@ def cka_evolution(snapshots: list[tuple[int, torch.nn.Module]], preprocess: Prep
     return cka_from_grams(epochs, grams, threshold, resamples)
 
 
-def evolution(snapshots: list[tuple[int, torch.nn.Module]], preprocess: Preprocess, source: Source, indices,
-              maps: int = 5, seed: int = 0) -> EvolutionResult:
+def projection_evolution(snapshots: list[tuple[int, torch.nn.Module]], preprocess: Preprocess, source: Source,
+                         indices, maps: int = 5, seed: int = 0) -> Evolution:
     """Fig. 4 from ``[(epoch, model)]`` snapshots of one run, over the images ``source[indices]``.
 
     For each layer 1-5, ``maps`` maps are chosen at random among those alive in the last snapshot;
     at every snapshot their strongest activation is found and projected (Sec. 2.1).
     """
     epochs = [e for e, _ in snapshots]
-    names = {n: name for n, name in feature_layers(snapshots[-1][1]).items() if n <= 5}
+    names = _layers_1_to_5(snapshots[-1][1], preprocess)
     per_snapshot = []  # [(tables, {layer: Gallery})]
     chosen: dict[int, list[int]] = {}
     for _, model in progress(snapshots[::-1], desc="snapshots", unit="ckpt"):  # the last first: it picks the maps
-        tables = top_k(model, source, preprocess, list(names.values()), k=1, indices=indices)
+        tables = topk_pass(model, source, preprocess, list(names.values()), k=1, indices=indices)
         if not chosen:
             chosen = {n: choose_maps(tables[name], maps, seed) for n, name in names.items()}
         shown = {n: gallery(model, source, preprocess, name, tables[name], chosen[n]) for n, name in names.items()}
@@ -258,7 +266,7 @@ def evolution(snapshots: list[tuple[int, torch.nn.Module]], preprocess: Preproce
         stable = [stable_from(epochs, images[m], correlation[m]) for m in range(len(chosen[n]))]
         correlation = correlation.reshape(len(chosen[n]), len(epochs) - 1)  # (M, S-1), also when M = 0
         layers[n] = LayerEvolution(name, chosen[n], images, values, projections, correlation, stable)
-    return EvolutionResult(epochs, layers)
+    return Evolution(epochs, layers)
 
 
 def load_snapshots(run: str | Path) -> tuple[list[tuple[int, torch.nn.Module]], CheckpointInfo]:
@@ -273,6 +281,46 @@ def load_snapshots(run: str | Path) -> tuple[list[tuple[int, torch.nn.Module]], 
     return [(epoch, model) for epoch, (model, _) in loaded], loaded[-1][1][1]
 
 
+
+def evolution(snapshots, data=None, limit: int = 2000, maps: int = 5, probe: int = CKA_PROBE,
+              probe_data=None, seed: int = 0) -> Evolution:
+    """Fig. 4: the strongest activations of ``maps`` random maps of layers 1-5 projected at each
+    snapshot (:func:`projection_evolution`, over the first ``limit`` images of ``data``), and each
+    layer's linear CKA with the last snapshot on ``probe`` images of ``probe_data``
+    (:func:`cka_evolution`).
+
+    Args:
+        snapshots: a ``deconvnet train`` run directory (its ``checkpoints/epoch-K.pt`` and
+            ``final.pt``); or ``[(epoch, model)]`` of one architecture, each model a
+            :class:`~deconvnet.subject.Subject` or an ``nn.Module`` (wrapped by
+            :func:`~deconvnet.subject.as_subject`, the last one's preprocessing used for all).
+        data: a data spec or an open source; default the run's training data (needed for a list).
+        probe_data: default the run's validation data, else ``data``.
+    """
+    from .subject import as_subject
+
+    if isinstance(snapshots, (str, Path)):
+        models, info = load_snapshots(snapshots)
+        preprocess = info.preprocess
+        data = data or info.train_config.get("data") or "fashion-mnist"
+        probe_data = probe_data or info.train_config.get("val") or data
+    else:
+        if len(snapshots) < 2:
+            raise UserError(f"feature evolution needs at least 2 snapshots, got {len(snapshots)}")
+        if data is None:
+            raise UserError("give the data whose images the snapshots are compared on")
+        subjects = [(int(epoch), as_subject(model)) for epoch, model in snapshots]
+        models, preprocess = [(epoch, s.model) for epoch, s in subjects], subjects[-1][1].preprocess
+        probe_data = probe_data or data
+
+    def opened(spec):
+        return spec if isinstance(spec, Source) else open_source(spec, preprocess.stored_size, preprocess.channels)
+
+    source, probe_source = opened(data), opened(probe_data)
+    result = projection_evolution(models, preprocess, source, range(min(limit, len(source))), maps=maps, seed=seed)
+    result.cka = cka_evolution(models, preprocess, probe_source, range(min(probe, len(probe_source))))
+    return result
+
 CLAIM = "lower layers converge within a few epochs, upper layers only later"
 PAPER = "layers 1-2 settle within a few epochs; layers 4-5 only after 40-50 of 70"
 # Written with the set-up: what a "not held" would say.
@@ -286,7 +334,7 @@ def _span(values: dict[int, float]) -> str:
     return ", ".join(f"layer {n} {v:.1f}" for n, v in values.items())
 
 
-def evolution_findings(result: EvolutionResult) -> list[Finding]:
+def evolution_findings(result: Evolution) -> list[Finding]:
     """Fig. 4's claim measured twice: on the maps' strongest projections (the paper's criterion, an
     interval over maps) and on whole layers by CKA (an interval over probe images)."""
     out = []
@@ -330,7 +378,7 @@ def evolution_findings(result: EvolutionResult) -> list[Finding]:
     return out
 
 
-def evolution_to_json(result: EvolutionResult) -> dict:
+def evolution_to_json(result: Evolution) -> dict:
     """Per layer and map: the strongest image, its value and the consecutive correlations per snapshot."""
     return {"analysis": "feature evolution (Fig. 4)", "epochs": result.epochs,
             "stable_definition": f"first snapshot after which the strongest image is unchanged and consecutive "
@@ -361,7 +409,7 @@ def _cka_json(cka: CkaEvolution) -> dict:
                        for n in cka.cka}}
 
 
-def draw_evolution_layer(result: EvolutionResult, n: int, path=None) -> Figure:
+def draw_evolution_layer(result: Evolution, n: int, path=None) -> Figure:
     """Fig. 4 for layer ``n``: one row per map, one column per snapshot epoch (each tile stretched)."""
     layer = result.layers[n]
     rows, cols = len(layer.maps), len(result.epochs)
@@ -382,7 +430,7 @@ def draw_evolution_layer(result: EvolutionResult, n: int, path=None) -> Figure:
     return finish(fig, path)
 
 
-def draw_evolution(result: EvolutionResult, path=None) -> Figure:
+def draw_evolution(result: Evolution, path=None) -> Figure:
     """The measured claim: mean stable epoch per layer (each map a dot)."""
     fig, ax = new_figure(figsize=(5, 3.6))
     for n, layer in result.layers.items():
@@ -397,7 +445,7 @@ def draw_evolution(result: EvolutionResult, path=None) -> Figure:
     return finish(fig, path)
 
 
-def draw_evolution_cka(result: EvolutionResult, path=None) -> Figure:
+def draw_evolution_cka(result: Evolution, path=None) -> Figure:
     """Linear CKA of each layer with the last snapshot against epoch, with 95% bands over probe resamples,
     the threshold and each layer's settling epoch."""
     cka = result.cka
@@ -412,3 +460,6 @@ def draw_evolution_cka(result: EvolutionResult, path=None) -> Figure:
     ax.set_title(f"Feature evolution by CKA on {cka.probe} probe images (Fig. 4)", fontsize=9)
     ax.legend(fontsize=8)
     return finish(fig, path)
+
+
+callable_module(__name__, evolution)

@@ -13,7 +13,6 @@ from torch import nn
 from ._analysis import eval_mode
 from .data import Preprocess, Source
 from .errors import UserError
-from .geometry import graph_of
 from .probe import activations
 from .runner import progress
 
@@ -42,15 +41,8 @@ def feature_layers(model: nn.Module) -> dict[int, str]:
     return {n: name for n, name in found.items() if name is not None}
 
 
-def feature_grid(model: nn.Module) -> int:
-    """Spatial size of the model's top conv layer output (6 for ZFNet's pool5 at 224 px, 3 at 28 px):
-    the size every layer's maps are pooled to, so that no layer has more positions than the top one."""
-    top = max(n for n in feature_layers(model) if n <= 5)
-    return graph_of(model, model.config.input_size).node(model, layer_output(model, top)).shape[-1]
-
-
 @torch.no_grad()
-def layer_features(model: nn.Module, preprocess: Preprocess, source: Source, indices, layers: list[str],
+def pooled_features(model: nn.Module, preprocess: Preprocess, source: Source, indices, layers: list[str],
                    grid: int, batch_size: int = 256) -> dict[str, np.ndarray]:
     """Features of the named ``layers`` for ``source`` images ``indices`` (center crop, eval mode).
 

@@ -5,7 +5,9 @@ occluder, Fig. 7).
 One forward pass is traced at the torch-function level (``F.conv2d``, ``F.relu``, ``torch.cat``,
 ``Tensor.add_``, ...), with module hooks naming the outputs per call (``layer3.1.relu_1``), so
 branches, residual additions, concatenations, reused modules and functional ops all appear as they
-run. Per spatial axis, intervals of positions go down the graph (receptive field: the union over all
+run. That traced graph (:func:`graph_of`, cached per model and input size) is the package's one
+record of what a model runs: the layers it has (:func:`layer_calls`), their shapes, and the
+geometry below; :func:`replay` reruns it on an image, keeping every op's output. Per spatial axis, intervals of positions go down the graph (receptive field: the union over all
 paths) or up it (affected region), through convolutions (stride, padding, dilation, per axis),
 max/avg pools, adaptive pools, and ops that act per position (ReLU and other activations, eval-mode
 BatchNorm, LRN, dropout, additions, products, channel concatenations; a size-1 map broadcast over a
@@ -19,7 +21,7 @@ import math
 import operator
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import UserError
-from .probe import hooks, input_channels, module_calls, resolve
+from .probe import LayerCall, hooks, input_channels, module_calls, resolve
 
 Interval = tuple[int, int]  # inclusive (lo, hi) along one axis
 
@@ -117,14 +119,30 @@ class Node:
         return f"{name} ({self.names[0]})" if self.names else name
 
 
+@dataclass(frozen=True)
+class Call:
+    """A module call of the traced pass whose output is a tensor: its per-call ``name``, the
+    ``module``'s own name (as ``named_modules`` gives it) and class name ``type``, the output's
+    ``shape`` (batch dimension included), and ``node``, the node that output is (None where it is not
+    a traced tensor, e.g. a constant the module made)."""
+
+    name: str
+    module: str
+    type: str
+    shape: tuple
+    node: int | None
+
+
 @dataclass
 class Graph:
     """The traced forward pass: nodes in execution order (node 0 the input), per-call layer names,
-    the output node."""
+    the output node (None where the model's output is not a traced tensor), and every module call
+    whose output is a tensor, in the order the calls returned."""
 
     nodes: list[Node]
     names: dict[str, int]
-    output: int
+    output: int | None
+    calls: list[Call] = field(default_factory=list)
 
     def node(self, model: nn.Module, layer: str) -> Node:
         """The node whose output is the layer called ``layer`` (per-call name)."""
@@ -248,12 +266,23 @@ class _Tracer(TorchFunctionMode):
 def trace(model: nn.Module, x: torch.Tensor, keep_values: bool = False) -> Graph:
     """Trace one forward pass of ``model`` on ``x`` (no grad). With ``keep_values`` every node keeps
     its output as it was produced (what incremental occlusion pastes around its windows)."""
+    return _with_output(_record(model, x, keep_values))
+
+
+def _record(model: nn.Module, x: torch.Tensor, keep_values: bool) -> Graph:
+    """The traced pass, whatever the model's output is (``output`` None where it is not a traced
+    tensor)."""
     tracer = _Tracer(keep_values)
     names: dict[str, int] = {}
+    calls: list[Call] = []
+    modules = {id(m): n for n, m in model.named_modules()}
 
-    def name_output(name, _module, _inputs, output):
-        if isinstance(output, torch.Tensor) and id(output) in tracer.ids:
-            index = tracer.ids[id(output)]
+    def name_output(name, module, _inputs, output):
+        if not isinstance(output, torch.Tensor):
+            return
+        index = tracer.ids.get(id(output))  # traced tensors stay alive: no other tensor has their id
+        calls.append(Call(name, modules[id(module)], type(module).__name__, tuple(output.shape), index))
+        if index is not None:
             tracer.nodes[index].names.append(name)
             names.setdefault(name, index)
 
@@ -262,9 +291,14 @@ def trace(model: nn.Module, x: torch.Tensor, keep_values: bool = False) -> Graph
     with torch.no_grad(), hooks(module_calls(model, name_output)):
         with tracer:
             out = model(x)
-    if not isinstance(out, torch.Tensor) or id(out) not in tracer.ids:
+    output = tracer.ids.get(id(out)) if isinstance(out, torch.Tensor) else None
+    return Graph(tracer.nodes, names, output, calls)
+
+
+def _with_output(graph: Graph) -> Graph:
+    if graph.output is None:
         raise UserError("the model's output is not a tensor computed from its input; geometry needs one tensor")
-    return Graph(tracer.nodes, names, tracer.ids[id(out)])
+    return graph
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -282,17 +316,25 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def graph_of(model: nn.Module, input_hw) -> Graph:
-    """The traced graph (without values) for an input of ``input_hw`` (rows, cols) or a square size;
-    cached per model, input size, module layout, and the identity, dtype, device and version
-    (in-place changes) of its parameters and buffers: the graph's arguments hold tensors the forward
-    pass used, so a replay of it computes with the weights as they are now. Not in the key: forward
-    hooks (other threads' passes register and remove theirs while a model is shared)."""
+def graph_of(model: nn.Module, input_hw, channels: int | None = None) -> Graph:
+    """The traced graph (without values) for an input of ``input_hw`` (rows, cols) or a square size
+    and ``channels`` (default :func:`probe.input_channels`), traced in eval mode on zeros; cached per
+    model, input shape, module layout, and the identity, dtype, device and version (in-place
+    changes) of its parameters and buffers: the graph's arguments hold tensors the forward pass
+    used, so a replay of it computes with the weights as they are now. Not in the key: forward hooks
+    (other threads' passes register and remove theirs while a model is shared). A
+    :class:`UserError` where the model's output is not a tensor computed from its input."""
+    return _with_output(_traced(model, input_hw, channels))
+
+
+def _traced(model: nn.Module, input_hw, channels: int | None = None) -> Graph:
+    """:func:`graph_of`'s cached trace, whatever the model's output is."""
     h, w = _hw(input_hw)
+    channels = input_channels(model) if channels is None else int(channels)
     layout = tuple((n, id(m)) for n, m in model.named_modules())
     tensors = tuple((id(t), t.dtype, t.device, _version(t)) for t in [*model.parameters(), *model.buffers()])
     per_model = _CACHE.setdefault(model, {})
-    key = (h, w, layout, tensors)
+    key = (channels, h, w, layout, tensors)
     if key not in per_model:
         like = next(model.parameters(), torch.zeros(()))
         was_training = model.training
@@ -300,11 +342,46 @@ def graph_of(model: nn.Module, input_hw) -> Graph:
         try:
             per_model.clear()
             with torch.inference_mode(False):  # constants made in the forward pass can take part in autograd
-                per_model[key] = trace(model, torch.zeros(1, input_channels(model), h, w, dtype=like.dtype,
-                                                          device=like.device))
+                per_model[key] = _record(model, torch.zeros(1, channels, h, w, dtype=like.dtype, device=like.device),
+                                         keep_values=False)
         finally:
             model.train(was_training)
     return per_model[key]
+
+
+def layer_calls(model: nn.Module, input_hw, channels: int | None = None) -> list[LayerCall]:
+    """Every module call of the traced forward pass (:func:`graph_of`, at an input of ``input_hw``
+    and ``channels``) whose output is a tensor, leaves and containers (``layer2``, ``features``)
+    alike, in the order their outputs are produced: per-call name, module, class name, and output
+    shape without the batch dimension."""
+    modules = dict(model.named_modules())
+    return [LayerCall(c.name, modules[c.module], c.type, c.shape[1:]) for c in _traced(model, input_hw, channels).calls]
+
+
+def replay(graph: Graph, x: torch.Tensor) -> Graph:
+    """The graph's ops run again on ``x`` (of the traced input's shape; no hooks, under the caller's
+    grad mode), every node keeping its output as it was produced, as :func:`trace` with
+    ``keep_values`` keeps them (in-place ops run on copies of their arguments, so no kept value and
+    no tensor of the model changes). The ops are those traced: where the model's forward pass on
+    ``x`` would run others (it branches on values, or reads a number out of a tensor), the replay
+    does not follow it, so a caller that needs the model's own values compares the output with a
+    forward pass."""
+    if tuple(x.shape) != graph.nodes[0].shape:
+        raise ValueError(f"the graph was traced on {graph.nodes[0].shape}, not {tuple(x.shape)}")
+    last_use = {i: n.index for n in graph.nodes for i in n.inputs}
+    outputs: dict[int, Any] = {0: x.detach()}
+    nodes = [replace(graph.nodes[0], value=outputs[0].clone())]
+    for node in graph.nodes[1:]:
+        args, kwargs = tree_map(lambda a: outputs[a.index] if isinstance(a, Ref) else a, (node.args, node.kwargs))
+        if node.inplace:
+            args, kwargs = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, (args, kwargs))
+        out = outputs[node.index] = node.func(*args, **kwargs)
+        value = out.detach().clone() if node.shape is not None else None
+        nodes.append(replace(node, value=value))
+        for i in node.inputs:
+            if last_use.get(i) == node.index:
+                del outputs[i]
+    return Graph(nodes, graph.names, graph.output, graph.calls)
 
 
 def unpadded(node: Node, x: torch.Tensor, conv2d=F.conv2d) -> torch.Tensor:
@@ -414,7 +491,7 @@ def measured_box(model: nn.Module, layer: str, y: int, x: int, input_hw, samples
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         gen = torch.Generator().manual_seed(0)
-        with torch.inference_mode(False), torch.enable_grad():  # also when called under inference mode (top_k)
+        with torch.inference_mode(False), torch.enable_grad():  # also when called under inference mode (topk_pass)
             x_in = torch.randn(samples, input_channels(model), h, w, generator=gen).to(device).requires_grad_(True)
             out = apply_at(model, x_in, layer, lambda _n, o: o)[layer]
             (grad,) = torch.autograd.grad(out[:, :, y, x].pow(2).sum(), x_in)

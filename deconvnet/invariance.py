@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._analysis import features, output_layer
+from ._analysis import callable_module, features
 from .data import Preprocess
 from .errors import UserError
-from .features import layer_output
 from .figures import finish, new_figure
 from .findings import Finding, pct
 
@@ -82,18 +81,32 @@ def transform(raw: torch.Tensor, kind: str, amount: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def invariance(model: nn.Module, raw: torch.Tensor, labels, preprocess: Preprocess, layers: list[str] | None = None,
+def invariance(model, images, labels=None, layers: list[str] | None = None,
                amounts: dict[str, list[float]] | None = None) -> Invariance:
-    """Fig. 5 for raw images ``raw`` (N, C, S, S) at the stored size with true ``labels`` (N,).
+    """Fig. 5 for ``images`` under vertical translation, scale and rotation (Sec. 4).
 
     Args:
-        preprocess: turns raw images into the model's input (the checkpoint's).
-        layers: the low and high layer, default the outputs of layers 1 and 7 (``norm1``, ``relu7``).
+        model: the model under study (:class:`~deconvnet.subject.Subject`), or an ``nn.Module``
+            wrapped by :func:`~deconvnet.subject.as_subject`.
+        images: image files or uint8 pixels (N, C, H, W), transformed then preprocessed; or a float
+            tensor, the model's input as it is, transformed as it is (:meth:`Subject.inputs`).
+        labels: each image's true class (model index), None where unknown; default (and for None)
+            the model's answer on the untransformed image.
+        layers: the low and high layer, default layers 1 and 7 (ours: ``norm1``, ``relu7``).
         amounts: per kind in ``KINDS``, the amounts to sweep; default :func:`default_amounts`.
     """
-    layers = list(layers) if layers else [layer_output(model, 1), layer_output(model, 7)]
-    if None in layers:
-        raise UserError("this model lacks layer 1 or 7; name the layers to compare")
+    from .subject import as_subject
+
+    subject = as_subject(model, like=images)
+    model, preprocess = subject.model, subject.preprocess
+    raw, to_input = subject.inputs(images)
+    given = [None] * len(raw) if labels is None else [None if y is None else int(y) for y in labels]
+    if len(given) != len(raw):
+        raise UserError(f"{len(given)} labels for {len(raw)} images")
+    if None in given:
+        given = [p if y is None else y for y, p in zip(given, subject.predict(raw, to_input))]
+    labels = given
+    layers = subject.layers(layers, [1, 7])
     if len(layers) != 2:
         raise UserError(f"name two layers, a low and a high one; got {layers}")
     amounts = default_amounts(preprocess.input_size) if amounts is None else amounts
@@ -101,15 +114,15 @@ def invariance(model: nn.Module, raw: torch.Tensor, labels, preprocess: Preproce
     if unknown:
         raise UserError(f"unknown transform(s) {sorted(unknown)}; use {', '.join(KINDS)}")
     labels = torch.as_tensor(labels, dtype=torch.long)
-    out = output_layer(model)
+    out = subject.output
     wanted = list(dict.fromkeys(layers + [out]))
-    clean = features(model, preprocess.eval(raw), wanted)
+    clean = features(model, to_input(raw), wanted)
     distance, probability = {}, {}
     for kind, values in amounts.items():
         d: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
         p = []
         for a in values:  # one amount at a time: memory grows with the images, not with the sweep
-            f = features(model, preprocess.eval(transform(raw, kind, a)), wanted)
+            f = features(model, to_input(transform(raw, kind, a)), wanted)
             for name in layers:
                 d[name].append((f[name] - clean[name]).norm(dim=1))
             p.append(torch.softmax(f[out], dim=1)[torch.arange(len(raw)), labels])
@@ -247,3 +260,6 @@ def draw_invariance(result: Invariance, path=None, classes: list[str] | None = N
         row[2].set_ylim(-0.02, 1.02)
     axes[0, 2].legend(fontsize=7)
     return finish(fig, path)
+
+
+callable_module(__name__, invariance)

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 
-from .data import Preprocess, Source
-from .features import feature_grid, feature_layers, fit_linear, layer_features, per_class_folds
+from ._analysis import callable_module
+from .features import fit_linear, pooled_features, per_class_folds
 from .runner import progress
 from .figures import finish, new_figure
 from .findings import Finding, unmeasured
@@ -32,7 +31,7 @@ PER_CLASS = (15, 30)  # Table 7 reports Caltech-101 at 30 and Caltech-256 at 60 
 
 
 @dataclass
-class LayerResult:
+class LayerFeatures:
     """``scores[(classifier, n_per_class, layer)]`` = per-fold mean class accuracies (0-1)."""
 
     target: str
@@ -61,37 +60,45 @@ class LayerResult:
         return "\n".join(lines)
 
 
-def layer_analysis(model: nn.Module, preprocess: Preprocess, target: Source, per_class=PER_CLASS,
-                   folds: int = 5, n_test: int = 50, exclude=(), seed: int = 0,
-                   layers: dict[int, str] | None = None, grid: int | None = None,
-                   pretrain_data: str = "") -> LayerResult:
-    """Table 7: a linear SVM and a softmax on the features of every layer 1..7 the model has.
+def layer_features(model, target, per_class=PER_CLASS, folds: int = 5, n_test: int = 50, exclude=(), seed: int = 0,
+                   pretrain_data: str = "") -> LayerFeatures:
+    """Table 7: a linear SVM and a softmax on the features of every numbered layer 1..7 of the model
+    (ours: Fig. 3's layers; any other model: its stages and its penultimate layer), spatial maps
+    max-pooled to the model's smallest numbered map (:meth:`Subject.feature_grid`).
 
-    ``exclude`` holds target indices never used (images found in the pretraining set, Sec. 5.2).
-    ``layers`` (layer number -> name) and ``grid`` (the spatial size maps are max-pooled to) default
-    to our models' Fig. 3 layers and their top conv output; give both for other models.
+    Args:
+        model: the model under study (:class:`~deconvnet.subject.Subject`), or an ``nn.Module``
+            wrapped by :func:`~deconvnet.subject.as_subject`.
+        target: a data spec or an open source (labelled).
+        exclude: target indices never used (images found in the pretraining set, Sec. 5.2).
+        pretrain_data: what the model was trained on (names the setting in the readings).
     """
-    layers = feature_layers(model) if layers is None else layers
-    grid = feature_grid(model) if grid is None else grid
+    from .subject import as_subject
+
+    subject = as_subject(model)
+    target = subject.open_data(target) if isinstance(target, str) else target
+    layers = dict(subject.layer_numbers)
+    subject.layers(None, sorted(layers))  # says the choice on stderr for a model that is not ours
     labels = target.labels.numpy()
     splits = {n: per_class_folds(labels, n, folds, n_test, seed, exclude) for n in per_class}
-    feats = layer_features(model, preprocess, target, np.arange(len(labels)), list(layers.values()), grid)
-    result = LayerResult(target.name, layers, list(per_class), folds,
-                         {n: int(feats[name].shape[1]) for n, name in layers.items()},
-                         excluded=sorted(int(i) for i in exclude), pretrain_data=pretrain_data)
+    feats = pooled_features(subject.model, subject.preprocess, target, np.arange(len(labels)), list(layers.values()),
+                            subject.feature_grid())
+    result = LayerFeatures(target.name, layers, list(per_class), folds,
+                           {n: int(feats[name].shape[1]) for n, name in layers.items()},
+                           excluded=sorted(int(i) for i in exclude), pretrain_data=pretrain_data)
     jobs = [(kind, n, layer) for n in per_class for layer in layers for kind in CLASSIFIERS]
     for kind, n, layer in progress(jobs, desc="layers", unit="fit"):
         result.scores[(kind, n, layer)] = [fit_linear(kind, feats[layers[layer]], labels, s, seed) for s in splits[n]]
     return result
 
 
-def _layer_difference(result: LayerResult, kind: str, n: int, top: int, lower: int) -> tuple[float, tuple | None]:
+def _layer_difference(result: LayerFeatures, kind: str, n: int, top: int, lower: int) -> tuple[float, tuple | None]:
     """Layer ``top`` minus layer ``lower`` (points), paired by fold: both are scored on the same splits."""
     return difference_interval(100 * np.asarray(result.scores[(kind, n, top)]),
                                100 * np.asarray(result.scores[(kind, n, lower)]))
 
 
-def layer_features_findings(result: LayerResult) -> list[Finding]:
+def layer_features_findings(result: LayerFeatures) -> list[Finding]:
     """Table 7's claim, accuracy rises with depth, at the largest N (Table 7's 30/class column), as three
     quantities paired by fold (t interval over folds):
 
@@ -144,7 +151,7 @@ def layer_features_findings(result: LayerResult) -> list[Finding]:
     return out
 
 
-def layer_features_to_json(result: LayerResult) -> dict:
+def layer_features_to_json(result: LayerFeatures) -> dict:
     """Table 7 (mean, std, folds in %) and the findings, ready for ``json.dump``."""
     table = {}
     for kind in CLASSIFIERS:
@@ -161,7 +168,7 @@ def layer_features_to_json(result: LayerResult) -> dict:
             "table": table, "findings": to_findings_json(layer_features_findings(result))}
 
 
-def draw_layer_features(result: LayerResult, path=None) -> Figure:
+def draw_layer_features(result: LayerFeatures, path=None) -> Figure:
     """Accuracy against the layer the classifier sits on, per classifier and N (Table 7 as a figure)."""
     fig, ax = new_figure(figsize=(6, 4))
     layers = list(result.layers)
@@ -176,3 +183,6 @@ def draw_layer_features(result: LayerResult, path=None) -> Figure:
     ax.set_title(f"Per-layer features on {result.target}, cf. Table 7", fontsize=10)
     ax.legend(fontsize=8)
     return finish(fig, path)
+
+
+callable_module(__name__, layer_features)

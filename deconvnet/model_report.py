@@ -1,24 +1,23 @@
 """``deconvnet report``: the paper's per-image and per-dataset sections for the user's own model and data.
 
 Fig. 2 (top-9 activations projected), Fig. 5 (invariance), Fig. 7 (occlusion) and, given a target
-data set, Table 7 (per-layer linear probes) for any model under study, as one self-contained HTML
-page. Each section is one command of :mod:`deconvnet.commands` run as a cached step, as ``reproduce``
-runs the paper: a rerun redoes only the steps whose options, input files (weights, model file) or
-source changed.
+data set, Table 7 (per-layer linear probes) for any model under study: the same pipeline as
+``reproduce`` (:func:`deconvnet.report.build`) over the sections a user's model supports. Each
+section is one command of :mod:`deconvnet.commands` run as a cached step: a rerun redoes only the
+steps whose options, input files (weights, model file) or source changed.
 """
 from __future__ import annotations
 
+import dataclasses
 import html
-import platform
-import sys
-import time
+import json
 from pathlib import Path
 
 from . import commands
 from .commands import command_line
 from .errors import UserError
-from .report import STYLE, section_html, summary_html
-from .runner import Step, atomic_write_text, run_step
+from .report import build
+from .runner import Step
 from .sections import BY_STEP
 
 STEPS = ("fig2", "fig5", "fig7", "table7")  # the sections of the paper that run on any model and data
@@ -46,51 +45,24 @@ def plan(model: dict, inputs: list[str], data: str, images: int, limit: int | No
 def model_report(out: str | Path, model: dict, inputs: list[str], data: str, description: dict,
                  images: int = 30, limit: int | None = None, target: str | None = None) -> Path:
     """Run the steps (cached) and write ``out/index.html``; returns its path."""
+    import time
+
     if images < 1:
         raise UserError(f"--images must be at least 1, got {images}")
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     steps = plan(model, [str(Path(f).resolve()) for f in inputs], data, images, limit, target)
-    records, started = {}, time.time()
-    for i, step in enumerate(steps, 1):
-        records[step.name] = run_step(step, root, f"[{i}/{len(steps)}]")
-    index = write_page(root, steps, records, description, data, target)
+    sections = [BY_STEP[name] for name in STEPS if name != "table7"]
+    table7 = BY_STEP["table7"]
+    sections.append(table7 if target else dataclasses.replace(table7, offline=(
+        "Give a labelled target data set (one folder per class) for per-layer linear probes:",
+        "deconvnet report ... --target folder:PATH")))
+    intro = (f"<p>The analyses of Zeiler &amp; Fergus (ECCV 2014) run by <code>deconvnet report</code> on your "
+             "model and images: top activations projected to pixels (Fig. 2), invariance (Fig. 5), occlusion "
+             "sensitivity (Fig. 7) and, with a target data set, per-layer features (Table 7). Layers: "
+             f"{html.escape(', '.join(description['stages']))}.</p>")
+    details = f"<p>Model:</p><pre>{html.escape(json.dumps(description, indent=1))}</pre>"
+    started = time.time()
+    index = build(root, steps, sections, f"{description['model']} on {data}", intro, lambda: details)
     print(f"report: {index}  ({time.time() - started:.0f} s in all)", flush=True)
-    return index
-
-
-def write_page(root: Path, steps: list[Step], records: dict, description: dict, data: str, target: str | None) -> Path:
-    """One HTML page, figures embedded, written atomically."""
-    import json
-
-    import torch
-
-    from . import __version__
-
-    body = [section_html(root, BY_STEP[step.name], step.command) for step in steps]
-    if not target:
-        body.append('<section id="table7"><h2>Table 7: Features of each layer</h2><p>Give a labelled target '
-                    "data set (<code>--target folder:PATH</code>, one folder per class) for per-layer linear probes."
-                    "</p></section>")
-    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{r['seconds']:.0f} s</td><td>{html.escape(r['finished'])}</td></tr>"
-                   for name, r in records.items())
-    model = html.escape(json.dumps(description, indent=1))
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>deconvnet report: {html.escape(description['model'])}</title>
-{STYLE}</head><body>
-<h1>{html.escape(description['model'])} on {html.escape(data)}</h1>
-<p>The analyses of Zeiler &amp; Fergus (ECCV 2014) run by <code>deconvnet report</code> on your model and images:
-top activations projected to pixels (Fig. 2), invariance (Fig. 5), occlusion sensitivity (Fig. 7) and, with a
-target data set, per-layer features (Table 7). Layers: {html.escape(', '.join(description['stages']))}.</p>
-{summary_html(root, [BY_STEP[step.name] for step in steps])}
-{''.join(body)}
-<section id="run"><h2>Run</h2>
-<p>Command: <code>{html.escape(' '.join(sys.argv))}</code></p>
-<table><tr><th>step</th><th>wall-clock</th><th>finished</th></tr>{rows}</table>
-<p>Model:</p><pre>{model}</pre>
-<p>Versions: deconvnet {__version__}, Python {platform.python_version()}, torch {torch.__version__}, {html.escape(platform.platform())}</p>
-</section></body></html>
-"""
-    index = root / "index.html"
-    atomic_write_text(index, page)
     return index

@@ -4,7 +4,8 @@ position, (b) the total activation of the feature map that is strongest on the u
 projection of that map's strongest activation.
 
 Exact and incremental, as in Krypton (Nakandala et al., SIGMOD 2019), on any graph the model runs:
-the unoccluded image runs once through :func:`geometry.trace`, keeping every op's output; then, per
+the unoccluded image runs once through the model's traced graph (:func:`geometry.replay`), keeping
+every op's output; then, per
 batch of squares, each op recomputes only the window of its map the square can reach
 (:func:`geometry.reach`) and reads the clean activations elsewhere. Squares are batched with
 others of similar reach (near a border a square reaches less), as a batch pays per square for its
@@ -31,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ._analysis import eval_mode, strongest_units, to_rgb
+from ._analysis import callable_module, eval_mode, strongest_units, to_rgb
 from .deconvnet import Deconvnet, contrast_stretch
 from .errors import UserError
 from .findings import Finding
-from .geometry import Graph, Node, Ref, _bound, reach, trace, unit_box, unpadded
+from .geometry import Graph, Node, Ref, _bound, graph_of, reach, replay, trace, unit_box, unpadded
 from .probe import hooks, resolve
 from .figures import finish, heatmap_pixels, label_colors, new_figure
 
@@ -74,7 +75,7 @@ class Occlusion:
     recomputed: float | None = None  # share of the forward pass's multiply-adds recomputed per square
 
 
-def occlusion(model: nn.Module, image: torch.Tensor, target: int | None = None, size: int | None = None,
+def occlude_image(model: nn.Module, image: torch.Tensor, target: int | None = None, size: int | None = None,
               stride: int | None = None, layer: str = "conv5", fill=None,
               other_activations: str = "error") -> Occlusion:
     """Occlusion maps of Fig. 7 for ``image`` (C, H, W), in the model's input space.
@@ -106,7 +107,7 @@ def occlusion(model: nn.Module, image: torch.Tensor, target: int | None = None, 
     resolve(model, layer)
 
     with eval_mode(model), torch.no_grad():
-        graph = trace(model, image[None], keep_values=True)
+        graph = _clean_pass(model, image)
         node = graph.node(model, layer)
         if not node.spatial:
             raise UserError(f"layer {layer!r} has no feature maps (output shape {node.shape})")
@@ -144,6 +145,25 @@ def occlusion(model: nn.Module, image: torch.Tensor, target: int | None = None, 
         image=image, target=target, layer=layer, size=size, stride=stride,
         clean_activity=float(maps[feature].sum()), clean_probability=float(torch.softmax(logits, 0)[target]),
         clean_label=int(logits.argmax()), projection_missing=missing, method=method, recomputed=recomputed)
+
+
+def _clean_pass(model: nn.Module, image: torch.Tensor) -> Graph:
+    """The model's graph with every op's output on the unoccluded ``image`` (C, H, W), in eval mode
+    and without grad: the cached graph (:func:`geometry.graph_of`) replayed on the image, when the
+    replay's output equals a forward pass of the model bit for bit.
+
+    Otherwise (rare: the forward pass branches on values, or reads a number out of a tensor, so the
+    graph traced on zeros is not the one the image runs; or the model cannot be traced on zeros)
+    the image gets its own :func:`geometry.trace` with ``keep_values``: a second, module-hooked
+    pass, which records the ops this image really runs (and raises what tracing it raises)."""
+    x = image[None]
+    try:
+        graph = replay(graph_of(model, tuple(image.shape[1:]), channels=image.shape[0]), x)
+        if torch.equal(graph.nodes[graph.output].value, model(x)):
+            return graph
+    except Exception:  # noqa: BLE001 - the image's own trace says what is wrong, or follows the model
+        pass
+    return trace(model, x, keep_values=True)
 
 
 def _occluded(image: torch.Tensor, positions, size: int, fill: torch.Tensor) -> torch.Tensor:
@@ -705,3 +725,36 @@ def draw_occlusion(result: Occlusion, path=None, picture: torch.Tensor | None = 
         ax.set_xticks([])
         ax.set_yticks([])
     return finish(fig, path)
+
+
+def occlusion(model, images, targets=None, size: int | None = None, stride: int | None = None,
+              layer: str | None = None, fill=None) -> list[Occlusion]:
+    """Fig. 7 for each of ``images``: the occluder's effect on the strongest feature map of ``layer``
+    and on the class probability (Sec. 4.2).
+
+    Args:
+        model: the model under study (:class:`~deconvnet.subject.Subject`), or an ``nn.Module``
+            wrapped by :func:`~deconvnet.subject.as_subject` (ImageNet preprocessing at 224 px).
+        images: image files or uint8 pixels (N, C, H, W) / (C, H, W), preprocessed by the model's
+            preprocessing; or a float tensor, the model's input as it is (:meth:`Subject.inputs`).
+        targets: the class mapped in panel (d), one per image or one for all; default each image's
+            predicted class.
+        size, stride, fill: as in :func:`occlude_image` (default the paper's 35 and 14 at 224 px).
+        layer: default the model's top stage (``conv5`` for ours; ``layer4`` for a ResNet).
+    """
+    from .subject import as_subject
+
+    subject = as_subject(model, like=images)
+    pixels, to_input = subject.inputs(images)
+    layer = subject.layers(layer)[-1]
+    if targets is None or isinstance(targets, int):
+        targets = [targets] * len(pixels)
+    targets = list(targets)
+    if len(targets) != len(pixels):
+        raise UserError(f"{len(targets)} targets for {len(pixels)} images")
+    return [occlude_image(subject.model, x, target, size=size, stride=stride, layer=layer, fill=fill,
+                          other_activations=subject.other_activations)
+            for x, target in zip(to_input(pixels), targets)]
+
+
+callable_module(__name__, occlusion)

@@ -23,7 +23,8 @@ from .errors import UserError
 @dataclass(frozen=True)
 class LayerCall:
     """One call of a module in a forward pass: its per-call ``name``, the ``module``, its class name
-    ``type`` and its output ``shape`` without the batch dimension."""
+    ``type`` and its output ``shape`` without the batch dimension (:func:`geometry.layer_calls` lists
+    them from the traced graph)."""
 
     name: str
     module: nn.Module
@@ -96,21 +97,6 @@ def input_channels(model: nn.Module) -> int:
     """The channels a model takes: those of its first convolution (3 when it has none)."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return conv.in_channels if conv is not None else 3
-
-
-@torch.no_grad()
-def layer_calls(model: nn.Module, x: torch.Tensor) -> list[LayerCall]:
-    """Every module call of one forward pass on ``x`` whose output is a tensor, leaves and containers
-    (``layer2``, ``features``) alike, in the order their outputs are produced (no grad)."""
-    calls: list[LayerCall] = []
-
-    def record(name, module, _inputs, output):
-        if isinstance(output, torch.Tensor):
-            calls.append(LayerCall(name, module, type(module).__name__, tuple(output.shape[1:])))
-
-    with hooks(module_calls(model, record)):
-        model(x)
-    return calls
 
 
 def apply_at(model: nn.Module, x: torch.Tensor, layers: list[str] | str,

@@ -1,5 +1,8 @@
-"""The HTML report of ``deconvnet reproduce``: one section per entry of :data:`deconvnet.sections.SECTIONS`,
-in the paper's order, each rendered from its step's figures and findings.
+"""The one report pipeline of ``deconvnet reproduce`` (the paper on our trained models) and ``deconvnet
+report`` (the sections a user's model supports): :func:`build` runs the steps (cached, resumable) and
+writes one page, the summary of findings first, then one section per entry of
+:data:`deconvnet.sections.SECTIONS` in the paper's order, each rendered from its step's figures and
+findings, then the run's details.
 
 Self-contained (figures are embedded as data URIs), so ``index.html`` opens from disk with no server,
 and written atomically.
@@ -11,11 +14,12 @@ import html
 import json
 import platform
 from pathlib import Path
+from typing import Callable
 
 from .checkpoint import read_checkpoint
 from .findings import interval_text
-from .runner import atomic_write_text
-from .sections import SECTIONS, Section
+from .runner import Step, atomic_write_text, run_step
+from .sections import Section
 
 STYLE = """<style>
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -144,44 +148,46 @@ def _train_section(run: Path) -> str:
             f"<th>val top-5</th><th>s</th></tr>{rows}</table>")
 
 
-def write_report(root: Path, records: dict, budget: str, argv: list[str]) -> Path:
-    """Write ``root/index.html`` atomically from the steps' outputs; returns its path."""
+def build(root: Path, steps: list[Step], sections: list[Section], heading: str, intro: str,
+          details: Callable[[], str], estimates: dict | None = None) -> Path:
+    """Run ``steps`` in order (cached: a rerun redoes only what changed or did not finish; ``estimates``:
+    seconds per step, for the progress line) and write ``root/index.html`` from their outputs
+    (``details()``: the run section's details, read once the steps are done)."""
+    records = {}
+    for i, step in enumerate(steps, 1):
+        records[step.name] = run_step(step, root, f"[{i}/{len(steps)}]", (estimates or {}).get(step.name))
+    return write_report(root, sections, records, heading, intro, details())
+
+
+def write_report(root: Path, sections: list[Section], records: dict, heading: str, intro: str, details: str) -> Path:
+    """Write ``root/index.html`` atomically: ``heading``, ``intro`` (HTML), the summary table, the
+    ``sections`` (from the steps' outputs in ``root``), and the run (``details`` HTML, each step's command
+    line and time, the versions); returns its path."""
+    import sys
+
     import numpy
     import torch
 
     from . import __version__
 
-    body = [section_html(root, section) for section in SECTIONS]
+    body = [section_html(root, s, records[s.step]['command'] if s.step in records else None) for s in sections]
     rows = "".join(f"<tr><td>{html.escape(name)}</td><td><code>{html.escape(r['command'])}</code></td>"
                    f"<td>{r['seconds']:.0f} s</td><td>{html.escape(r['finished'])}</td></tr>"
                    for name, r in records.items())
-    config = (root / "train" / "config.json").read_text()
-    sizing = ""
-    if (root / "budget.json").is_file():  # reproduce's default budget: sized from this machine's speed
-        demo = json.loads((root / "budget.json").read_text())
-        speed = demo["speed"]
-        sizing = (f"<p>Budget: {demo['minutes']:g} minutes in all. This machine ({html.escape(speed.get('cpu', '?'))}) "
-                  f"measured {speed['train_images_per_s']:,.0f} training and {speed['eval_images_per_s']:,.0f} "
-                  f"evaluation images/s ({html.escape(speed['precision'])}, {speed['threads']} thread(s)); every "
-                  f"step was sized from that (the --time-budget, --limit and --scratch-steps below), so a faster "
-                  f"or slower machine trains longer or shorter and its numbers differ.</p>")
     versions = (f"deconvnet {__version__}, Python {platform.python_version()}, torch {torch.__version__}, "
                 f"numpy {numpy.__version__}, {platform.platform()}")
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>deconvnet: Zeiler &amp; Fergus 2014, reproduced</title>
+<html lang="en"><head><meta charset="utf-8"><title>deconvnet: {html.escape(heading)}</title>
 {STYLE}</head><body>
-<h1>Visualizing and Understanding Convolutional Networks, reproduced</h1>
-<p>Zeiler &amp; Fergus (ECCV 2014), run by <code>deconvnet reproduce</code> ({html.escape(budget)} budget) on the
-embedded data. Each section shows our figure, our numbers beside the paper's, and whether its claim held at
-this scale, with its 95% interval and sample size.</p>
-{summary_html(root, SECTIONS)}
+<h1>{html.escape(heading)}</h1>
+{intro}
+{summary_html(root, sections)}
 {''.join(body)}
 <section id="run"><h2>Run</h2>
-<p>Command: <code>{html.escape(' '.join(['deconvnet', *argv[1:]]))}</code></p>
-{sizing}
+<p>Command: <code>{html.escape(' '.join(['deconvnet', *sys.argv[1:]]))}</code></p>
+{details}
 <table><tr><th>step</th><th>command</th><th>wall-clock</th><th>finished</th></tr>{rows}</table>
 <p>Versions: {html.escape(versions)}</p>
-<p>Training config (seed included):</p><pre>{html.escape(config)}</pre>
 </section></body></html>
 """
     index = root / "index.html"

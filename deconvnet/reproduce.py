@@ -9,9 +9,9 @@ report, one section per entry of :data:`deconvnet.sections.SECTIONS`.
 """
 from __future__ import annotations
 
+import html
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from . import commands
 from .commands import command_line
 from .data import SPLIT_A, SPLIT_B, subset_spec
 from .errors import UserError
-from .runner import Step, atomic_write_json, format_seconds, run_step
+from .report import build
+from .runner import Step, atomic_write_json, format_seconds
 from .sections import SECTIONS
 
 # Budgets, as options of each step's command: "quick" is what the tests run end to end (about a minute);
@@ -30,12 +31,12 @@ BUDGETS = {
               "fig2": dict(limit=500, maps=4),
               "fig4": dict(limit=300, maps=3, probe=200),
               "fig5": dict(count=10),
-              "fig6-runs": dict(limit=1000, epochs=1, no_ten_crop=True),
+              "fig6-runs": dict(limit=1000, epochs=1, final_ten_crop=False),
               "fig6": dict(limit=300, maps=8),
               "fig7": dict(count=10, draw=2),
               "table1": dict(count=10, repeats=2),
               "table3": dict(limit=500, epochs=1, baseline_seeds=[1, 2]),
-              "pretrain-a": dict(limit=1000, epochs=1, no_ten_crop=True),
+              "pretrain-a": dict(limit=1000, epochs=1, final_ten_crop=False),
               "tables4-5": dict(per_class=[1, 5], folds=2, scratch_steps=30),
               "tables4-5-digits": dict(per_class=[1, 5], folds=2, scratch_steps=30),
               "table7": dict(per_class=[5], folds=2),
@@ -44,12 +45,12 @@ BUDGETS = {
                 "fig2": dict(maps=9),
                 "fig4": dict(limit=2000, maps=5, probe=500),
                 "fig5": dict(count=200),  # the findings over 200 test images, 5 drawn
-                "fig6-runs": dict(epochs=3, no_ten_crop=True),  # + time_budget (sized)
+                "fig6-runs": dict(epochs=3, final_ten_crop=False),  # + time_budget (sized)
                 "fig6": dict(limit=1000, maps=16),
                 "fig7": dict(count=200, draw=5, size=8, stride=2),  # statistics over 200, panels of 5
                 "table1": dict(count=30),  # 30 sneakers: 435 pairs
                 "table3": dict(epochs=3, lr=0.02, baseline_seeds=[1, 2]),  # + limit (sized)
-                "pretrain-a": dict(no_ten_crop=True),  # + time_budget (sized)
+                "pretrain-a": dict(final_ten_crop=False),  # + time_budget (sized)
                 "tables4-5": {},  # + scratch_steps (sized)
                 "tables4-5-digits": dict(per_class=[1, 5, 15]),  # + scratch_steps (sized)
                 "table7": {},
@@ -58,12 +59,12 @@ BUDGETS = {
              "fig2": dict(maps=16),
              "fig4": dict(limit=10000, maps=8, probe=1000),
              "fig5": dict(count=1000),
-             "fig6-runs": dict(epochs=12, no_ten_crop=True),
+             "fig6-runs": dict(epochs=12, final_ten_crop=False),
              "fig6": dict(limit=5000, maps=16),
              "fig7": dict(count=1000, draw=5, size=8, stride=2),
              "table1": dict(count=100, repeats=10),
              "table3": dict(epochs=12, baseline_seeds=[1, 2]),
-             "pretrain-a": dict(epochs=30, no_ten_crop=True),
+             "pretrain-a": dict(epochs=30, final_ten_crop=False),
              "tables4-5": {},
              "tables4-5-digits": {},
              "table7": {},
@@ -129,7 +130,7 @@ FIG6_RUNS = ("fig6-zfnet", "fig6-alexnet", "fig6-norenorm")
 PATHS = ("checkpoint", "run", "runs", "seed_noise")  # options that name files of the report directory
 # What continues an interrupted step in its directory (others start afresh): the trainer from its last
 # checkpoint, the ablation from its finished and interrupted variants.
-RESUME = {"train": lambda out: {"resume": (out / "checkpoints" / "last.pt").exists()}, "ablate": lambda out: {}}
+RESUME = {"train": lambda out: {"resume": (out / "checkpoints" / "last.pt").exists()}, "ablation": lambda out: {}}
 
 
 def _step(name: str, command: str, options: dict, inputs: list[str] = ()) -> Step:
@@ -171,7 +172,7 @@ def plan(data: str, model: str, budget: str, sizes: dict | None = None) -> list[
     steps = [_step("train", "train", {**common["train"], **b["train"]})]
     steps += [_step("fig6-zfnet", "train", dict(model=model, data=data, **runs["fig6-zfnet"])),
               _step("fig6-alexnet", "train", dict(model=arch_model, data=data, **runs["fig6-alexnet"])),
-              _step("fig6-norenorm", "train", dict(model=model, data=data, no_renorm=True, **runs["fig6-norenorm"]))]
+              _step("fig6-norenorm", "train", dict(model=model, data=data, renorm=False, **runs["fig6-norenorm"]))]
     steps.append(_step("pretrain-a", "train", dict(model=model, data=subset_spec(SPLIT_A), val=subset_spec(SPLIT_A, "test"),
                                                    **b["pretrain-a"])))
     for section in SECTIONS:
@@ -204,8 +205,6 @@ def reproduce(out: str | Path = "report", quick: bool = False, data: str = "fash
     The default budget measures this machine's training speed once (cached in ``out/calibration.json``)
     and sizes every step so the whole run ends within ``minutes`` (default 20).
     """
-    from .report import write_report
-
     from .models import MODELS
 
     if model not in MODELS:
@@ -231,10 +230,25 @@ def reproduce(out: str | Path = "report", quick: bool = False, data: str = "fash
     elif (root / "budget.json").is_file():
         (root / "budget.json").unlink()  # the report states the budget of this run, not an earlier one
     steps = plan(data, model, budget, demo["sizes"] if demo else None)
-    records = {}
-    for i, step in enumerate(steps, 1):
-        estimate = demo["estimates"].get(step.name) if demo else None
-        records[step.name] = run_step(step, root, f"[{i}/{len(steps)}]", estimate)
-    index = write_report(root, records, budget=budget, argv=sys.argv)
+    intro = (f"<p>Zeiler &amp; Fergus (ECCV 2014), run by <code>deconvnet reproduce</code> ({html.escape(budget)} "
+             "budget) on the embedded data. Each section shows our figure, our numbers beside the paper's, and "
+             "whether its claim held at this scale, with its 95% interval and sample size.</p>")
+    index = build(root, steps, SECTIONS, "Visualizing and Understanding Convolutional Networks, reproduced", intro,
+                  lambda: _details(root), demo["estimates"] if demo else None)
     print(f"report: {index}  ({format_seconds(time.time() - started)} in all)", flush=True)
     return index
+
+
+def _details(root: Path) -> str:
+    """The run section's details: how the steps were sized, and the main model's training config."""
+    sizing = ""
+    if (root / "budget.json").is_file():  # the default budget: sized from this machine's speed
+        demo = json.loads((root / "budget.json").read_text())
+        speed = demo["speed"]
+        sizing = (f"<p>Budget: {demo['minutes']:g} minutes in all. This machine ({html.escape(speed.get('cpu', '?'))}) "
+                  f"measured {speed['train_images_per_s']:,.0f} training and {speed['eval_images_per_s']:,.0f} "
+                  f"evaluation images/s ({html.escape(speed['precision'])}, {speed['threads']} thread(s)); every "
+                  f"step was sized from that (the --time-budget, --limit and --scratch-steps below), so a faster "
+                  f"or slower machine trains longer or shorter and its numbers differ.</p>")
+    config = (root / "train" / "config.json").read_text()
+    return f"{sizing}<p>Training config (seed included):</p><pre>{html.escape(config)}</pre>"

@@ -63,22 +63,22 @@ SECTIONS = [
         "AlexNet's layer 1 mixes very high and low frequencies with dead filters, and its layer 2 "
         "aliases; ZFNet's smaller stride and kernel fix both; without RMS renormalisation one filter "
         'dominates.',
-        command='compare', step='fig6', result='architecture.json'),
+        command='architecture', step='fig6', result='architecture.json'),
     Section('Fig. 7', 'Occlusion sensitivity',
         'The probability of the correct class drops sharply when the square covers the object, and '
         'the strongest layer-5 map responds to the object.',
-        command='occlude', step='fig7', result='occlusion.json'),
+        command='occlusion', step='fig7', result='occlusion.json'),
     Section('Table 1', 'Part correspondence',
         'Layer 5: eyes 0.067-0.069, nose 0.079, random 0.107 (lower is tighter correspondence); layer'
         ' 7: all about 0.07.',
-        command='correspond', step='table1', result='correspondence.json'),
+        command='correspondence', step='table1', result='correspondence.json'),
     Section('Table 2', 'ImageNet 2012 classification error',
         'One ZFNet: 38.4% top-1 / 16.5% top-5 validation error; replicated AlexNet 40.5 / 18.1.',
         offline=OFFLINE['Table 2']),
     Section('Table 3', 'Ablation of layers and widths',
         'Removing layers 3,4,6,7 is far worse than removing either pair; fc width matters little; '
         'wider middle conv layers help.',
-        command='ablate', step='table3', result='ablation.json'),
+        command='ablation', step='table3', result='ablation.json'),
     Section('Tables 4/5, Fig. 9', 'Transfer: fixed layers 1-7 and a new softmax',
         'Caltech-101: 83.8 / 86.5% with 15 / 30 images per class pretrained vs 22.8 / 46.5% from '
         'scratch; pretrained features stay strong down to a few images per class. Here: a model '
@@ -96,10 +96,10 @@ SECTIONS = [
     Section('Table 7', 'Features of each layer with a linear SVM or softmax',
         'Accuracy rises steadily with depth (Caltech-101 SVM: 44.8% at layer 1 to 85.5% at layer 7). Here: '
         'the model pretrained on classes A, probed on the classes B.',
-        command='layers', step='table7', result='layers.json'),
+        command='layer_features', step='table7', result='layers.json'),
     Section('Table 7 control', 'Far-domain control: per-layer features of the Fashion-MNIST model on 8x8 digits',
         'Not in the paper: the per-layer probes on a kind of image the features never saw.',
-        command='layers', step='table7-digits', result='layers.json'),
+        command='layer_features', step='table7-digits', result='layers.json'),
 ]
 
 BY_STEP = {s.step: s for s in SECTIONS if s.step}

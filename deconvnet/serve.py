@@ -15,6 +15,7 @@ never past the size limit, and decoded with Pillow; nothing the user sends names
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import io
 import json
@@ -34,16 +35,16 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from torch import nn
 
-from ._analysis import output_layer, strongest_units
+from ._analysis import strongest_units
 from .data import Source, load_image
 from .deconvnet import RULES, Deconvnet, contrast_stretch
 from .errors import UserError
 from .figures import heatmap_pixels, label_colors
 from .geometry import unit_box
-from .occlusion import occlusion
+from .occlusion import occlude_image
 from .probe import activations
 from .subject import Subject
-from .topk import TopK, cached_top_k, gallery, load_top_k, tile_pixels
+from .topk import TopK, cached_topk, gallery, load_topk, tile_pixels
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 10 * 1024 * 1024  # bytes
@@ -121,6 +122,118 @@ async def read_upload(request: Request) -> bytes:
     return bytes(data)
 
 
+# ----------------------------------------------------------------------------- the analyses
+
+def analyse(subject: Subject, raw: torch.Tensor, layers: list[str] | None = None, target: int | None = None,
+            lock=None) -> dict:
+    """One image, uint8 (C, S, S), under ``subject``: the prediction, the ``STRONGEST`` feature maps of
+    each of ``layers`` (default: the subject's stages) with their peaks projected by every rule (Sec. 2.1), and the occlusion maps of
+    Fig. 7 for ``target`` (default: the predicted class) following the top layer's strongest map. The
+    answer of ``/api/images/{index}`` and ``/api/upload``, images as PNG data URLs.
+
+    ``lock``, when given, is held while the model runs: projections attach hooks to its modules.
+    """
+    model, layers = subject.model, list(layers or subject.stages)
+    x = subject.prepare(raw[None])  # (1, C, H, W)
+    shown = _rgb(subject.pictures(raw[None])[0])
+    with lock or contextlib.nullcontext():
+        output = subject.output  # the class scores (its first use traces the model)
+        with torch.no_grad():
+            acts = activations(model, x, layers + [output])
+        probabilities = torch.softmax(acts[output][0], 0)
+        projected = {name: _project_strongest(subject, name, x, acts[name][0]) for name in layers}
+        target = int(probabilities.argmax()) if target is None else target
+        occluded = occlude_image(model, x[0], target, layer=layers[-1], other_activations=subject.other_activations)
+    top = probabilities.argsort(descending=True)[:5].tolist()
+    return {
+        "picture": _png(shown),
+        "prediction": [{"class": c, "name": subject.classes[c], "probability": float(probabilities[c])} for c in top],
+        "probabilities": probabilities.tolist(),
+        "layers": [_features(model, name, acts[name][0], *projected[name], shown) for name in layers],
+        "occlusion": _occlusion(subject.classes, occluded, shown),
+    }
+
+
+def _project_strongest(subject: Subject, layer: str, x: torch.Tensor, maps: torch.Tensor) -> tuple[list, dict]:
+    """The ``STRONGEST`` maps of ``layer`` (C, h, w) by peak activation: their peak units
+    ``(c, y, x)`` and, per rule, the peaks projected from input ``x`` (1, C, H, W)."""
+    units = strongest_units(maps, STRONGEST)
+    batch = x.expand(len(units), -1, -1, -1)
+    projections = {}
+    for rule in RULES:
+        try:
+            projections[rule] = Deconvnet(subject.model, subject.other_activations).project(batch, layer, units, rule)
+        except UserError as e:  # e.g. an activation the rule has no definition for: say so in the page
+            projections[rule] = str(e)
+    return units, projections
+
+
+def _features(model: nn.Module, layer: str, maps: torch.Tensor, units: list, projections: dict,
+              shown: np.ndarray) -> dict:
+    """One layer's strongest maps as PNGs: activation map, receptive field on the input, projections."""
+    size = shown.shape[0]
+    features = []
+    for i, (c, y, x) in enumerate(units):
+        box = unit_box(model, layer, y, x, size)
+        activation = maps[c].clamp(min=0)
+        features.append({
+            "feature": c, "value": float(maps[c, y, x]), "unit": [c, y, x], "box": list(box),
+            "activation": _png(_pixels(activation[None] / activation.max().clamp_min(1e-12))),
+            "input": _png(_outlined(shown, box)),
+            "projections": {rule: _png(_pixels(contrast_stretch(p[i:i + 1])[0])) if not isinstance(p, str)
+                            else None for rule, p in projections.items()},
+            "errors": {rule: p for rule, p in projections.items() if isinstance(p, str)},
+        })
+    return {"layer": layer, "maps": maps.shape[0], "features": features}
+
+
+def _occlusion(classes: list[str], result, shown: np.ndarray) -> dict:
+    """Fig. 7's panels as PNGs: (a) the square where p(target) is lowest, (b) activity, (c) projection
+    with its receptive field, (d) p(target), (e) most probable label, with the numbers behind them."""
+    covered = shown.copy()
+    t, l = result.positions[int(result.probability.argmin())]
+    covered[t:t + result.size, l:l + result.size] = 128
+    labels = result.label.unique().tolist()  # coloured as in the figure (draw_occlusion)
+    palette = (label_colors(len(labels)) * 255).round().astype(np.uint8)
+    codes = palette[result.label.clone().apply_(labels.index).numpy()]
+    projection = None if result.projection is None else _rgb(contrast_stretch(result.projection[None])[0])
+    return {
+        "layer": result.layer, "feature": result.feature, "target": result.target,
+        "target_name": classes[result.target], "size": result.size, "stride": result.stride,
+        "grid": list(result.activity.shape),
+        "unoccluded": {"activity": result.clean_activity, "probability": result.clean_probability,
+                       "label": classes[result.clean_label]},
+        "covered": _png(covered),
+        "activity": _png(heatmap_pixels(result.activity, float(result.activity.min()), float(result.activity.max()))),
+        "projection": None if projection is None else _png(_outlined(projection, result.receptive_field)),
+        "projection_missing": result.projection_missing,
+        "probability": _png(heatmap_pixels(result.probability, 0.0, 1.0)),
+        "label": _png(codes),
+        "legend": [{"class": k, "name": classes[k], "color": "#%02x%02x%02x" % tuple(palette[i])}
+                   for i, k in enumerate(labels)],
+        "activity_range": [float(result.activity.min()), float(result.activity.max())],
+    }
+
+
+def top_activations(subject: Subject, source: Source, layer: str, table: TopK, feature: int) -> dict:
+    """Fig. 2 for map ``feature`` of ``layer``: its top-``K`` activations over ``source`` (``table``)
+    projected to pixels, beside the input patches; the answer of ``/api/topk/{layer}/{feature}``."""
+    result = gallery(subject.model, source, subject.preprocess, layer, table, [feature], subject.other_activations)
+    entries = []
+    for j in range(K):
+        image = int(table.images[feature, j])
+        if image < 0:
+            continue
+        entries.append({
+            "image": image, "label": source.classes[int(source.labels[image])],
+            "value": float(table.values[feature, j]),
+            "unit": [feature, int(table.ys[feature, j]), int(table.xs[feature, j])],
+            "box": table.boxes[feature, j].tolist(),
+            "projection": _png(_pixels(tile_pixels(result.projections[0, j], stretch=True))),
+            "patch": _png(_pixels(tile_pixels(result.patches[0, j], stretch=False)))})
+    return {"layer": layer, "feature": feature, "entries": entries}
+
+
 # ----------------------------------------------------------------------------- the top-k pass
 
 class _Counted(Source):
@@ -158,11 +271,11 @@ class TopKJob:
     def _run(self) -> None:
         model, preprocess, layers = self._args
         try:
-            tables = load_top_k(model, self.source, preprocess, layers, K)  # `deconvnet topk`'s default: all images
+            tables = load_topk(model, self.source, preprocess, layers, K)  # `deconvnet topk`'s default: all images
             if tables is not None:
                 self.total = len(self.source)
             else:
-                tables = cached_top_k(model, self.source, preprocess, layers, K, range(self.total))[0]
+                tables = cached_topk(model, self.source, preprocess, layers, K, range(self.total))[0]
             self.tables = tables
         except Exception as e:  # noqa: BLE001 - shown to the user in the page
             self.error = f"{type(e).__name__}: {e}"
@@ -171,7 +284,8 @@ class TopKJob:
 # ----------------------------------------------------------------------------- the viewer
 
 class Viewer:
-    """What the app serves: the model under study, a data set, the top-k job and the analyses.
+    """What the app serves: the model under study, a data set, the top-k job, the cache of Fig. 2
+    galleries, and the routing of each request to its analysis (:func:`analyse`, :func:`top_activations`).
 
     Every use of ``model`` holds ``lock``: projections attach hooks to its modules, so two requests
     must not run it at once.
@@ -201,7 +315,6 @@ class Viewer:
         if flat:
             raise UserError(f"layer(s) {flat} have no feature maps; the viewer shows spatial layers")
         self.maps = {name: shapes[name][0] for name in self.layers}
-        self.output = output_layer(self.model)
         self.to_model = subject.class_index(self.source.classes)  # data label -> model class (None: not one)
         self.lock = threading.Lock()
         self._galleries: dict[tuple[str, int], dict] = {}
@@ -242,121 +355,22 @@ class Viewer:
             raise UserError(f"{layer} has feature maps 0..{table.values.shape[0] - 1}, not {feature}")
         with self.lock:  # also keeps two requests for one map from computing it twice
             if (layer, feature) not in self._galleries:
-                self._galleries[layer, feature] = self._gallery(layer, table, feature)
+                self._galleries[layer, feature] = top_activations(self.subject, self.source, layer, table, feature)
             return self._galleries[layer, feature]
 
-    def _gallery(self, layer: str, table: TopK, feature: int) -> dict:
-        result = gallery(self.model, self.source, self.preprocess, layer, table, [feature],
-                         self.subject.other_activations)
-        entries = []
-        for j in range(K):
-            image = int(table.images[feature, j])
-            if image < 0:
-                continue
-            entries.append({
-                "image": image, "label": self.source.classes[int(self.source.labels[image])],
-                "value": float(table.values[feature, j]),
-                "unit": [feature, int(table.ys[feature, j]), int(table.xs[feature, j])],
-                "box": table.boxes[feature, j].tolist(),
-                "projection": _png(_pixels(tile_pixels(result.projections[0, j], stretch=True))),
-                "patch": _png(_pixels(tile_pixels(result.patches[0, j], stretch=False)))})
-        return {"layer": layer, "feature": feature, "entries": entries}
-
     def dataset_image(self, index: int) -> dict:
-        """:meth:`analyse` of data set image ``index``; occlusion follows its true class when the
+        """:func:`analyse` of data set image ``index``; occlusion follows its true class when the
         data set's classes are the model's."""
         if not 0 <= index < len(self.source):
             raise UserError(f"image {index} is outside {self.data}'s {len(self.source)} images")
         label = int(self.source.labels[index])
-        result = self.analyse(self.source.get([index])[0], self.to_model[label])
+        result = analyse(self.subject, self.source.get([index])[0], self.layers, self.to_model[label], self.lock)
         return {"image": {"index": index, "label": self.source.classes[label]}, **result}
 
     def upload(self, data: bytes) -> dict:
-        """:meth:`analyse` of an uploaded PNG/JPEG, prepared as the model's data are."""
+        """:func:`analyse` of an uploaded PNG/JPEG, prepared as the model's data are."""
         raw = decode_upload(data, self.preprocess.stored_size, self.preprocess.channels)
-        return {"image": {"upload": True}, **self.analyse(raw, None)}
-
-    def analyse(self, raw: torch.Tensor, target: int | None) -> dict:
-        """One image, uint8 (C, S, S): the prediction, the ``STRONGEST`` feature maps of every conv
-        layer with their projections by every rule, and the occlusion maps of Fig. 7 for ``target``
-        (default: the predicted class)."""
-        x = self.subject.prepare(raw[None])  # (1, C, H, W)
-        shown = _rgb(self.subject.pictures(raw[None])[0])
-        classes = self.subject.classes
-        with self.lock:
-            with torch.no_grad():
-                acts = activations(self.model, x, self.layers + [self.output])
-            probabilities = torch.softmax(acts[self.output][0], 0)
-            projected = {name: self._project_strongest(name, x, acts[name][0]) for name in self.layers}
-            target = int(probabilities.argmax()) if target is None else target
-            occluded = occlusion(self.model, x[0], target, layer=self.layers[-1],
-                                 other_activations=self.subject.other_activations)
-        top = probabilities.argsort(descending=True)[:5].tolist()
-        return {
-            "picture": _png(shown),
-            "prediction": [{"class": c, "name": classes[c], "probability": float(probabilities[c])} for c in top],
-            "probabilities": probabilities.tolist(),
-            "layers": [self._features(name, acts[name][0], *projected[name], shown) for name in self.layers],
-            "occlusion": self._occlusion(occluded, shown),
-        }
-
-    def _project_strongest(self, layer: str, x: torch.Tensor, maps: torch.Tensor) -> tuple[list, dict]:
-        """The ``STRONGEST`` maps of ``layer`` (C, h, w) by peak activation: their peak units
-        ``(c, y, x)`` and, per rule, the peaks projected from input ``x`` (1, C, H, W)."""
-        units = strongest_units(maps, STRONGEST)
-        batch = x.expand(len(units), -1, -1, -1)
-        projections = {}
-        for rule in RULES:
-            try:
-                projections[rule] = Deconvnet(self.model, self.subject.other_activations).project(batch, layer, units, rule)
-            except UserError as e:  # e.g. an activation the rule has no definition for: say so in the page
-                projections[rule] = str(e)
-        return units, projections
-
-    def _features(self, layer: str, maps: torch.Tensor, units: list, projections: dict, shown: np.ndarray) -> dict:
-        """One layer's strongest maps as PNGs: activation map, receptive field on the input, projections."""
-        size = shown.shape[0]
-        features = []
-        for i, (c, y, x) in enumerate(units):
-            box = unit_box(self.model, layer, y, x, size)
-            activation = maps[c].clamp(min=0)
-            features.append({
-                "feature": c, "value": float(maps[c, y, x]), "unit": [c, y, x], "box": list(box),
-                "activation": _png(_pixels(activation[None] / activation.max().clamp_min(1e-12))),
-                "input": _png(_outlined(shown, box)),
-                "projections": {rule: _png(_pixels(contrast_stretch(p[i:i + 1])[0])) if not isinstance(p, str)
-                                else None for rule, p in projections.items()},
-                "errors": {rule: p for rule, p in projections.items() if isinstance(p, str)},
-            })
-        return {"layer": layer, "maps": maps.shape[0], "features": features}
-
-    def _occlusion(self, result, shown: np.ndarray) -> dict:
-        """Fig. 7's panels as PNGs: (a) the square where p(target) is lowest, (b) activity, (c) projection
-        with its receptive field, (d) p(target), (e) most probable label, with the numbers behind them."""
-        classes = self.subject.classes
-        covered = shown.copy()
-        t, l = result.positions[int(result.probability.argmin())]
-        covered[t:t + result.size, l:l + result.size] = 128
-        labels = result.label.unique().tolist()  # coloured as in the figure (draw_occlusion)
-        palette = (label_colors(len(labels)) * 255).round().astype(np.uint8)
-        codes = palette[result.label.clone().apply_(labels.index).numpy()]
-        projection = None if result.projection is None else _rgb(contrast_stretch(result.projection[None])[0])
-        return {
-            "layer": result.layer, "feature": result.feature, "target": result.target,
-            "target_name": classes[result.target], "size": result.size, "stride": result.stride,
-            "grid": list(result.activity.shape),
-            "unoccluded": {"activity": result.clean_activity, "probability": result.clean_probability,
-                           "label": classes[result.clean_label]},
-            "covered": _png(covered),
-            "activity": _png(heatmap_pixels(result.activity, float(result.activity.min()), float(result.activity.max()))),
-            "projection": None if projection is None else _png(_outlined(projection, result.receptive_field)),
-            "projection_missing": result.projection_missing,
-            "probability": _png(heatmap_pixels(result.probability, 0.0, 1.0)),
-            "label": _png(codes),
-            "legend": [{"class": k, "name": classes[k], "color": "#%02x%02x%02x" % tuple(palette[i])}
-                       for i, k in enumerate(labels)],
-            "activity_range": [float(result.activity.min()), float(result.activity.max())],
-        }
+        return {"image": {"upload": True}, **analyse(self.subject, raw, self.layers, None, self.lock)}
 
 
 # ----------------------------------------------------------------------------- the app

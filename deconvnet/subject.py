@@ -22,6 +22,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -31,8 +32,9 @@ from .checkpoint import CheckpointInfo, load_checkpoint
 from .data import Preprocess, Source, load_image, open_source
 from .errors import UserError
 from .features import feature_layers
-from .models import CONV_NAMES
-from .probe import LayerCall, input_channels, layer_calls
+from .models import CONV_NAMES, ConvNet
+from .geometry import layer_calls
+from .probe import LayerCall, input_channels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,6 +64,7 @@ class Subject:
     other_activations: str = "error"  # projections through ReLU6/SiLU/GELU/...: refuse, or as the gradient
     aliases: dict[str, int] = field(default_factory=dict)  # other names of classes (ImageNet's WordNet ids)
     _calls: list[LayerCall] | None = field(default=None, repr=False)  # the traced calls, once
+    _said: set = field(default_factory=set, repr=False)  # default layer choices already said on stderr
 
     @property
     def name(self) -> str:
@@ -121,16 +124,100 @@ class Subject:
                 "stages": self.stages, "layer_numbers": {str(k): v for k, v in self.layer_numbers.items()}}
 
     def calls(self) -> list[LayerCall]:
-        """Every layer a command accepts, in the order the forward pass produces them, at the input size
-        (one forward pass, the first time it is asked)."""
+        """Every layer a command accepts, in the order the forward pass produces them, at the input size:
+        read from the model's traced graph (:func:`geometry.layer_calls`), the one the geometry uses."""
         if self._calls is None:
-            self._calls = layer_calls(self.model, self.example())
+            self._calls = layer_calls(self.model, self.preprocess.input_size, self.preprocess.channels)
         return self._calls
 
     def example(self) -> torch.Tensor:
         """One all-zeros input at the model's input size (the mean image after preprocessing)."""
         size = self.preprocess.input_size
         return torch.zeros(1, self.preprocess.channels, size, size)
+
+    @property
+    def output(self) -> str:
+        """The layer whose output is the class scores: the last call of the forward pass."""
+        return self.calls()[-1].name
+
+    def layers(self, given: list[str] | str | None = None, numbers: list[int] | None = None) -> list[str]:
+        """The layers an analysis runs on: ``given``, or this model's defaults (:func:`model_layers`):
+        its stages, or the paper's layers ``numbers`` (1..7, Fig. 3) where it has them (a model that is
+        not ours stands in its top stage for a missing layer <= 5). For models that are not ours the
+        choice is said on stderr, once per choice."""
+        if given:
+            return [given] if isinstance(given, str) else list(given)
+        if numbers is None:
+            chosen = list(self.stages)
+        else:
+            chosen = [self.layer_numbers.get(n) or (self.stages[-1] if n <= 5 and self.stages and self.info is None
+                                                    else None) for n in numbers]
+            if None in chosen:
+                raise UserError(f"this model has no default for layer(s) {numbers}; name them "
+                                "(deconvnet inspect lists them)")
+        if not chosen:
+            raise UserError("found no default layers in this model; name them (deconvnet inspect lists them)")
+        if self.info is None and tuple(chosen) not in self._said:
+            self._said.add(tuple(chosen))
+            print(f"deconvnet: layers chosen for {self.spec}: {', '.join(chosen)} "
+                  f"(override with --layer/--layers; `deconvnet inspect` lists all)", file=sys.stderr)
+        return chosen
+
+    def feature_grid(self) -> int:
+        """The spatial size every layer's maps are pooled to for linear probes (Sec. 5.2, Table 7): the
+        smallest map among the numbered layers (ZFNet's pool5, 6x6 at 224 px), so that no layer has
+        more positions than the top one."""
+        shapes = {c.name: c.shape for c in self.calls()}
+        sizes = [shapes[name][-1] for name in self.layer_numbers.values() if len(shapes.get(name, ())) == 3]
+        if not sizes:
+            raise UserError(f"{self.spec} has no spatial layer among its numbered layers")
+        return min(sizes)
+
+    def images(self, images) -> torch.Tensor:
+        """What a Python caller gives as images -> uint8 (N, C, S, S) at the stored size: image file
+        paths (one or a list), or a uint8 tensor (N, C, H, W) or (C, H, W) at any size (resized so
+        the short side is S, then center-cropped, as image files are)."""
+        if isinstance(images, (str, Path)):
+            images = [images]
+        if isinstance(images, (list, tuple)) and all(isinstance(p, (str, Path)) for p in images):
+            return self.load_images([str(p) for p in images])
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() not in (3, 4):
+            raise UserError("images: give file paths or a uint8 tensor (N, C, H, W) or (C, H, W) of pixels 0..255")
+        raw = images[None] if images.dim() == 3 else images
+        size, channels = self.preprocess.stored_size, self.preprocess.channels
+        if raw.shape[1] != channels:
+            raise UserError(f"images have {raw.shape[1]} channels; the model takes {channels}")
+        h, w = raw.shape[-2:]
+        if (h, w) != (size, size):
+            scale = size / min(h, w)
+            nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+            x = torch.nn.functional.interpolate(raw.float(), size=(nh, nw), mode="bilinear", align_corners=False)
+            top, left = (nh - size) // 2, (nw - size) // 2
+            raw = x[..., top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
+        return raw.contiguous()
+
+    def inputs(self, images) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """What a Python caller gives as images -> ``(images, to_input)``: pixels (files or a uint8
+        tensor, :meth:`images`) with this model's preprocessing; or a float tensor (N, C, H, W) /
+        (C, H, W), taken as the model's input as it is (already preprocessed, e.g. by the caller's
+        own transforms) with the identity."""
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
+            x = images[None] if images.dim() == 3 else images
+            if x.dim() != 4:
+                raise UserError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+            return x.detach(), lambda v: v
+        return self.images(images), self.prepare
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, to_input=None, batch_size: int = 64) -> list[int]:
+        """The model's class for each image (uint8 pixels through ``to_input``, default the
+        preprocessing's center crop)."""
+        from ._analysis import eval_mode
+
+        to_input = to_input or self.prepare
+        with eval_mode(self.model):
+            return [int(v) for start in range(0, len(images), batch_size)
+                    for v in self.model(to_input(images[start:start + batch_size])).argmax(1)]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -179,16 +266,48 @@ def _load(spec, weights, classes, preprocess, input_size, mean, std) -> Subject:
     every = read_class_names(classes, outputs) if classes else [[str(i)] for i in range(outputs)]
     subject.classes = [names[-1] for names in every]
     subject.aliases = {name: i for i, names in enumerate(every) for name in names[:-1]}
-    subject.stages, subject.layer_numbers = default_layers(subject.calls())
+    subject.stages, subject.layer_numbers = model_layers(model, subject.calls)
     return subject
 
 
 def from_checkpoint(path: str | Path) -> Subject:
     """Our checkpoint as the model under study: conv1..conv5 and the paper's layer numbers (Fig. 3)."""
     model, info = load_checkpoint(path)
-    modules = dict(model.named_modules())
-    stages = [name for name in CONV_NAMES if name in modules]
-    return Subject(model, info.preprocess, list(info.classes), str(path), stages, feature_layers(model), info=info)
+    subject = Subject(model, info.preprocess, list(info.classes), str(path), [], {}, info=info)
+    subject.stages, subject.layer_numbers = model_layers(model, subject.calls)
+    return subject
+
+
+def as_subject(model: Subject | nn.Module, preprocess: str | None = None, input_size: int | None = None,
+               classes: list[str] | None = None, other_activations: str = "error", like=None) -> Subject:
+    """The model under study for a Python call: a :class:`Subject` as it is; a plain ``nn.Module``
+    wrapped as ``load_subject`` wraps a ``torchvision:NAME`` spec, put in eval mode: ``imagenet``
+    preprocessing at 224 px unless told otherwise (short side 256, center crop 224, ImageNet
+    mean/std; ``unit``: [0, 1] pixels), classes named ``0..K-1`` unless ``classes`` are given. Our
+    own ``ConvNet`` without its checkpoint gets the paper's preprocessing with a zero mean image.
+    ``like``: the images the caller will give; a float tensor is the model's input as it is
+    (:meth:`Subject.inputs`), so its size is the input size and the preprocessing the identity."""
+    from .data import preprocess_for
+
+    if isinstance(model, Subject):
+        return model
+    if not isinstance(model, nn.Module):
+        raise UserError(f"expected a Subject or a torch.nn.Module, got {type(model).__name__}")
+    model.eval()
+    if isinstance(like, torch.Tensor) and like.is_floating_point() and like.dim() in (3, 4):
+        channels, size = like.shape[-3], like.shape[-1]
+        pre = Preprocess(size, size, channels, torch.zeros(channels, 1, 1), scale=255.0)  # x -> x
+    elif isinstance(model, ConvNet) and preprocess is None:
+        pre = preprocess_for(model.config.input_size, model.config.in_channels)
+    else:
+        pre = _preprocess(model, preprocess, input_size, None, None)
+    subject = Subject(model, pre, [], type(model).__name__, [], {}, other_activations=other_activations)
+    outputs = _outputs(subject)
+    if classes is not None and len(classes) != outputs:
+        raise UserError(f"{len(classes)} class names for a model with {outputs} outputs")
+    subject.classes = list(classes) if classes is not None else [str(i) for i in range(outputs)]
+    subject.stages, subject.layer_numbers = model_layers(model, subject.calls)
+    return subject
 
 
 def _build(spec: str) -> nn.Module:
@@ -391,6 +510,20 @@ def _outputs(subject: Subject) -> int:
 
 
 # ----------------------------------------------------------------------------- default layers
+
+def model_layers(model: nn.Module, calls) -> tuple[list[str], dict[int, str]]:
+    """The one rule for the layers every analysis uses by default: ``(stages, layer numbers)``.
+
+    Our ZFNet-family models (Fig. 3): ``conv1`` .. ``conv5`` and the paper's layers 1..7 (the output
+    of the last module of each layer's block, :data:`features.LAYER_BLOCKS`). Any other model: the
+    stages and penultimate layer found from its traced calls (:func:`default_layers`); ``calls`` is
+    a function returning them, called only for such models.
+    """
+    if isinstance(model, ConvNet):
+        modules = dict(model.named_modules())
+        return [name for name in CONV_NAMES if name in modules], feature_layers(model)
+    return default_layers(calls())
+
 
 def default_layers(calls: list[LayerCall]) -> tuple[list[str], dict[int, str]]:
     """Sensible default layers for a model that is not ours: ``(stages, layer numbers)``.

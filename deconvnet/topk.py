@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._analysis import eval_mode, picture, to_rgb
+from ._analysis import callable_module, eval_mode, picture, to_rgb
 from .data import Preprocess, Source, batches
 from .deconvnet import Deconvnet, contrast_stretch
 from .errors import UserError
@@ -95,7 +95,7 @@ def _gather_ranks(table: TopK, k: int) -> TopK:
 
 
 @torch.inference_mode()
-def top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
+def topk_pass(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
           indices=None, batch_size: int = 256) -> dict[str, TopK]:
     """One pass over ``source`` (or its ``indices``): the ``k`` strongest activations of every map.
 
@@ -132,34 +132,34 @@ def top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list
     return tables
 
 
-def top_k_cache(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
+def topk_cache_path(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
                 indices=None) -> tuple[Path, str]:
-    """``(path, key)`` of :func:`top_k`'s tables in the runner's cache: keyed by the model's weights, the
+    """``(path, key)`` of :func:`topk_pass`'s tables in the runner's cache: keyed by the model's weights, the
     preprocessing, the data, the images, the layers, ``k`` and the source of this module."""
     indices = list(range(len(source))) if indices is None else [int(i) for i in indices]
     mean = hashlib.sha256(preprocess.mean.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
     arguments = {"model": model_fingerprint(model), "preprocess": preprocess.to_dict(), "mean": mean,
                  "data": source.name, "images": hashlib.sha256(json.dumps(indices).encode()).hexdigest(),
                  "layers": list(layers), "k": k}
-    key = cache_key(top_k, arguments)
+    key = cache_key(topk_pass, arguments)
     return cache_dir() / "topk" / f"{key[:32]}.pt", key
 
 
-def cached_top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
+def cached_topk(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
                  indices=None, batch_size: int = 256) -> tuple[dict[str, TopK], str, bool]:
-    """:func:`top_k` through the runner's cache, shared by ``topk``, ``serve`` and ``atlas``: the same
+    """:func:`topk_pass` through the runner's cache, shared by ``topk``, ``serve`` and ``atlas``: the same
     model, data and layers are passed over once. Returns the tables, their cache key and whether they
     were read from the cache."""
-    path, key = top_k_cache(model, source, preprocess, layers, k, indices)
+    path, key = topk_cache_path(model, source, preprocess, layers, k, indices)
     tables, reused = cached(path, key, lambda: {name: vars(t) for name, t in
-                                                top_k(model, source, preprocess, layers, k, indices, batch_size).items()})
+                                                topk_pass(model, source, preprocess, layers, k, indices, batch_size).items()})
     return {name: TopK(**fields) for name, fields in tables.items()}, key, reused
 
 
-def load_top_k(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
+def load_topk(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
                indices=None) -> dict[str, TopK] | None:
-    """The cached tables of :func:`cached_top_k`, or None when that pass has not run."""
-    tables = load_cached(*top_k_cache(model, source, preprocess, layers, k, indices))
+    """The cached tables of :func:`cached_topk`, or None when that pass has not run."""
+    tables = load_cached(*topk_cache_path(model, source, preprocess, layers, k, indices))
     return None if tables is None else {name: TopK(**fields) for name, fields in tables.items()}
 
 
@@ -339,3 +339,26 @@ def topk_to_json(tables: dict[str, TopK], galleries: dict[str, list[int]] | None
                 for j in range(t.values.shape[1]) if t.images[c, j] >= 0]})
         out[name] = {"gallery_maps": (galleries or {}).get(name, []), "maps": maps}
     return out
+
+
+def topk(model, data, layers: list[str] | None = None, k: int = 9, limit: int | None = None) -> dict[str, TopK]:
+    """Fig. 2's pass: the ``k`` strongest activations of every feature map of ``layers`` over a data set,
+    through the shared cache (a second call with the same model, data and layers reads it).
+
+    Args:
+        model: the model under study (:class:`~deconvnet.subject.Subject`), or an ``nn.Module``
+            wrapped by :func:`~deconvnet.subject.as_subject`.
+        data: a data spec (``folder:PATH``, ``fashion-mnist:test``, ...) or an open source.
+        layers: default the model's stages (``conv1`` .. ``conv5`` for ours).
+        limit: only the first ``limit`` images.
+    """
+    from .subject import as_subject
+
+    subject = as_subject(model)
+    source = subject.open_data(data) if isinstance(data, str) else data
+    n = len(source) if limit is None else min(limit, len(source))
+    return cached_topk(subject.model, source, subject.preprocess, subject.layers(layers), k=k,
+                       indices=list(range(n)))[0]
+
+
+callable_module(__name__, topk)

@@ -22,6 +22,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from torch import nn
 from .checkpoint import CheckpointInfo, read_checkpoint, save_checkpoint
 from .data import DataError, Preprocess, Source, mean_image, open_source, preprocess_for
 from .errors import UserError
+from .options import Flag, Positive
 from .models import MODELS, build_model, model_config, renormalise_filters
 from .runner import all_sum, atomic_write_json, atomic_write_text, distributed, progress, world
 
@@ -49,14 +51,39 @@ AUGMENTS = ("ten-crop", "flip", "none")
 
 @dataclass
 class TrainConfig:
-    """One training run; written to RUN_DIR/config.json. ``None`` fields take the recipe's value."""
+    """One training run; written to RUN_DIR/config.json. ``None`` fields take the recipe's value. The
+    documented fields are the options of ``deconvnet train``.
+
+    Args:
+        model: zfnet, alexnet, zfnet-small or alexnet-small
+        data: fashion-mnist, a class subset such as fashion-mnist[0,1,4,5,9], digits or folder:PATH
+        val: validation data (default: fashion-mnist:test, or 10% held out)
+        recipe: 'paper' = Sec. 3 exactly (default for zfnet/alexnet); 'small' = tuned for 28 px
+        epochs: epochs (default: the recipe's, 30 small / 70 paper); with --time-budget, the most it may run
+        time_budget: measure this machine's speed, then train as many epochs as end within MINUTES
+            (evaluation included; at most --epochs)
+        batch_size: mini-batch size
+        lr: peak learning rate (default: the recipe's)
+        dropout: dropout in fc6/fc7 (default 0.5)
+        label_smoothing: label smoothing of the loss
+        renorm: --no-renorm turns off the RMS renormalisation of the conv filters (Fig. 6a)
+        seed: seed of the initialisation and the batches
+        limit: use only the first N images (quick runs)
+        snapshots: epochs to keep checkpoints of (default: 1,2,5,10,20,30,40,64 and the last)
+        checkpoint_every: steps between resumable checkpoints
+        workers: data loading processes (folder data)
+        device: auto (CUDA when available), cpu, cuda or cuda:N
+        precision: auto: bf16 autocast where the CPU/GPU computes bf16 natively (~2x faster), else fp32
+        final_ten_crop: --no-ten-crop skips the final 10-crop evaluation (Sec. 3); the center-crop accuracy
+            is still measured
+    """
 
     model: str = "zfnet-small"
     data: str = "fashion-mnist"
     val: str | None = None  # default: the :test split of fashion-mnist, else 10% held out
-    recipe: str | None = None  # "paper" or "small"; default by model size
-    epochs: int | None = None
-    batch_size: int = 128
+    recipe: Annotated[str | None, Flag(choices=tuple(RECIPES))] = None  # default by model size
+    epochs: Positive | None = None
+    batch_size: Positive = 128
     lr: float | None = None
     momentum: float | None = None
     nesterov: bool | None = None
@@ -69,16 +96,16 @@ class TrainConfig:
     renorm: bool = True
     renorm_radius: float = 0.1
     seed: int = 0
-    limit: int | None = None
+    limit: Positive | None = None
     snapshots: list[int] | None = None
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints (for --resume)
     plateau_patience: int = 2
     workers: int = 0
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
-    precision: str = "auto"  # "auto" (bf16 where the hardware computes it natively), "bf16", "fp32"
-    final_ten_crop: bool = True  # end with the paper's 10-crop evaluation (Sec. 3)
+    precision: Annotated[str, Flag(choices=("auto", "bf16", "fp32"))] = "auto"
+    final_ten_crop: Annotated[bool, Flag(name="--no-ten-crop")] = True  # end with the 10-crop evaluation (Sec. 3)
     model_changes: dict = field(default_factory=dict)  # ModelConfig overrides (ablation variants)
-    time_budget: float | None = None  # minutes for the whole run; epochs (at most ``epochs``) sized to fit
+    time_budget: Annotated[float | None, Flag(metavar="MINUTES")] = None  # minutes for the whole run
     plan: dict | None = None  # the budget's plan, filled by the trainer: measured speed, epochs chosen
 
     def resolved(self) -> "TrainConfig":
@@ -470,33 +497,34 @@ def _setup(cfg: TrainConfig):
     return model, preprocess, source, val_source, train_idx, val_idx
 
 
-def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
-    rank, procs = world()
-    if cfg.batch_size % procs:
-        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {procs} processes")
-    last_path = out / "checkpoints" / "last.pt"
-    state = None
-    if resume:
-        if not last_path.is_file():
-            raise UserError(f"--resume: no checkpoint to resume from at {last_path}")
-        payload = read_checkpoint(last_path)
-        state = payload.get("training_state")
-        saved = TrainConfig(**payload["train_config"])
-        if not _same_run(saved, cfg):
-            raise UserError(f"--resume: the arguments differ from the interrupted run's {out / 'config.json'}")
-        cfg = saved  # a budgeted run keeps its plan
-        clock -= state.get("budget_spent", 0.0) if state else 0.0
-    elif (out / "final.pt").exists() or last_path.exists():
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+@dataclass
+class Budget:
+    """A run's clock against its ``--time-budget`` (``minutes``; None without one): the seconds spent,
+    carried across a resumption (``last.pt`` records them), and how many epochs of the Sec. 3 recipe
+    fit in the rest (:func:`plan_epochs`; :func:`_replan` re-sizes the run after each epoch)."""
 
-    model, preprocess, source, val_source, train_idx, val_idx = _setup(cfg)
-    info = CheckpointInfo(model.config, source.classes, preprocess, train_config=dataclasses.asdict(cfg))
-    device = torch.device(cfg.device)
-    steps_per_epoch = len(epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, 1))
-    if cfg.time_budget is not None and cfg.plan is None:  # a new budgeted run: measure, then size it
+    minutes: float | None
+    clock: float  # time.time() at the start, moved back by the seconds an interrupted run had spent
+
+    def elapsed(self) -> float:
+        """Seconds spent by this process (what ``last.pt`` records)."""
+        return time.time() - self.clock
+
+    def spent(self) -> float:
+        """Seconds spent, the mean over the processes: every process plans the same."""
+        return all_sum([self.elapsed()])[0] / world()[1]
+
+    def fits(self, seconds: float) -> bool:
+        """Whether ``seconds`` more still end within the budget."""
+        return self.spent() + seconds <= self.minutes * 60
+
+    def plan(self, cfg: TrainConfig, model: nn.Module, preprocess: Preprocess, source: Source,
+             val_source: Source, train_idx: torch.Tensor, val_idx: torch.Tensor,
+             steps_per_epoch: int) -> TrainConfig:
+        """A new budgeted run sized to the budget: this machine's speed measured, then as many steps
+        as fit (:func:`plan_epochs`, at most ``cfg.epochs``), recorded in ``cfg.plan``."""
         *rates, threads = measure_speed(cfg, model, source, preprocess, train_idx, val_source, val_idx)
-        spent = all_sum([time.time() - clock])[0] / procs
-        plan = plan_epochs(cfg.time_budget * 60, spent, steps_per_epoch, cfg.batch_size, len(val_idx), *rates,
+        plan = plan_epochs(self.minutes * 60, self.spent(), steps_per_epoch, cfg.batch_size, len(val_idx), *rates,
                            ceiling=cfg.epochs, ten_crop=cfg.final_ten_crop)
         if plan["steps"] < 1:
             raise UserError(f"--time-budget {cfg.time_budget:g} min is too short: one epoch of {len(train_idx)} "
@@ -506,143 +534,273 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
                     augment=cfg.augment or choose_augment(plan["steps"] / steps_per_epoch))
         cfg = dataclasses.replace(cfg.with_epochs(plan["epochs"]), final_ten_crop=plan["ten_crop"],
                                   augment=plan["augment"], plan=plan)
-        info.train_config = dataclasses.asdict(cfg)
-        if rank == 0:
+        if world()[0] == 0:
             print(f"time budget {cfg.time_budget:g} min: measured {plan['train_images_per_s']:,.0f} training and "
                   f"{plan['eval_images_per_s']:,.0f} evaluation images/s ({cfg.precision}, "
                   f"{plan['threads']} thread{'s' if plan['threads'] > 1 else ''}) -> "
                   f"{plan['steps'] / steps_per_epoch:.2f} epochs ({plan['steps']} steps), {cfg.augment} augmentation, "
                   f"{'with' if cfg.final_ten_crop else 'without'} the final 10-crop evaluation "
                   f"(estimated {plan['estimated_seconds'] / 60:.1f} min)", flush=True)
+        return cfg
+
+
+@dataclass
+class _Run:
+    """One run's model, data, optimizer and progress: what the steps of :func:`_train` share."""
+
+    cfg: TrainConfig
+    out: Path
+    budget: Budget
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper under torchrun
+    preprocess: Preprocess
+    source: Source
+    val_source: Source
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    info: CheckpointInfo
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    augment: torch.Generator  # crop choice for the whole global batch
+    metrics: list[dict] = field(default_factory=list)  # one line of metrics.jsonl per epoch
+    epoch: int = 1  # the next step to run: ``step`` of ``epoch``
+    step: int = 0
+    total_loss: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # this epoch's
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.cfg.device)
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "checkpoints" / "last.pt"
+
+    def steps_in(self, epoch: int) -> int:
+        """Steps of ``epoch``: a budgeted run's last epoch may be cut short."""
+        if self.cfg.plan and epoch == self.cfg.epochs:
+            return self.cfg.plan["steps"] - (epoch - 1) * self.steps_per_epoch
+        return self.steps_per_epoch
+
+    def paced(self) -> bool:
+        """Whether the run checks its pace: several threads chosen by the budget's measurement, on one CPU process."""
+        return bool(self.cfg.plan) and self.cfg.plan.get("threads", 1) > 1 and self.cfg.device == "cpu" \
+            and world()[1] == 1
+
+    def set_config(self, cfg: TrainConfig) -> None:
+        """A re-planned ``cfg``, recorded in the checkpoints and (rank 0) config.json."""
+        self.cfg = cfg
+        self.info.train_config = dataclasses.asdict(cfg)
+        if world()[0] == 0:
+            atomic_write_json(self.out / "config.json", self.info.train_config)
+
+    def save_state(self) -> None:
+        """``last.pt`` (rank 0): the weights and everything a resumption continues bit-identically from."""
+        if world()[0] == 0:
+            extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "augment_rng": self.augment.get_state(), "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+                     "metrics": self.metrics, "epoch": self.epoch, "step": self.step,
+                     "loss_sum": self.total_loss.item(), "budget_spent": self.budget.elapsed()}
+            save_checkpoint(self.last_path, self.model, self.info, extra)
+
+
+@dataclass
+class _Epoch:
+    """What the end of an epoch needs of its training part."""
+
+    batches: int  # steps in the epoch
+    first_step: int  # the first one run by this process (a resumed epoch starts past 0)
+    started: float  # time.time() at its start
+    train_seconds: float
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> dict:
+    """The run of :func:`train`: restored or started, its epochs, then its end."""
+    _, procs = world()
+    if cfg.batch_size % procs:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {procs} processes")
+    cfg, payload, clock = _read_resume(cfg, out, resume, clock)
+    run = _start(cfg, out, Budget(cfg.time_budget, clock), payload)
+    while run.epoch <= run.cfg.epochs:
+        epoch = _train_epoch(run)
+        _end_epoch(run, epoch)
+    return _finish(run)
+
+
+def _read_resume(cfg: TrainConfig, out: Path, resume: bool, clock: float) -> tuple[TrainConfig, dict | None, float]:
+    """``(cfg, payload, clock)``: with ``resume``, the interrupted run's config (a budgeted run keeps
+    its plan), its ``last.pt`` (None when it holds no training state) and its start moved back by the
+    seconds it had spent; else ``cfg`` after checking that ``out`` holds no run."""
+    last_path = out / "checkpoints" / "last.pt"
+    if not resume:
+        if (out / "final.pt").exists() or last_path.exists():
+            raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        return cfg, None, clock
+    if not last_path.is_file():
+        raise UserError(f"--resume: no checkpoint to resume from at {last_path}")
+    payload = read_checkpoint(last_path)
+    state = payload.get("training_state")
+    saved = TrainConfig(**payload["train_config"])
+    if not _same_run(saved, cfg):
+        raise UserError(f"--resume: the arguments differ from the interrupted run's {out / 'config.json'}")
+    if not state:
+        return saved, None, clock
+    return saved, payload, clock - state.get("budget_spent", 0.0)
+
+
+def _start(cfg: TrainConfig, out: Path, budget: Budget, payload: dict | None) -> _Run:
+    """The run's seeded model, data, optimizer and schedule (a new budgeted run sized first), restored
+    from ``payload`` or, new, with its config.json written."""
+    rank, procs = world()
+    model, preprocess, source, val_source, train_idx, val_idx = _setup(cfg)
+    steps_per_epoch = len(epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, 1))
+    if cfg.time_budget is not None and cfg.plan is None:  # a new budgeted run: measure, then size it
+        cfg = budget.plan(cfg, model, preprocess, source, val_source, train_idx, val_idx, steps_per_epoch)
     if cfg.plan and cfg.plan.get("threads") and cfg.device == "cpu" and procs == 1:
         torch.set_num_threads(cfg.plan["threads"])  # as measured and planned (a resumed run too)
-    net: nn.Module = model
-    if procs > 1:
-        net = nn.parallel.DistributedDataParallel(model)
+    net = nn.parallel.DistributedDataParallel(model) if procs > 1 else model
     optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch, cfg.plan["steps"] if cfg.plan else None)
-
-    def steps_in(epoch: int) -> int:  # a budgeted run's last epoch may be cut short
-        if cfg.plan and epoch == cfg.epochs:
-            return cfg.plan["steps"] - (epoch - 1) * steps_per_epoch
-        return steps_per_epoch
-
-    augment = torch.Generator().manual_seed(cfg.seed + 1)  # crop choice for the whole global batch
-    metrics: list[dict] = []
-    epoch, step = 1, 0  # next step to run
-    total_loss = torch.zeros((), dtype=torch.float64)
-    if state is not None:
-        model.load_state_dict(payload["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        augment.set_state(state["augment_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        metrics, epoch, step = state["metrics"], state["epoch"], state["step"]
-        preprocess.mean = payload["mean"].to(device)
-        info.accuracy, info.epoch = payload.get("accuracy") or {}, payload.get("epoch")
+    run = _Run(cfg=cfg, out=out, budget=budget, model=model, net=net, preprocess=preprocess, source=source,
+               val_source=val_source, train_idx=train_idx, val_idx=val_idx,
+               info=CheckpointInfo(model.config, source.classes, preprocess, train_config=dataclasses.asdict(cfg)),
+               steps_per_epoch=steps_per_epoch, optimizer=optimizer,
+               scheduler=make_scheduler(cfg, optimizer, steps_per_epoch, cfg.plan["steps"] if cfg.plan else None),
+               augment=torch.Generator().manual_seed(cfg.seed + 1))
+    if payload is not None:
+        _restore(run, payload)
     elif rank == 0:
         atomic_write_json(out / "config.json", dataclasses.asdict(cfg))
     if rank == 0:
-        print(f"{'resuming' if state else 'training'} {cfg.model} on {cfg.data} ({len(train_idx)} images): "
-              f"{cfg.epochs} epochs, {cfg.recipe} recipe, {cfg.precision} on {cfg.device}"
+        print(f"{'resuming' if payload is not None else 'training'} {cfg.model} on {cfg.data} ({len(train_idx)} "
+              f"images): {cfg.epochs} epochs, {cfg.recipe} recipe, {cfg.precision} on {cfg.device}"
               + (f" x {procs} processes" if procs > 1 else ""), flush=True)
+    return run
 
-    def save_state(next_epoch: int, next_step: int) -> None:
-        if rank == 0:
-            extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "augment_rng": augment.get_state(), "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                     "metrics": metrics, "epoch": next_epoch, "step": next_step,
-                     "loss_sum": total_loss.item(), "budget_spent": time.time() - clock}
-            save_checkpoint(last_path, model, info, extra)
 
-    def pace_check() -> bool:  # several threads chosen by the budget's measurement, on one CPU process
-        return bool(cfg.plan) and cfg.plan.get("threads", 1) > 1 and cfg.device == "cpu" and procs == 1
+def _restore(run: _Run, payload: dict) -> None:
+    """``run`` where ``last.pt``'s ``payload`` left it: weights, optimizer, schedule, every RNG, the
+    metrics so far, the next step and the loss summed over its epoch's earlier steps."""
+    state = payload["training_state"]
+    run.model.load_state_dict(payload["state_dict"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.augment.set_state(state["augment_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    run.metrics, run.epoch, run.step = state["metrics"], state["epoch"], state["step"]
+    if run.step:
+        run.total_loss += state["loss_sum"]
+    run.preprocess.mean = payload["mean"].to(run.device)
+    run.info.accuracy, run.info.epoch = payload.get("accuracy") or {}, payload.get("epoch")
 
-    while epoch <= cfg.epochs:
-        started = time.time()
-        mark = time.perf_counter()
-        net.train()
-        batches = epoch_batches(len(train_idx), cfg.batch_size, cfg.seed, epoch)[:steps_in(epoch)]
-        first_step = step
-        total_loss = torch.zeros((), dtype=torch.float64)
-        if state is not None and step:
-            total_loss += state["loss_sum"]
-        bar = progress(total=len(batches), initial=step, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
-                       disable=None if rank == 0 else True)
-        for s in range(step, len(batches)):
-            which = sub_crops(cfg.augment, torch.randint(0, 10, (len(batches[s]),), generator=augment))
-            idx = train_idx[batches[s]][rank::procs]
-            x = preprocess.train(source.get(idx).to(device), which[rank::procs].to(device))
-            x = x.contiguous(memory_format=torch.channels_last)
-            loss = sgd_step(cfg, net, optimizer, scheduler, x, source.labels[idx].to(device))
-            total_loss += loss
-            bar.update(1)
-            if s % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if pace_check() and (s + 1 - first_step) % PACE_STEPS == 0:
-                pace = PACE_STEPS * cfg.batch_size / (time.perf_counter() - mark)
-                mark = time.perf_counter()
-                if pace < 0.5 * cfg.plan["train_images_per_s"]:
-                    # Another job took a core: two threads that wait for each other at every operation
-                    # then run several times slower than one (README "Threads"); go on with one.
-                    torch.set_num_threads(1)
-                    cfg = dataclasses.replace(cfg, plan={**cfg.plan, "threads": 1, "threads_dropped": {
-                        "epoch": epoch, "step": s + 1, "images_per_s": round(pace, 1)}})
-                    info.train_config = dataclasses.asdict(cfg)
-                    atomic_write_json(out / "config.json", info.train_config)
-                    print(f"time budget: {pace:,.0f} images/s, under half the {cfg.plan['train_images_per_s']:,.0f} "
-                          f"measured; going on with one thread", flush=True)
-            if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < len(batches):
-                save_state(epoch, s + 1)
-        bar.close()
-        train_seconds = time.time() - started
-        images = (len(batches) - first_step) * cfg.batch_size
-        train_loss = all_sum([total_loss.item() / len(batches)])[0] / procs
-        val = evaluate(model, val_source, preprocess, val_idx)
-        lr = optimizer.param_groups[0]["lr"]
-        if cfg.schedule == "plateau":
-            scheduler.step(1.0 - val["top1"])
-        metrics.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val["loss"],
+
+def _train_epoch(run: _Run) -> _Epoch:
+    """The SGD steps of ``run.epoch`` from ``run.step`` (Sec. 3: a random sub-crop of each image per
+    ``cfg.augment``), with ``last.pt`` every ``checkpoint_every`` steps."""
+    rank, procs = world()
+    cfg, epoch = run.cfg, run.epoch
+    started = time.time()
+    mark = time.perf_counter()
+    run.net.train()
+    batches = epoch_batches(len(run.train_idx), cfg.batch_size, cfg.seed, epoch)[:run.steps_in(epoch)]
+    first_step = run.step
+    if not first_step:  # else a resumed epoch: the loss of its earlier steps is restored
+        run.total_loss = torch.zeros((), dtype=torch.float64)
+    bar = progress(total=len(batches), initial=first_step, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+                   disable=None if rank == 0 else True)
+    for s in range(first_step, len(batches)):
+        which = sub_crops(cfg.augment, torch.randint(0, 10, (len(batches[s]),), generator=run.augment))
+        idx = run.train_idx[batches[s]][rank::procs]
+        x = run.preprocess.train(run.source.get(idx).to(run.device), which[rank::procs].to(run.device))
+        x = x.contiguous(memory_format=torch.channels_last)
+        loss = sgd_step(run.cfg, run.net, run.optimizer, run.scheduler, x, run.source.labels[idx].to(run.device))
+        run.total_loss += loss
+        bar.update(1)
+        if s % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if run.paced() and (s + 1 - first_step) % PACE_STEPS == 0:
+            pace = PACE_STEPS * cfg.batch_size / (time.perf_counter() - mark)
+            mark = time.perf_counter()
+            _keep_pace(run, pace, s + 1)
+        if cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0 and s + 1 < len(batches):
+            run.step = s + 1
+            run.save_state()
+    bar.close()
+    return _Epoch(len(batches), first_step, started, time.time() - started)
+
+
+def _keep_pace(run: _Run, pace: float, step: int) -> None:
+    """After ``step``: at under half the measured pace, another job took a core, and two threads that
+    wait for each other at every operation then run several times slower than one (README "Threads");
+    the run goes on with one."""
+    planned = run.cfg.plan["train_images_per_s"]
+    if pace >= 0.5 * planned:
+        return
+    torch.set_num_threads(1)
+    run.set_config(dataclasses.replace(run.cfg, plan={**run.cfg.plan, "threads": 1, "threads_dropped": {
+        "epoch": run.epoch, "step": step, "images_per_s": round(pace, 1)}}))
+    print(f"time budget: {pace:,.0f} images/s, under half the {planned:,.0f} measured; going on with one thread",
+          flush=True)
+
+
+def _end_epoch(run: _Run, epoch: _Epoch) -> None:
+    """After an epoch's steps: the validation (Sec. 3: the lr divided by 10 on a plateau), a line of
+    metrics.jsonl, a budgeted run re-planned, the snapshot of a Fig. 4 epoch and ``last.pt`` at the
+    start of the next epoch."""
+    rank, procs = world()
+    cfg = run.cfg
+    images = (epoch.batches - epoch.first_step) * cfg.batch_size
+    train_loss = all_sum([run.total_loss.item() / epoch.batches])[0] / procs
+    val = evaluate(run.model, run.val_source, run.preprocess, run.val_idx)
+    lr = run.optimizer.param_groups[0]["lr"]
+    if cfg.schedule == "plateau":
+        run.scheduler.step(1.0 - val["top1"])
+    run.metrics.append({"epoch": run.epoch, "lr": lr, "train_loss": train_loss, "val_loss": val["loss"],
                         "val_top1": val["top1"], "val_top5": val["top5"],
-                        "seconds": round(time.time() - started, 2),
-                        "train_images_per_s": round(images / train_seconds, 1)})
-        if rank == 0:
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-            print(f"epoch {epoch}: train loss {train_loss:.4f}  val top-1 {val['top1']:.4f}  "
-                  f"top-5 {val['top5']:.4f}  ({metrics[-1]['seconds']:.0f} s)", flush=True)
-        if cfg.time_budget is not None and epoch < cfg.epochs:  # slower than planned (load)? end sooner
-            cfg = _replan(cfg, epoch, metrics[-1]["seconds"] * len(batches) / (len(batches) - first_step),
-                          len(val_idx), clock, scheduler, steps_per_epoch)
-            info.train_config = dataclasses.asdict(cfg)
-            if rank == 0:
-                atomic_write_json(out / "config.json", info.train_config)
-        info.epoch = epoch
-        info.accuracy = {"top1": val["top1"], "top5": val["top5"], "data": val_source.name, "n": val["n"]}
-        if rank == 0 and epoch in cfg.snapshots:
-            save_checkpoint(out / "checkpoints" / f"epoch-{epoch}.pt", model, info)
-        epoch, step = epoch + 1, 0
-        save_state(epoch, 0)
-    if metrics and cfg.final_ten_crop and cfg.time_budget is not None:  # only if it still fits
-        ten_s = 10 * len(val_idx) / cfg.plan["eval_images_per_s"]
-        if all_sum([time.time() - clock])[0] / procs + ten_s > cfg.time_budget * 60:
+                        "seconds": round(time.time() - epoch.started, 2),
+                        "train_images_per_s": round(images / epoch.train_seconds, 1)})
+    if rank == 0:
+        atomic_write_text(run.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.metrics))
+        print(f"epoch {run.epoch}: train loss {train_loss:.4f}  val top-1 {val['top1']:.4f}  "
+              f"top-5 {val['top5']:.4f}  ({run.metrics[-1]['seconds']:.0f} s)", flush=True)
+    if cfg.time_budget is not None and run.epoch < cfg.epochs:  # slower than planned (load)? end sooner
+        epoch_s = run.metrics[-1]["seconds"] * epoch.batches / (epoch.batches - epoch.first_step)
+        run.set_config(_replan(cfg, run.epoch, epoch_s, len(run.val_idx), run.budget.clock, run.scheduler,
+                               run.steps_per_epoch))
+    run.info.epoch = run.epoch
+    run.info.accuracy = {"top1": val["top1"], "top5": val["top5"], "data": run.val_source.name, "n": val["n"]}
+    if rank == 0 and run.epoch in run.cfg.snapshots:
+        save_checkpoint(run.out / "checkpoints" / f"epoch-{run.epoch}.pt", run.model, run.info)
+    run.epoch, run.step = run.epoch + 1, 0
+    run.save_state()
+
+
+def _finish(run: _Run) -> dict:
+    """The paper's 10-crop evaluation (Sec. 3; under a budget only if it still fits), ``final.pt``, and
+    the last epoch's metrics."""
+    rank, procs = world()
+    val_images = len(run.val_idx)
+    if run.metrics and run.cfg.final_ten_crop and run.cfg.time_budget is not None:  # only if it still fits
+        ten_s = 10 * val_images / run.cfg.plan["eval_images_per_s"]
+        if not run.budget.fits(ten_s):
             if rank == 0:
                 print(f"time budget: no time left for the 10-crop evaluation (about {ten_s:.0f} s); skipped",
                       flush=True)
-            cfg = dataclasses.replace(cfg, final_ten_crop=False)
-    if metrics and cfg.final_ten_crop:  # the paper's evaluation: softmax averaged over 10 sub-crops (Sec. 3)
-        ten = evaluate(model, val_source, preprocess, val_idx, ten_crop=True)
-        info.accuracy.update(top1_10crop=ten["top1"], top5_10crop=ten["top5"])
-    preprocess.mean = preprocess.mean.cpu()
+            run.cfg = dataclasses.replace(run.cfg, final_ten_crop=False)
+    if run.metrics and run.cfg.final_ten_crop:  # softmax averaged over 10 sub-crops
+        ten = evaluate(run.model, run.val_source, run.preprocess, run.val_idx, ten_crop=True)
+        run.info.accuracy.update(top1_10crop=ten["top1"], top5_10crop=ten["top5"])
+    run.preprocess.mean = run.preprocess.mean.cpu()
     if rank == 0:
-        save_checkpoint(out / "final.pt", model, info)
-        if "top1_10crop" in info.accuracy:
-            print(f"final: val top-1 {info.accuracy['top1']:.4f} (center crop), "
-                  f"{info.accuracy['top1_10crop']:.4f} (10 crops)", flush=True)
+        save_checkpoint(run.out / "final.pt", run.model, run.info)
+        if "top1_10crop" in run.info.accuracy:
+            print(f"final: val top-1 {run.info.accuracy['top1']:.4f} (center crop), "
+                  f"{run.info.accuracy['top1_10crop']:.4f} (10 crops)", flush=True)
     if procs > 1:
         dist.barrier()
-    if not metrics:
+    if not run.metrics:
         return {}
-    return {**metrics[-1], **({"val_top1_10crop": info.accuracy["top1_10crop"]} if cfg.final_ten_crop else {})}
+    return {**run.metrics[-1], **({"val_top1_10crop": run.info.accuracy["top1_10crop"]}
+                                  if run.cfg.final_ten_crop else {})}

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._analysis import eval_mode
+from ._analysis import callable_module, eval_mode
 from .checkpoint import CheckpointInfo
 from .data import Preprocess, Source, mean_image, preprocess_for
-from .features import (feature_grid, fit_linear, layer_features, layer_output, mean_class_accuracy,
-                       per_class_folds)
+from .errors import UserError
+from .features import fit_linear, pooled_features, mean_class_accuracy, per_class_folds
 from .models import ConvNet
 from .runner import progress
 from .train import TrainConfig, epoch_batches, make_optimizer, make_scheduler, sgd_step
@@ -123,6 +123,55 @@ def train_scratch(info: CheckpointInfo, source: Source, indices, steps: int,
     return model, preprocess
 
 
+def fresh_copy(model: torch.nn.Module, classes: int, seed: int = 0) -> torch.nn.Module:
+    """A model that is not ours, freshly initialised for training from scratch (Sec. 5.2): a copy with
+    every module's ``reset_parameters()`` run under ``seed`` and its last ``nn.Linear`` (the classifier)
+    replaced by one with ``classes`` outputs."""
+    import copy
+
+    torch.manual_seed(seed)
+    fresh = copy.deepcopy(model)
+    for module in fresh.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    head = [name for name, m in fresh.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not head:
+        raise UserError("training this model from scratch for a new target needs its classifier to be an "
+                        "nn.Linear, to give it the target's classes")
+    old = fresh.get_submodule(head[-1])
+    parent, _, attr = head[-1].rpartition(".")
+    setattr(fresh.get_submodule(parent) if parent else fresh, attr,
+            torch.nn.Linear(old.in_features, classes, bias=old.bias is not None))
+    return fresh
+
+
+def train_scratch_module(model: torch.nn.Module, preprocess: Preprocess, source: Source, indices, steps: int,
+                         seed: int = 0) -> torch.nn.Module:
+    """The from-scratch baseline for a model that is not ours (:func:`fresh_copy`): the small recipe's
+    SGD (momentum 0.9, one-cycle schedule, no filter renormalisation, which belongs to our models) for
+    ``steps`` steps of ``SCRATCH_BATCH`` images, with the model's own preprocessing and its 10 crops."""
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    base = TrainConfig(model="zfnet-small", recipe="small").resolved()
+    batch = min(SCRATCH_BATCH, len(indices))
+    per_epoch = max(1, len(indices) // batch)
+    cfg = dataclasses.replace(base, epochs=math.ceil(steps / per_epoch), batch_size=batch, seed=seed,
+                              lr=base.lr * batch / base.batch_size, renorm=False, precision="fp32")
+    net = fresh_copy(model, len(source.classes), seed)
+    optimizer = make_optimizer(cfg, net)
+    scheduler = make_scheduler(cfg, optimizer, per_epoch)
+    crops = torch.Generator().manual_seed(seed + 1)
+    images, labels = source.get(indices), source.labels[indices]
+    net.train()
+    for epoch in range(1, cfg.epochs + 1):
+        for b in epoch_batches(len(indices), cfg.batch_size, cfg.seed, epoch):
+            if len(b) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+                continue  # batch norm cannot train on one image
+            sgd_step(cfg, net, optimizer, scheduler, preprocess.train(images[b], torch.randint(0, 10, (len(b),), generator=crops)),
+                     labels[b])
+    net.eval()
+    return net
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, preprocess: Preprocess, source: Source, indices,
             batch_size: int = 500) -> np.ndarray:
@@ -137,7 +186,7 @@ def predict(model: torch.nn.Module, preprocess: Preprocess, source: Source, indi
 # ----------------------------------------------------------------------------- the protocol
 
 @dataclass
-class TransferResult:
+class Transfer:
     """Per-fold mean class accuracies (0-1): ``pretrained[N]`` and ``scratch[N]`` for N images per class."""
 
     target: str
@@ -163,33 +212,54 @@ class TransferResult:
         return "\n".join(rows)
 
 
-def transfer(model: torch.nn.Module, info: CheckpointInfo, target: Source, per_class=PER_CLASS, folds: int = 5,
-             n_test: int = 50, scratch_steps: int = 300, overlaps: list[Overlap] = (), nearest=(),
-             seed: int = 0, pretrain_classes=()) -> TransferResult:
-    """Tables 4/5 and Fig. 9 on ``target`` (opened at the model's stored size and channels).
+def transfer(model, target, per_class=PER_CLASS, folds: int = 5, n_test: int = 50, scratch_steps: int = 300,
+             overlaps: list[Overlap] = (), nearest=(), seed: int = 0, pretrain_data: str | None = None,
+             pretrain_classes=()) -> Transfer:
+    """Tables 4/5 and Fig. 9 on ``target``.
 
-    Pretrained: layers 1-7 fixed, a new softmax on layer 7's features of N images per class.
-    Scratch: the same architecture trained on those N images per class only (:func:`train_scratch`).
-    Both are tested on up to ``n_test`` other images per class, over ``folds`` random folds; images
-    in ``overlaps`` (found in the pretraining data by :func:`find_overlaps`, which also gives
-    ``nearest``, kept for the report) are left out. ``pretrain_classes``: the classes of the
-    checkpoint's training data (named in the readings).
+    Pretrained: layers 1-7 fixed, a new softmax on layer 7's features (a model that is not ours: its
+    penultimate layer) of N images per class. Scratch: the same architecture trained on those N
+    images per class only (ours: :func:`train_scratch` with the checkpoint's recipe; any other model:
+    :func:`train_scratch_module`). Both are tested on up to ``n_test`` other images per class, over
+    ``folds`` random folds; images in ``overlaps`` (found in the pretraining data by
+    :func:`find_overlaps`, which also gives ``nearest``, kept for the report) are left out.
+
+    Args:
+        model: the model under study (:class:`~deconvnet.subject.Subject`), or an ``nn.Module``
+            wrapped by :func:`~deconvnet.subject.as_subject`.
+        target: a data spec or an open source (at the model's stored size and channels).
+        pretrain_data, pretrain_classes: what the model was trained on, named in the readings
+            (default: the checkpoint's record).
     """
-    layer = layer_output(model, 7) or layer_output(model, 6) or layer_output(model, 5)
+    from .subject import as_subject
+
+    subject = as_subject(model)
+    model, info = subject.model, subject.info
+    target = subject.open_data(target) if isinstance(target, str) else target
+    numbers = subject.layer_numbers
+    layer = numbers.get(7) or numbers.get(6) or numbers.get(5)
+    if layer is None:
+        raise UserError(f"{subject.spec}: found no penultimate layer for the fixed features; "
+                        "the classifier must be an nn.Linear")
     labels = target.labels.numpy()
     exclude = [o.target_index for o in overlaps]
     splits = {n: per_class_folds(labels, n, folds, n_test, seed, exclude) for n in per_class}
-    features = layer_features(model, info.preprocess, target, np.arange(len(labels)), [layer],
-                              feature_grid(model))[layer]
-    result = TransferResult(target.name, list(target.classes), layer, list(per_class), folds, scratch_steps,
-                            overlaps=list(overlaps), nearest=list(nearest),
-                            pretrain_data=(info.train_config or {}).get("data", ""),
-                            pretrain_classes=list(pretrain_classes))
+    features = pooled_features(model, subject.preprocess, target, np.arange(len(labels)), [layer],
+                              subject.feature_grid())[layer]
+    if pretrain_data is None:
+        pretrain_data = (info.train_config or {}).get("data", "") if info else ""
+    result = Transfer(target.name, list(target.classes), layer, list(per_class), folds, scratch_steps,
+                      overlaps=list(overlaps), nearest=list(nearest), pretrain_data=pretrain_data,
+                      pretrain_classes=list(pretrain_classes))
     jobs = [(n, f) for n in per_class for f in range(folds)]
     for n, f in progress(jobs, desc="transfer", unit="fold"):
         split = splits[n][f]
         result.pretrained.setdefault(n, []).append(fit_linear("softmax", features, labels, split, seed))
-        scratch, preprocess = train_scratch(info, target, split.train, scratch_steps, seed=seed + f)
+        if info is not None:
+            scratch, preprocess = train_scratch(info, target, split.train, scratch_steps, seed=seed + f)
+        else:
+            scratch = train_scratch_module(model, subject.preprocess, target, split.train, scratch_steps, seed + f)
+            preprocess = subject.preprocess
         result.scratch.setdefault(n, []).append(
             mean_class_accuracy(labels[split.test], predict(scratch, preprocess, target, split.test)))
     return result
@@ -215,7 +285,7 @@ def _fold_differences(a: dict[int, list[float]], b: dict[int, list[float]], ns: 
     return 100 * np.mean([np.asarray(a[n]) - np.asarray(b[n]) for n in ns], axis=0)
 
 
-def transfer_findings(result: TransferResult) -> list[Finding]:
+def transfer_findings(result: Transfer) -> list[Finding]:
     """Sec. 5.2's claim: pretrained features + softmax beat training from scratch at small N.
 
     One pooled quantity: per fold, the mean over every N <= 15 of pretrained minus scratch (both are
@@ -260,7 +330,7 @@ def transfer_findings(result: TransferResult) -> list[Finding]:
                      "8x8 digits, a domain the paper never transferred to."))]
 
 
-def transfer_to_json(result: TransferResult) -> dict:
+def transfer_to_json(result: Transfer) -> dict:
     """Tables 4/5 (mean, std and folds in %), the overlaps and the findings, ready for ``json.dump``."""
     def cells(scores):
         return {f"{n}_per_class": {"mean": round(100 * float(np.mean(scores[n])), 2),
@@ -282,7 +352,7 @@ def transfer_to_json(result: TransferResult) -> dict:
             "findings": to_findings_json(transfer_findings(result))}
 
 
-def draw_transfer(result: TransferResult, path=None) -> Figure:
+def draw_transfer(result: Transfer, path=None) -> Figure:
     """Fig. 9: mean per-class accuracy against training images per class, pretrained vs scratch."""
     fig, ax = new_figure(figsize=(6, 4))
     curves = (("pretrained layers 1-7 + new softmax", result.pretrained),
@@ -298,3 +368,6 @@ def draw_transfer(result: TransferResult, path=None) -> Figure:
     ax.set_title(f"Transfer to {result.target} ({result.folds} folds), cf. Fig. 9", fontsize=10)
     ax.legend(fontsize=8)
     return finish(fig, path)
+
+
+callable_module(__name__, transfer)

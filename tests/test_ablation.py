@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from deconvnet.ablation import (LABELS, AblationResult, ablate, ablation_findings, ablation_to_json,
+from deconvnet.ablation import (LABELS, Ablation, ablation, ablation_findings, ablation_to_json,
                                 draw_ablation, variant_changes)
 from deconvnet.errors import UserError
 from deconvnet.models import build_model, model_config
@@ -59,7 +59,7 @@ def test_variants_resize_the_right_layers():
 
 def test_ablate_trains_reuses_and_resumes(tmp_path):
     base = TrainConfig(model="zfnet-small", data="digits", limit=200, epochs=1, batch_size=50)
-    result = ablate(base, tmp_path, ["baseline", "no-6-7"], baseline_seeds=[1])
+    result = ablation(base, tmp_path, ["baseline", "no-6-7"], baseline_seeds=[1])
     assert list(result.rows) == ["baseline", "no-6-7"] and list(result.seeds) == [0, 1]
     assert result.seeds[0] is result.rows["baseline"] and (tmp_path / "baseline-seed1" / "final.pt").exists()
     assert json.loads((tmp_path / "baseline-seed1" / "config.json").read_text())["seed"] == 1
@@ -72,7 +72,7 @@ def test_ablate_trains_reuses_and_resumes(tmp_path):
     final = tmp_path / "baseline" / "final.pt"
     stamp = final.stat().st_mtime_ns
     (tmp_path / "no-6-7" / "final.pt").unlink()  # "interrupted" after its last epoch: resumed from last.pt
-    again = ablate(base, tmp_path, ["baseline", "no-6-7"], baseline_seeds=[1])
+    again = ablation(base, tmp_path, ["baseline", "no-6-7"], baseline_seeds=[1])
     assert final.stat().st_mtime_ns == stamp  # finished: not retrained
     errors = tmp_path / "no-6-7" / "errors.json"
     assert errors.stat().st_mtime_ns >= (tmp_path / "no-6-7" / "final.pt").stat().st_mtime_ns  # re-measured
@@ -87,12 +87,12 @@ def test_ablate_trains_reuses_and_resumes(tmp_path):
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
     with pytest.raises(UserError, match="other settings"):
-        ablate(TrainConfig(model="zfnet-small", data="digits", limit=200, epochs=2, batch_size=50), tmp_path,
+        ablation(TrainConfig(model="zfnet-small", data="digits", limit=200, epochs=2, batch_size=50), tmp_path,
                ["baseline"])
     with pytest.raises(UserError, match="unknown variant"):
-        ablate(base, tmp_path, ["no-5"])
+        ablation(base, tmp_path, ["no-5"])
     with pytest.raises(UserError, match="baseline-seeds"):
-        ablate(base, tmp_path, ["baseline"], baseline_seeds=[0])
+        ablation(base, tmp_path, ["baseline"], baseline_seeds=[0])
 
 
 def test_contrast_interval_by_hand():
@@ -107,7 +107,7 @@ def test_contrast_interval_by_hand():
     assert contrast_interval([(1, [5.0]), (-1, [4.0])]) == (1.0, None)  # one run each: no spread
 
 
-def _table(test_seeds: list[float], **test) -> AblationResult:
+def _table(test_seeds: list[float], **test) -> Ablation:
     """A hand-made Table 3 (test top-1 errors; train errors 10 but for the widened pair), with the baseline
     trained with three seeds."""
     errors = {"baseline": test_seeds[0], "no-3-4": 22, "no-6-7": 21, "no-3-4-6-7": 35, "fc-half": 20.3,
@@ -116,7 +116,7 @@ def _table(test_seeds: list[float], **test) -> AblationResult:
     rows = {k: {"train_top1": train.get(k, 10), "test_top1": v, "test_top5": 1, "params": 1} for k, v in errors.items()}
     seeds = {0: rows["baseline"], **{s: {"train_top1": 10 + (v - test_seeds[0]), "test_top1": v, "test_top5": 1,
                                          "params": 1} for s, v in zip((1, 2), test_seeds[1:])}}
-    return AblationResult("zfnet-small", "digits", 1, None, rows, seeds)
+    return Ablation("zfnet-small", "digits", 1, None, rows, seeds)
 
 
 def test_findings_are_judged_against_the_seed_noise():

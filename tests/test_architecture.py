@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from deconvnet.architecture import (accuracy_difference, aliased_energy, aliased_shares, architecture_findings,
-                                    architecture_to_json, band_energy, draw_architecture, filter_metrics, summarise)
+                                    architecture_to_json, band_energy, draw_architecture, filter_metrics, architecture_run)
 from deconvnet.checkpoint import CheckpointInfo, save_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import open_source, preprocess_for
 from deconvnet.models import build_model
+from deconvnet.subject import Subject, model_layers
 from deconvnet.stats import HELD, INCONCLUSIVE, VERDICTS, t_quantile
 
 
@@ -72,7 +73,9 @@ def test_compare_runs_and_findings(tmp_path):
         with torch.no_grad():  # a filter that can never fire: no weights, negative bias
             model.conv1.weight[0] = 0
             model.conv1.bias[0] = -1
-        runs.append(summarise(model, _info(model, renorm), source, range(64), maps=4))
+        subject = Subject(model, preprocess_for(28, 1), [str(i) for i in range(10)], name, [], {}, info=_info(model, renorm))
+        subject.stages, subject.layer_numbers = model_layers(model, subject.calls)
+        runs.append(architecture_run(subject, source, range(64), maps=4))
     assert [r.label for r in runs] == ["zfnet-small", "alexnet-small", "zfnet-small (no renorm)"]
     for r in runs:
         assert r.filters.shape[0] == len(r.rms) and len(r.maps) == 4
@@ -119,16 +122,16 @@ def test_compare_command(tmp_path):
         paths.append(tmp_path / f"{name}.pt")
         save_checkpoint(paths[-1], model, _info(model, True))
     out = tmp_path / "compare"
-    assert main(["compare", "--runs", ",".join(map(str, paths)), "--data", "digits", "--limit", "50",
+    assert main(["architecture", "--runs", ",".join(map(str, paths)), "--data", "digits", "--limit", "50",
                  "--maps", "3", "--out", str(out)]) == 0
     body = json.loads((out / "architecture.json").read_text())
     assert [r["label"] for r in body["runs"]] == ["zfnet-small", "alexnet-small"] and len(body["findings"]) == 6
     assert body["findings"][5]["interval"] is None and body["seed_noise"] is None
     noise = tmp_path / "ablation.json"
     noise.write_text(json.dumps({"seed_noise": {"test_top1": [10.0, 11.0, 9.5]}}))
-    assert main(["compare", "--runs", ",".join(map(str, paths)), "--data", "digits", "--limit", "50",
+    assert main(["architecture", "--runs", ",".join(map(str, paths)), "--data", "digits", "--limit", "50",
                  "--maps", "3", "--seed-noise", str(noise), "--out", str(out)]) == 0
     body = json.loads((out / "architecture.json").read_text())
     assert body["seed_noise"] == pytest.approx([0.9, 0.89, 0.905]) and body["findings"][5]["interval"] is not None
     noise.write_text("{}")
-    assert main(["compare", "--runs", str(paths[0]), "--seed-noise", str(noise), "--out", str(out)]) == 2
+    assert main(["architecture", "--runs", str(paths[0]), "--seed-noise", str(noise), "--out", str(out)]) == 2

@@ -3,8 +3,11 @@ import json
 
 import pytest
 
+import torch
+
+from deconvnet.checkpoint import load_checkpoint
 from deconvnet.cli import main
-from deconvnet.train import TrainConfig, train
+from deconvnet.data import open_source
 
 
 def run(capsys, *argv):
@@ -23,11 +26,11 @@ def run(capsys, *argv):
     (["reproduce", "--model", "resnet", "--out", "x"], "unknown model 'resnet'"),
     (["evaluate", "--checkpoint", "c.pt", "--data", "digits", "--limit", "0"], "expected a positive integer"),
     (["invariance", "--checkpoint", "c.pt", "--rotations", "1e400", "--out", "x"], "finite numbers"),
-    (["occlude", "--checkpoint", "c.pt", "--data", "fashion-mnist:test", "--index", "0", "--count", "2", "--out", "x"],
+    (["occlusion", "--checkpoint", "c.pt", "--data", "fashion-mnist:test", "--index", "0", "--count", "2", "--out", "x"],
      "--count takes the first N images of --data"),
     (["invariance", "--checkpoint", "c.pt", "--image", "a.png", "--count", "2", "--out", "x"],
      "it goes without --index and --image"),
-    (["occlude", "--checkpoint", "c.pt", "--data", "fashion-mnist:test", "--draw", "-1", "--out", "x"],
+    (["occlusion", "--checkpoint", "c.pt", "--data", "fashion-mnist:test", "--draw", "-1", "--out", "x"],
      "--draw must be 0 or more images"),
     (["train"], "the following arguments are required: --out"),
     (["evaluate", "--checkpoint", "/no/such.pt", "--data", "digits"], "checkpoint not found"),
@@ -55,17 +58,26 @@ def test_wrong_checkpoint_file(capsys, tmp_path):
     assert code == 2 and "is not a deconvnet checkpoint" in err
 
 
-def test_evaluate_prints_json_and_checks_classes(capsys, tmp_path):
-    train(TrainConfig(data="digits", limit=200, batch_size=50, epochs=1), tmp_path)
-    capsys.readouterr()
-    code, out, _ = run(capsys, "evaluate", "--checkpoint", str(tmp_path / "final.pt"), "--data", "digits",
+def test_evaluate_prints_json_and_checks_classes(capsys, tiny_checkpoint):
+    code, out, _ = run(capsys, "evaluate", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
                        "--limit", "100")
     result = json.loads(out)
-    assert code == 0 and result["n"] == 100 and 0 <= result["top1"] <= result["top5"] <= 1
-    code, out, _ = run(capsys, "evaluate", "--checkpoint", str(tmp_path / "final.pt"), "--data", "digits",
+    model, info = load_checkpoint(tiny_checkpoint)  # the same 100 images, counted here
+    source = open_source("fashion-mnist:test", info.preprocess.stored_size, info.preprocess.channels)
+    with torch.no_grad():
+        logits = model(info.preprocess.eval(source.get(list(range(100)))))
+    labels = source.labels[:100]
+    top5 = logits.topk(5, 1).indices
+    assert code == 0 and result["n"] == 100
+    assert result["top1"] == (logits.argmax(1) == labels).sum().item() / 100
+    assert result["top5"] == (top5 == labels[:, None]).any(1).sum().item() / 100
+    code, out, _ = run(capsys, "evaluate", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
                        "--limit", "100", "--ten-crop")
+    with torch.no_grad():  # the softmax averaged over the 10 crops (Sec. 3)
+        ten = torch.stack([torch.softmax(model(c), 1) for c in info.preprocess.ten_crops(source.get(list(range(100))))])
     assert code == 0 and json.loads(out)["n"] == 100
-    code, _, err = run(capsys, "evaluate", "--checkpoint", str(tmp_path / "final.pt"), "--data", "fashion-mnist:test")
+    assert json.loads(out)["top1"] == (ten.mean(0).argmax(1) == labels).sum().item() / 100
+    code, _, err = run(capsys, "evaluate", "--checkpoint", str(tiny_checkpoint), "--data", "digits")
     assert code == 2 and "classes" in err
 
 
@@ -75,3 +87,13 @@ def test_cuda_device_without_cuda_is_a_user_error(capsys, tmp_path):
         pytest.skip("this machine has CUDA")
     code, _, err = run(capsys, "train", "--device", "cuda", "--limit", "64", "--out", str(tmp_path / "r"))
     assert code == 2 and "sees no CUDA device" in err and err.count("\n") == 1
+
+
+def test_old_command_names_still_work_with_a_deprecation_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["occlude", "--help"])
+    assert exit_.value.code == 0
+    captured = capsys.readouterr()
+    assert "`occlude` is now `occlusion`" in captured.err and "--layer" in captured.out
+    assert main(["compare", "--runs", "/no/such/run", "--out", "x"]) == 2
+    assert "`compare` is now `architecture`" in capsys.readouterr().err

@@ -131,7 +131,7 @@ def test_bad_boxes_are_user_errors():
 
 
 def test_cli_correspond(tiny_checkpoint, tmp_path):
-    assert main(["correspond", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
+    assert main(["correspondence", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
                  "--class", "Sneaker", "--count", "3", "--repeats", "2", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "correspondence.json").read_text())
     assert (tmp_path / "correspondence.png").stat().st_size > 0
@@ -144,13 +144,13 @@ def test_cli_correspond(tiny_checkpoint, tmp_path):
     assert 0 <= record["table"]["toe"]["relu7"]["mean"] <= 1
     parts = tmp_path / "parts.json"
     parts.write_text(json.dumps({"top": [0, 0, 5, 27], "middle": [[10, 0, 15, 27]] * 3}))
-    assert main(["correspond", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
+    assert main(["correspondence", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
                  "--index", "0,1,2", "--parts", str(parts), "--out", str(tmp_path / "b")]) == 0
     record = json.loads((tmp_path / "b" / "correspondence.json").read_text())
     assert record["boxes"]["top"] == [[[0, 0, 5, 27]] * 3]
-    assert main(["correspond", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
+    assert main(["correspondence", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
                  "--index", "0,1", "--part", "top=0,0,5,27", "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c" / "correspondence.json").read_text())["boxes"]["top"] == [[[0, 0, 5, 27]] * 2]
     for bad in (["--index", "0,1"], ["--index", "0,1", "--part", "top=0,0,5"]):  # no parts; a 3-number box
-        assert main(["correspond", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", *bad,
+        assert main(["correspondence", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", *bad,
                      "--out", str(tmp_path / "d")]) == 2

@@ -9,7 +9,7 @@ from deconvnet.checkpoint import CheckpointInfo, save_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import open_source, preprocess_for
 from deconvnet.errors import UserError
-from deconvnet.evolution import (EvolutionResult, LayerEvolution, centred_gram, cka_from_grams, evolution,
+from deconvnet.evolution import (Evolution, LayerEvolution, centred_gram, cka_from_grams, projection_evolution,
                                  evolution_findings, gram_cka, linear_cka, load_snapshots, settled_from,
                                  snapshot_paths, stable_from)
 from deconvnet.models import build_model
@@ -78,13 +78,13 @@ def test_cka_findings_on_constructed_runs():
     assert fast_low.cka[1][-1] == pytest.approx(1.0) and fast_low.band[5].shape == (len(epochs), 2)
     assert fast_low.settled[1][0] < fast_low.settled[5][0]
     assert (fast_low.band[5][:-1, 0] < fast_low.band[5][:-1, 1]).all()  # probe images vary: bands have width
-    result = EvolutionResult(epochs, {}, fast_low)
+    result = Evolution(epochs, {}, fast_low)
     finding = evolution_findings(result)[-1]
     assert finding.verdict == HELD and finding.n == 60 and finding.interval[0] > 0 and "CKA" in finding.claim
     fast_high = cka_from_grams(epochs, _grams({1: 0.4, 2: 0.5, 3: 0.8, 4: 1.5, 5: 2.0}, epochs), resamples=50)
-    assert evolution_findings(EvolutionResult(epochs, {}, fast_high))[-1].verdict == NOT_HELD
+    assert evolution_findings(Evolution(epochs, {}, fast_high))[-1].verdict == NOT_HELD
     same = cka_from_grams(epochs, _grams({n: 1.0 for n in range(1, 6)}, epochs), resamples=50)
-    assert evolution_findings(EvolutionResult(epochs, {}, same))[-1].verdict != HELD
+    assert evolution_findings(Evolution(epochs, {}, same))[-1].verdict != HELD
 
 
 def _layer(stable: list[int]) -> LayerEvolution:
@@ -96,7 +96,7 @@ def _layer(stable: list[int]) -> LayerEvolution:
 def test_visual_findings_on_constructed_maps():
     def verdict_of(low: list[int], high: list[int]) -> str:
         layers = {1: _layer(low), 2: _layer(low), 3: _layer([5]), 4: _layer(high), 5: _layer(high)}
-        finding = evolution_findings(EvolutionResult([1, 30], layers))[0]
+        finding = evolution_findings(Evolution([1, 30], layers))[0]
         assert finding.n == 4 * len(low) and finding.unit == "maps" and finding.if_not_held
         return finding.verdict
 
@@ -125,7 +125,7 @@ def test_unchanged_weights_are_stable(tmp_path):
     run = _run(tmp_path, [1, 2, 2])  # epochs 2 and 3 are the same model
     snapshots, info = load_snapshots(run)
     assert [e for e, _ in snapshots] == [1, 2, 3] and info.epoch == 3
-    result = evolution(snapshots, info.preprocess, open_source("digits", 28, 1), range(60), maps=2)
+    result = projection_evolution(snapshots, info.preprocess, open_source("digits", 28, 1), range(60), maps=2)
     assert result.epochs == [1, 2, 3] and list(result.layers) == [1, 2, 3, 4, 5]
     for layer in result.layers.values():
         assert layer.images.shape == (2, 3) and layer.correlation.shape == (2, 2)

@@ -11,13 +11,13 @@ import matplotlib
 matplotlib.use("svg")
 import torch
 from deconvnet.invariance import Invariance, draw_invariance
-from deconvnet.layer_features import LayerResult, draw_layer_features
+from deconvnet.layer_features import LayerFeatures, draw_layer_features
 r = Invariance(["a", "b"], torch.tensor([0, 1]), {{"scale": [1.0, 1.2]}},
                {{"scale": {{"a": torch.ones(2, 2), "b": torch.ones(2, 2)}}}}, {{"scale": torch.ones(2, 2)}},
                torch.ones(2), {{"a": torch.ones(2), "b": torch.ones(2)}})
 fig = draw_invariance(r)
 assert type(fig).__name__ == "Figure" and len(fig.axes) == 3, fig.axes
-layers = LayerResult("t", {{1: "x", 2: "y"}}, [5], 2, {{1: 3, 2: 3}},
+layers = LayerFeatures("t", {{1: "x", 2: "y"}}, [5], 2, {{1: 3, 2: 3}},
                      {{(k, 5, n): [0.5, 0.6] for k in ("svm", "softmax") for n in (1, 2)}})
 draw_layer_features(layers, r"{tmp_path / 'layers.png'}")
 from deconvnet.deconvnet import draw_projection

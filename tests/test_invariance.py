@@ -11,6 +11,7 @@ from deconvnet.cli import main
 from deconvnet.data import preprocess_for
 from deconvnet.invariance import Invariance, invariance, invariance_findings, transform
 from deconvnet.probe import activations
+from deconvnet.subject import Subject, model_layers
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,9 @@ def setup():
     model = build_model("zfnet-small", 10).eval()
     pre = preprocess_for(28, 1, mean=torch.rand(1, 28, 28) * 0.3)
     raw = (torch.rand(3, 1, 28, 28) * 255).to(torch.uint8)
-    return model, pre, raw, torch.tensor([1, 4, 7])
+    subject = Subject(model, pre, [str(i) for i in range(10)], "zfnet-small", [], {})
+    subject.stages, subject.layer_numbers = model_layers(model, subject.calls)
+    return subject, pre, raw, torch.tensor([1, 4, 7])
 
 
 def test_transforms_by_hand():
@@ -38,7 +41,7 @@ def test_transforms_by_hand():
 def test_zero_transform_is_zero_distance_and_clean_probability(setup):
     model, pre, raw, labels = setup
     amounts = {"translation": [-1.0, 0.0, 2.0], "scale": [1.0, 1.2], "rotation": [0.0, 30.0]}
-    result = invariance(model, raw, labels, pre, amounts=amounts)
+    result = invariance(model, raw, labels, amounts=amounts)
     assert result.layers == ["norm1", "relu7"]
     for kind, at in (("translation", 1), ("scale", 0), ("rotation", 0)):
         for layer in result.layers:
@@ -49,12 +52,12 @@ def test_zero_transform_is_zero_distance_and_clean_probability(setup):
 
 def test_distances_and_probability_equal_direct_computation(setup):
     model, pre, raw, labels = setup
-    result = invariance(model, raw, labels, pre, layers=["conv2", "fc6"],
+    result = invariance(model, raw, labels, layers=["conv2", "fc6"],
                         amounts={"translation": [3.0], "scale": [0.8], "rotation": [45.0]})
     with torch.no_grad():
-        clean = activations(model, pre.eval(raw), ["conv2", "fc6", "fc8"])
+        clean = activations(model.model, pre.eval(raw), ["conv2", "fc6", "fc8"])
         for kind, amount in (("translation", 3.0), ("scale", 0.8), ("rotation", 45.0)):
-            moved = activations(model, pre.eval(transform(raw, kind, amount)), ["conv2", "fc6", "fc8"])
+            moved = activations(model.model, pre.eval(transform(raw, kind, amount)), ["conv2", "fc6", "fc8"])
             for layer in ("conv2", "fc6"):
                 expected = (moved[layer] - clean[layer]).flatten(1).norm(dim=1)
                 torch.testing.assert_close(result.distance[kind][layer][:, 0], expected, rtol=1e-5, atol=1e-5)

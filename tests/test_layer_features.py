@@ -8,8 +8,9 @@ from deconvnet.checkpoint import load_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import open_source
 from deconvnet.errors import UserError
-from deconvnet.features import Split, feature_grid, feature_layers, fit_linear, layer_features, per_class_folds
-from deconvnet.layer_features import (LayerResult, draw_layer_features, layer_analysis, layer_features_findings,
+from deconvnet.features import Split, feature_layers, fit_linear, pooled_features, per_class_folds
+from deconvnet.subject import as_subject, from_checkpoint
+from deconvnet.layer_features import (LayerFeatures, draw_layer_features, layer_features, layer_features_findings,
                                       layer_features_to_json)
 from deconvnet.models import build_model
 
@@ -24,16 +25,16 @@ def test_layer_n_is_the_last_module_of_its_block():
 
 
 def test_feature_grid_is_the_top_conv_output_size():
-    assert feature_grid(build_model("zfnet-small", 10)) == 3  # pool5: 7 -> 3
-    assert feature_grid(build_model("alexnet-small", 10)) == 1  # pool5: 3 -> 1
-    assert feature_grid(build_model("zfnet", 10, fc=(8, 8))) == 6  # Fig. 3: pool5 is 6x6
+    assert as_subject(build_model("zfnet-small", 10)).feature_grid() == 3  # pool5: 7 -> 3
+    assert as_subject(build_model("alexnet-small", 10)).feature_grid() == 1  # pool5: 3 -> 1
+    assert as_subject(build_model("zfnet", 10, fc=(8, 8))).feature_grid() == 6  # Fig. 3: pool5 is 6x6
 
 
 def test_per_layer_feature_dims(tiny_checkpoint):
     model, info = load_checkpoint(tiny_checkpoint)
     source = open_source("digits", 28, 1)
     layers = feature_layers(model)
-    feats = layer_features(model, info.preprocess, source, range(7), list(layers.values()), feature_grid(model))
+    feats = pooled_features(model, info.preprocess, source, range(7), list(layers.values()), as_subject(model).feature_grid())
     c = {k: v.out for k, v in model.config.convs.items()}
     w6, w7 = model.config.fc
     expected = {"norm1": c["conv1"] * 9, "norm2": c["conv2"] * 9, "relu3": c["conv3"] * 9,  # 14, 7 -> 3x3
@@ -56,7 +57,7 @@ def test_linear_classifiers_separate_separable_features(kind):
 
 def test_layer_table_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     model, info = load_checkpoint(tiny_checkpoint)
-    result = layer_analysis(model, info.preprocess, open_source("digits", 28, 1), per_class=(2,), folds=2,
+    result = layer_features(from_checkpoint(tiny_checkpoint), open_source("digits", 28, 1), per_class=(2,), folds=2,
                             exclude=[0, 1])
     assert set(result.scores) == {(k, 2, n) for k in ("svm", "softmax") for n in range(1, 8)}
     assert all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in result.scores.values())
@@ -74,7 +75,7 @@ def test_layer_table_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
 
 def test_layers_command(tiny_checkpoint, tmp_path):
     out = tmp_path / "layers"
-    assert main(["layers", "--checkpoint", str(tiny_checkpoint), "--per-class", "3", "--folds", "1",
+    assert main(["layer-features", "--checkpoint", str(tiny_checkpoint), "--per-class", "3", "--folds", "1",
                  "--out", str(out)]) == 0
     body = json.loads((out / "layers.json").read_text())
     assert len(body["table"]) == 14 and (out / "layers.png").exists()
@@ -93,7 +94,7 @@ def test_layer_verdicts_on_constructed_fold_scores():
     softmax = {1: 0.4, 2: 0.5, 3: 0.6, 4: 0.65, 5: 0.7, 6: 0.7, 7: 0.7}  # flat from layer 5 on: a tie
     scores = {(kind, 30, layer): list(acc[layer] + (wobble if kind == "svm" or layer == 7 else wobble[::-1]))
               for kind, acc in (("svm", svm), ("softmax", softmax)) for layer in range(1, 8)}
-    result = LayerResult("fashion-mnist[2,3,6,7,8]:test", {n: f"l{n}" for n in range(1, 8)}, [30], 5,
+    result = LayerFeatures("fashion-mnist[2,3,6,7,8]:test", {n: f"l{n}" for n in range(1, 8)}, [30], 5,
                          {n: 1 for n in range(1, 8)}, scores, pretrain_data="fashion-mnist[0,1,4,5,9]")
     rise, best, soft = layer_features_findings(result)
     assert rise.verdict == "held" and rise.estimate == pytest.approx(30.0) and rise.n == 5

@@ -13,7 +13,7 @@ from deconvnet import UserError, build_model
 from deconvnet.cli import main
 from deconvnet.models import Conv
 from deconvnet.geometry import trace
-from deconvnet.occlusion import _direct, _Incremental, occlusion, occlusion_findings
+from deconvnet.occlusion import _direct, _Incremental, occlude_image, occlusion_findings
 from deconvnet.probe import activations
 
 
@@ -37,7 +37,7 @@ def direct(model, image, target, layer, feature, t, l, size, fill=0.0):
 
 
 def check_against_direct(model, image, size, stride, layer="conv5", fill=None, samples=8):
-    result = occlusion(model, image, size=size, stride=stride, layer=layer, fill=fill)
+    result = occlude_image(model, image, size=size, stride=stride, layer=layer, fill=fill)
     assert result.method == "incremental"
     cells = torch.randperm(len(result.positions), generator=torch.Generator().manual_seed(1))[:samples].tolist()
     cells += [0, len(result.positions) - 1]  # the corners, the last one cut by the border
@@ -96,7 +96,7 @@ def test_nested_model_is_incremental_too():
         features=nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 4, 3, padding=1), relu=nn.ReLU(), pool=nn.MaxPool2d(2))),
         flatten=nn.Flatten(), fc=nn.Linear(4 * 8 * 8, 3))).eval()
     image = torch.randn(1, 16, 16)
-    result = occlusion(model, image, size=4, stride=4, layer="features.conv")
+    result = occlude_image(model, image, size=4, stride=4, layer="features.conv")
     assert result.method == "incremental" and 0 < result.recomputed < 1
     x = image.clone()
     x[:, 4:8, 8:12] = 0
@@ -108,9 +108,9 @@ def test_nested_model_is_incremental_too():
 def test_train_mode_model_is_evaluated_with_dropout_off_and_restored():
     model = zfnet_like(64)
     image = torch.randn(3, 64, 64)
-    expected = occlusion(model, image, size=12, stride=12).probability
+    expected = occlude_image(model, image, size=12, stride=12).probability
     model.train()
-    got = occlusion(model, image, size=12, stride=12).probability
+    got = occlude_image(model, image, size=12, stride=12).probability
     assert model.training
     torch.testing.assert_close(got, expected)
 
@@ -118,7 +118,7 @@ def test_train_mode_model_is_evaluated_with_dropout_off_and_restored():
 def test_projection_is_of_the_strongest_unit():
     model = zfnet_like(64)
     image = torch.randn(3, 64, 64)
-    result = occlusion(model, image, size=16, stride=16, layer="conv2")
+    result = occlude_image(model, image, size=16, stride=16, layer="conv2")
     maps = activations(model, image[None], "conv2")["conv2"][0]
     c, y, x = result.unit
     assert maps[c, y, x] == maps.max()
@@ -132,15 +132,15 @@ def test_projection_is_of_the_strongest_unit():
 def test_bad_arguments_are_user_errors():
     model = zfnet_like(64)
     with pytest.raises(UserError, match="square size"):
-        occlusion(model, torch.randn(3, 64, 64), size=65)
+        occlude_image(model, torch.randn(3, 64, 64), size=65)
     with pytest.raises(UserError, match="no feature maps"):
-        occlusion(model, torch.randn(3, 64, 64), layer="fc6")
+        occlude_image(model, torch.randn(3, 64, 64), layer="fc6")
     with pytest.raises(UserError, match="one image"):
-        occlusion(model, torch.randn(1, 3, 64, 64))
+        occlude_image(model, torch.randn(1, 3, 64, 64))
 
 
 def test_cli_occlude(tiny_checkpoint, tmp_path):
-    assert main(["occlude", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--index", "0,9",
+    assert main(["occlusion", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--index", "0,9",
                  "--size", "8", "--stride", "4", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "occlusion.json").read_text())
     assert (tmp_path / "occlusion-0.png").stat().st_size > 0 and (tmp_path / "occlusion-9.png").exists()
@@ -153,20 +153,20 @@ def test_cli_occlude(tiny_checkpoint, tmp_path):
     ours = finding["ours"]
     assert ours["images"] == 2 and ours["images_used"] + sum(ours["left_out"].values()) == 2
     assert finding["n"] == ours["images_used"] and finding["verdict"] in ("held", "not held", "inconclusive")
-    assert main(["occlude", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)]) == 2
+    assert main(["occlusion", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)]) == 2
 
 
 def test_cli_occlude_count_and_draw(tiny_checkpoint, tmp_path):
     """--count N: the first N images of --data, every one in the JSON and the findings; --draw K: panels
     of the first K only."""
-    assert main(["occlude", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--count", "4",
+    assert main(["occlusion", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--count", "4",
                  "--draw", "1", "--size", "8", "--stride", "4", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "occlusion.json").read_text())
     assert [im["name"] for im in record["images"]] == ["0", "1", "2", "3"]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["occlusion-0.png"]
     assert record["findings"][0]["ours"]["images"] == 4 and record["args"]["count"] == 4
     for bad in (["--count", "2", "--index", "0"], ["--count", "0"], ["--count", "2", "--draw", "-1"]):
-        assert main(["occlude", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", *bad,
+        assert main(["occlusion", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", *bad,
                      "--out", str(tmp_path / "x")]) == 2
 
 
@@ -229,7 +229,7 @@ def test_unusual_convs_equal_direct_forward_everywhere():
         conv5=nn.Conv2d(12, 6, (1, 3), padding=(0, 1)), relu5=nn.ReLU(),
         pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(6, 5))).eval()
     image = torch.randn(2, 15, 17)  # small: some windows span a whole axis of a map, some do not
-    result = occlusion(model, image, size=6, stride=3, layer="conv4")
+    result = occlude_image(model, image, size=6, stride=3, layer="conv4")
     assert result.method == "incremental" and len(result.positions) == 4 * 5
     with torch.no_grad():
         for cell, (t, l) in enumerate(result.positions):

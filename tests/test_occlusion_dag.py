@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from deconvnet import UserError
-from deconvnet.occlusion import occlusion, occlusion_to_json
+from deconvnet.occlusion import occlude_image, occlusion_to_json
 from tv import no_hooks, torchvision_model
 
 
@@ -35,7 +35,7 @@ def test_incremental_and_exact(name, size, layer):
     image = torch.randn(3, size, size)
     with torch.no_grad():
         logits = model(image[None])
-    result = occlusion(model, image, size=size // 4, stride=size // 4, layer=layer)
+    result = occlude_image(model, image, size=size // 4, stride=size // 4, layer=layer)
     assert result.method == "incremental" and 0 < result.recomputed < 1
     assert result.projection is not None and result.projection_missing is None
     assert_cells_equal_direct(model, image, result, [0, 5, len(result.positions) - 1])
@@ -47,12 +47,12 @@ def test_incremental_and_exact(name, size, layer):
 def test_mobilenet_relu6_leaves_panel_c_out_with_the_reason_or_treats_it_as_the_gradient():
     model = torchvision_model("mobilenet_v2")
     image = torch.randn(3, 64, 64)
-    result = occlusion(model, image, size=16, stride=16, layer="features.4")
+    result = occlude_image(model, image, size=16, stride=16, layer="features.4")
     assert result.method == "incremental" and result.projection is None
     assert "ReLU6" in result.projection_missing and "features.4" in result.projection_missing
     assert occlusion_to_json(result)["projection_missing"] == result.projection_missing
     assert_cells_equal_direct(model, image, result, [0, 7, 15])
-    gradient = occlusion(model, image, size=16, stride=16, layer="features.4", other_activations="gradient")
+    gradient = occlude_image(model, image, size=16, stride=16, layer="features.4", other_activations="gradient")
     assert gradient.projection is not None and gradient.projection.abs().sum() > 0
     torch.testing.assert_close(gradient.probability, result.probability)
     assert no_hooks(model)
@@ -65,7 +65,7 @@ def test_errors_leave_no_hooks_and_the_logits_unchanged():
         logits = model(image[None])
     for layer, message in (("fc", "no feature maps"), ("layer9", "unknown layer"), ("layer1.0.relu_7", "did not run")):
         with pytest.raises(UserError, match=message):
-            occlusion(model, image, size=16, stride=16, layer=layer)
+            occlude_image(model, image, size=16, stride=16, layer=layer)
         assert no_hooks(model)
     with torch.no_grad():
         assert torch.equal(model(image[None]), logits)
@@ -87,7 +87,7 @@ def test_every_cell_exact_where_convs_pad_whole_axes_themselves(monkeypatch):
     model = torchvision_model("resnet18")
     image = torch.randn(3, 96, 96)
     monkeypatch.setattr(module.F, "conv2d", spy)
-    result = occlusion(model, image, size=24, stride=12, layer="layer3")
+    result = occlude_image(model, image, size=24, stride=12, layer="layer3")
     monkeypatch.undo()
     assert result.method == "incremental" and len(result.positions) == 49
     assert {(1, 0), (0, 1), (1, 1), (0, 0)} <= set(paddings)  # native on rows, on columns, on both, on none

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from deconvnet import UserError
-from deconvnet.probe import activations, find_module, layer_calls
+from deconvnet.geometry import layer_calls
+from deconvnet.probe import activations, find_module
 from tv import import_torchvision
 
 
@@ -28,7 +29,7 @@ class Twice(nn.Module):
 
 def test_calls_are_named_in_forward_order_with_containers():
     model = Twice().eval()
-    calls = layer_calls(model, torch.randn(2, 1, 5, 5))
+    calls = layer_calls(model, (5, 5))
     assert [c.name for c in calls] == ["conv", "relu", "block.0", "block.1", "block", "relu_1", "relu_1"]
     assert calls[0].type == "Conv2d" and calls[0].shape == (2, 5, 5)
     assert calls[-2].module is model.relu and calls[-1].module is model.relu_1
@@ -61,7 +62,7 @@ def test_torchvision_resnet_relu_calls():
     tv = import_torchvision()
     model = tv.models.resnet18(num_classes=5).eval()
     x = torch.randn(1, 3, 64, 64)
-    names = [c.name for c in layer_calls(model, x)]
+    names = [c.name for c in layer_calls(model, (64, 64))]
     assert names.index("layer3.1.relu") < names.index("layer3.1.bn2") < names.index("layer3.1.relu_1")
     assert "layer3.1.relu_2" not in names and "layer3.1" in names and "fc" == names[-1]
     block = model.layer3[1]

@@ -28,7 +28,7 @@ from deconvnet.data import load_image  # noqa: E402
 from deconvnet.probe import activations  # noqa: E402
 from deconvnet.serve import K, STRONGEST, Viewer, create_app  # noqa: E402
 from deconvnet.subject import from_checkpoint  # noqa: E402
-from deconvnet.topk import top_k  # noqa: E402
+from deconvnet.topk import topk_pass  # noqa: E402
 
 DATA, LIMIT = "fashion-mnist:test", 300
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -213,7 +213,7 @@ def test_twenty_concurrent_requests_complete_correctly(server):
 def test_topk_is_computed_once_and_cached_on_disk(server, tiny_checkpoint):
     viewer = server["viewer"]
     assert wait_for_topk(server) == {"state": "done", "done": LIMIT, "total": LIMIT, "error": None}
-    direct = top_k(viewer.model, viewer.source, viewer.preprocess, viewer.layers, k=K, indices=range(LIMIT))
+    direct = topk_pass(viewer.model, viewer.source, viewer.preprocess, viewer.layers, k=K, indices=range(LIMIT))
     for layer, table in direct.items():
         served = viewer.topk.tables[layer]
         assert torch.equal(served.images, table.images) and torch.allclose(served.values, table.values)

@@ -16,7 +16,7 @@ from deconvnet.cli import main
 from deconvnet.data import TensorSource, open_source, preprocess_for
 from deconvnet.geometry import unit_box
 from deconvnet.probe import activations
-from deconvnet.topk import TopK, choose_maps, gallery, top_k, topk_findings
+from deconvnet.topk import TopK, choose_maps, gallery, topk_pass, topk_findings
 from test_dag import Reshaping
 
 
@@ -31,7 +31,7 @@ def test_streaming_top_k_equals_brute_force():
     model = build_model("zfnet-small", 10).eval()
     source, pre = random_source(40), preprocess_for(28, 1)
     layers = ["conv1", "conv3", "pool5"]
-    tables = top_k(model, source, pre, layers, k=5, batch_size=16)
+    tables = topk_pass(model, source, pre, layers, k=5, batch_size=16)
     with torch.no_grad():  # the same batches, so the values are bit-identical
         acts = [activations(model, pre.eval(source.get(range(s, min(s + 16, 40)))), layers) for s in range(0, 40, 16)]
     for layer in layers:
@@ -63,7 +63,7 @@ def test_ties_break_by_image_index_then_raster_order():
     conv.bias.data.zero_()
     model = nn.Sequential(conv).eval()
     # Batches of 3 see the tied images in two different batches.
-    t = top_k(model, _ties(), preprocess_for(28, 1), ["0"], k=4, batch_size=3)["0"]
+    t = topk_pass(model, _ties(), preprocess_for(28, 1), ["0"], k=4, batch_size=3)["0"]
     assert t.images[0].tolist() == [6, 1, 2, 3]
     assert torch.allclose(t.values[0], torch.tensor([250.0, 200.0, 200.0, 200.0]) / 255, rtol=1e-6, atol=0)
     assert t.ys[0].tolist() == [20, 3, 3, 3] and t.xs[0].tolist() == [20, 4, 4, 4]
@@ -72,7 +72,7 @@ def test_ties_break_by_image_index_then_raster_order():
 
 def test_fewer_images_than_k_leaves_empty_slots():
     model = build_model("zfnet-small", 10).eval()
-    t = top_k(model, random_source(3), preprocess_for(28, 1), ["conv2"], k=5)["conv2"]
+    t = topk_pass(model, random_source(3), preprocess_for(28, 1), ["conv2"], k=5)["conv2"]
     assert t.images[:, :3].sort(1).values.tolist() == [[0, 1, 2]] * t.images.shape[0]
     assert (t.images[:, 3:] == -1).all() and torch.isinf(t.values[:, 3:]).all()
 
@@ -126,7 +126,7 @@ def test_gallery_tiles_hold_the_receptive_field_patches():
     torch.manual_seed(1)
     model = build_model("zfnet-small", 10).eval()
     source, pre = random_source(20), preprocess_for(28, 1)
-    table = top_k(model, source, pre, ["conv2"], k=3)["conv2"]
+    table = topk_pass(model, source, pre, ["conv2"], k=3)["conv2"]
     maps = choose_maps(table, 2, seed=0)
     assert maps == choose_maps(table, 2, seed=0) and len(maps) == 2
     g = gallery(model, source, pre, "conv2", table, maps)
@@ -148,7 +148,7 @@ def test_gallery_of_a_layer_whose_field_is_measured():
     images = torch.randint(0, 256, (6, 3, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     source, pre = TensorSource("random", images, torch.zeros(6), ["x"], 28, 3), preprocess_for(28, 3)
     with pytest.warns(UserWarning, match="measured"):
-        table = top_k(model, source, pre, ["head"], k=2)["head"]
+        table = topk_pass(model, source, pre, ["head"], k=2)["head"]
         g = gallery(model, source, pre, "head", table, [0, 1], other_activations="gradient")
     sizes = [(b[2] - b[0] + 1, b[3] - b[1] + 1) for b in table.boxes[:2].flatten(0, 1).tolist()]
     side = max(max(h, w) for h, w in sizes)

@@ -10,7 +10,8 @@ from deconvnet.cli import main
 from deconvnet.data import TensorSource, open_source
 from deconvnet.errors import UserError
 from deconvnet.features import mean_class_accuracy, per_class_folds
-from deconvnet.transfer import (TransferResult, draw_transfer, find_overlaps, transfer, transfer_findings,
+from deconvnet.subject import from_checkpoint
+from deconvnet.transfer import (Transfer, draw_transfer, find_overlaps, transfer, transfer_findings,
                                 transfer_to_json)
 
 
@@ -60,7 +61,7 @@ def test_overlap_finds_a_planted_duplicate():
 def test_transfer_protocol_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     model, info = load_checkpoint(tiny_checkpoint)
     target = open_source("digits", 28, 1)
-    result = transfer(model, info, target, per_class=(1, 3), folds=2, scratch_steps=3, seed=0)
+    result = transfer(from_checkpoint(tiny_checkpoint), target, per_class=(1, 3), folds=2, scratch_steps=3, seed=0)
     assert result.layer == "relu7"
     for scores in (result.pretrained, result.scratch):
         assert set(scores) == {1, 3} and all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in scores.values())
@@ -91,7 +92,7 @@ def test_transfer_command(tiny_checkpoint, tmp_path):
 
 def _result(pretrained, scratch, target="fashion-mnist[2,3,6,7,8]:test"):
     """A transfer result from per-fold scores: ``pretrained[n]`` and ``scratch[n]`` (5 folds each)."""
-    return TransferResult(target, ["Pullover", "Dress", "Shirt", "Sneaker", "Bag"], "relu7", sorted(pretrained), 5,
+    return Transfer(target, ["Pullover", "Dress", "Shirt", "Sneaker", "Bag"], "relu7", sorted(pretrained), 5,
                           300, pretrained=pretrained, scratch=scratch, pretrain_data="fashion-mnist[0,1,4,5,9]",
                           pretrain_classes=["T-shirt/top", "Trouser", "Coat", "Sandal", "Ankle boot"])
 
