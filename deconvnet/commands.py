@@ -478,12 +478,6 @@ def atlas(out: Out, data: str, layers: list[str] | None = None, k: Positive = 9,
     return summary
 
 
-def _checkpoint_path(run: str) -> Path:
-    """A run directory (its final.pt) or a checkpoint file."""
-    path = Path(run)
-    return path / "final.pt" if path.is_dir() else path
-
-
 def evolution(out: Out, run: str, data: str | None = None, limit: Positive = 2000, maps: Positive = 5,
               probe: Positive = 500, seed: int = 0) -> list[dict]:
     """Strongest activations projected at each training snapshot, and each layer's CKA with the last (Fig. 4).
@@ -600,7 +594,7 @@ def _target_and_overlaps(subject, target: str, pretrain_data: str | None):
     if not spec and info is None:
         print("deconvnet: no --pretrain-data given, so no target image is checked against the model's "
               "training data (Sec. 5.2)", file=sys.stderr)
-        return target_source, [], None, []
+        return target_source, [], [], []
     if not spec:
         raise UserError("the checkpoint does not say what it was trained on; give --pretrain-data SPEC")
     reference = subject.open_data(spec)

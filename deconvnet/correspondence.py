@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from ._analysis import callable_module, features, to_rgb
 from .errors import UserError

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ._analysis import callable_module, features
-from .data import Preprocess
 from .errors import UserError
 from .figures import finish, new_figure
 from .findings import Finding, pct

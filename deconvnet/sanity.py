@@ -295,10 +295,6 @@ def randomisation_steps(model: nn.Module, names: list[str]) -> list[list[int]]:
 # ----------------------------------------------------------------------------- the analysis
 
 def _check(subject, images: torch.Tensor, layers, rules, units_per_image: int, steps: int) -> tuple[list[str], list[str]]:
-    from .subject import Subject
-
-    if not isinstance(subject, Subject):
-        raise UserError(f"sanity takes a deconvnet.subject.Subject (load_subject), got {type(subject).__name__}")
     pre = subject.preprocess
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
         raise UserError("images: give raw uint8 pixels (N, C, S, S) at the model's stored size")
@@ -408,7 +404,8 @@ def sanity(subject: Subject, images: torch.Tensor, layers: list[str] | None = No
     (Adebayo et al. 2018 Sec. 3; Nie et al. 2018; Sixt et al. 2020) for each image's strongest units.
 
     Args:
-        subject: the model under study (:class:`~deconvnet.subject.Subject`).
+        subject: the model under study (:class:`~deconvnet.subject.Subject`; an ``nn.Module`` is wrapped
+            by :func:`~deconvnet.subject.as_subject`, ImageNet preprocessing at 224 px).
         images: raw uint8 (N, C, S, S) at the subject's stored size (``subject.prepare`` makes the input).
         layers: per-call layer names; default a middle stage and the top stage (``conv3`` and ``conv5``
             for ours, ``layer2`` and ``layer4`` for a ResNet). Name the output layer to randomise from
@@ -418,6 +415,11 @@ def sanity(subject: Subject, images: torch.Tensor, layers: list[str] | None = No
         steps: deletion/insertion steps (``steps + 1`` points).
         seed: re-initialisation (module ``i`` under ``seed + i``) and the random pixel orders.
     """
+    from .subject import Subject, as_subject
+
+    if not isinstance(subject, (Subject, nn.Module)):
+        raise UserError(f"sanity takes the model under study (a Subject, or an nn.Module), got {type(subject).__name__}")
+    subject = as_subject(subject)
     layers, rules = _check(subject, images, layers, rules, units_per_image, steps)
     model, other = subject.model, subject.other_activations
     with eval_mode(model):

@@ -5,7 +5,9 @@ Every analysis, command, the viewer and the report take one. It is made from a *
 
 - a checkpoint written by ``deconvnet train`` (a ``.pt`` file or a run directory): it carries
   everything, the paper's mean-image preprocessing (Sec. 3) included;
-- ``torchvision:NAME``: any constructor in ``torchvision.models``, built with ``weights=None``;
+- ``torchvision:NAME``: any constructor in ``torchvision.models``, built with ``weights=None``; its
+  number of classes follows the weights file (or the class-name file), and constructor arguments go
+  after a ``?``: ``torchvision:resnet18?num_classes=2``, ``torchvision:googlenet?aux_logits=false``;
 - ``package.module:CALLABLE`` or ``path/to/file.py:CALLABLE``: a function or class returning an
   ``nn.Module``;
 
@@ -257,7 +259,7 @@ def _load(spec, weights, classes, preprocess, input_size, mean, std) -> Subject:
             raise UserError(f"{spec} is a deconvnet checkpoint: it carries its weights, classes and "
                             "preprocessing; --weights/--classes/--preprocess/--input-size/--mean/--std do not apply")
         return subject
-    model = _build(spec)
+    model = _build(spec, weights, classes)
     if weights:
         load_weights(model, weights)
     model.eval()
@@ -310,14 +312,14 @@ def as_subject(model: Subject | nn.Module, preprocess: str | None = None, input_
     return subject
 
 
-def _build(spec: str) -> nn.Module:
+def _build(spec: str, weights: str | None = None, classes: str | None = None) -> nn.Module:
     """``torchvision:NAME``, ``package.module:CALLABLE`` or ``file.py:CALLABLE`` -> the built module."""
     if ":" not in spec:
         raise UserError(f"unknown model spec {spec!r}; give a deconvnet checkpoint (.pt or run directory), "
                         "torchvision:NAME, package.module:CALLABLE or path/to/file.py:CALLABLE")
     where, _, attr = spec.rpartition(":")
     if where == "torchvision":
-        return _torchvision(attr)
+        return _torchvision(attr, weights, classes)
     if not where or not attr:
         raise UserError(f"model spec {spec!r}: give MODULE:CALLABLE, e.g. mypackage.nets:build or nets.py:Net")
     if where.endswith(".py") or "/" in where or "\\" in where:
@@ -375,14 +377,57 @@ def import_torchvision():
     return torchvision
 
 
-def _torchvision(name: str) -> nn.Module:
+def _torchvision(name: str, weights: str | None = None, classes: str | None = None) -> nn.Module:
+    """``torchvision:NAME`` or ``torchvision:NAME?ARG=VALUE&...`` (constructor arguments, e.g.
+    ``resnet18?num_classes=2``, ``googlenet?aux_logits=false&init_weights=true``), built with
+    ``weights=None``. Without ``num_classes`` it follows the weights file's classifier (a model
+    fine-tuned on 2 classes) or else the class-name file's length."""
+    name, _, query = name.partition("?")
     tv = import_torchvision()
     available = tv.models.list_models(module=tv.models)
     if name not in available:
         close = difflib.get_close_matches(name, available, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; see torchvision.models.list_models()"
         raise UserError(f"torchvision has no model {name!r}{hint}")
-    return tv.models.get_model(name, weights=None)
+    arguments = {}
+    for pair in filter(None, query.split("&")):
+        key, eq, text = pair.partition("=")
+        if not eq or not key.isidentifier():
+            raise UserError(f"torchvision:{name}?{query}: give constructor arguments as NAME=VALUE joined by &")
+        arguments[key] = _literal(text)
+    if "num_classes" not in arguments:
+        count = _classifier_rows(weights) if weights else None
+        if count is None and classes:
+            count = len(read_class_names(classes))
+        if count is not None and count != 1000:
+            arguments["num_classes"] = count
+    try:
+        return tv.models.get_model(name, weights=None, **arguments)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"torchvision:{name} does not take {sorted(arguments)} ({type(e).__name__}: {e})") from None
+
+
+def _literal(text: str):
+    """A constructor argument's value: a number, true/false/none, or else the text itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _classifier_rows(path: str) -> int | None:
+    """The number of outputs of the last 2-D weight in a weights file (its classifier), if readable."""
+    try:
+        state = _state_dict(path)
+    except UserError:
+        return None  # load_weights says why, with the model at hand
+    matrices = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    return int(matrices[-1].shape[0]) if matrices else None
 
 
 # ----------------------------------------------------------------------------- weights, classes
@@ -391,6 +436,23 @@ def load_weights(model: nn.Module, path: str) -> None:
     """Load a weights file into ``model``: a state_dict, or a dict holding one under ``state_dict`` or
     ``model``; ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes stripped. A
     one-line error names the first missing, unexpected and mis-shaped keys and their counts."""
+    state = _state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", shaped)):
+        if keys:
+            problems.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+    if problems:
+        raise UserError(f"{path} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def _state_dict(path: str) -> dict:
+    """The state_dict in a weights file, prefixes stripped (see :func:`load_weights`)."""
     if not Path(path).is_file():
         raise UserError(f"weights file not found: {path}")
     try:
@@ -408,18 +470,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", shaped)):
-        if keys:
-            problems.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
-    if problems:
-        raise UserError(f"{path} does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(state)
+    return state
 
 
 def read_classes(path: str, outputs: int | None = None) -> list[str]:

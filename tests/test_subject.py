@@ -249,8 +249,8 @@ def test_torchvision_models_through_the_cli(name, photos, tmp_path, capsys):
         for i, (t, l) in enumerate([(0, 0), (16, 16), (48, 48)]):
             covered[i, :, t:t + 16, l:l + 16] = 0
         probs = torch.softmax(subject.model(covered), 1)
-    target = int(clean.argmax())
-    assert saved["target"] == saved["unoccluded"]["label"] == target
+    target = saved["target"]  # the prediction; MobileNetV2's random logits are ~1e-9, near-ties for argmax
+    assert saved["unoccluded"]["label"] == target and float(clean[target]) == pytest.approx(float(clean.max()), rel=1e-5)
     assert saved["unoccluded"]["probability"] == pytest.approx(float(clean[target]), rel=1e-4)
     p = torch.tensor(saved["probability"]).flatten()
     assert p[[0, 5, 15]].tolist() == pytest.approx(probs[:, target].tolist(), rel=1e-3, abs=1e-6)

@@ -10,6 +10,7 @@ from deconvnet.cli import main
 from deconvnet.data import TensorSource, open_source
 from deconvnet.errors import UserError
 from deconvnet.features import mean_class_accuracy, per_class_folds
+from deconvnet.probe import activations
 from deconvnet.subject import from_checkpoint
 from deconvnet.transfer import (Transfer, draw_transfer, find_overlaps, transfer, transfer_findings,
                                 transfer_to_json)
@@ -58,6 +59,24 @@ def test_overlap_finds_a_planted_duplicate():
     assert find_overlaps(target, reference, reference_limit=100)[0] == []  # the copy is beyond the limit
 
 
+def _pretrained_accuracy(subject, source, layer: str, split) -> float:
+    """The protocol's "pretrained + softmax" number for one fold, computed here: ``layer``'s outputs by
+    a direct forward pass, standardised on the training images, a multinomial logistic regression, and
+    the mean over classes of the per-class accuracy on the test images."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    with torch.no_grad():  # all images in batches of 256, as the features are computed for every fold
+        feats = np.concatenate([activations(subject.model, subject.prepare(source.get(range(s, min(s + 256, len(source))))),
+                                            [layer])[layer].flatten(1).numpy() for s in range(0, len(source), 256)])
+    labels = source.labels.numpy()
+    scaler = StandardScaler().fit(feats[split.train])
+    clf = LogisticRegression(C=1.0, max_iter=1000, random_state=0).fit(scaler.transform(feats[split.train]),
+                                                                      labels[split.train])
+    y, predicted = labels[split.test], clf.predict(scaler.transform(feats[split.test]))
+    return float(np.mean([np.mean(predicted[y == c] == c) for c in np.unique(y)]))
+
+
 def test_transfer_protocol_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     model, info = load_checkpoint(tiny_checkpoint)
     target = open_source("digits", 28, 1)
@@ -70,7 +89,15 @@ def test_transfer_protocol_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     assert set(body["table"]) == {"pretrained + softmax", "from scratch"}
     assert body["pretrain_data"] == "fashion-mnist" and "far-domain control" in body["setting"]
     [finding] = body["findings"]
-    assert finding["claim"].startswith("a softmax on the fixed pretrained layers")
+    subject = from_checkpoint(tiny_checkpoint)
+    for n in (1, 3):  # every fold's number against the same protocol computed here
+        splits = per_class_folds(target.labels.numpy(), n, 2, 50, 0)
+        expected = [_pretrained_accuracy(subject, target, "relu7", split) for split in splits]
+        assert result.pretrained[n] == pytest.approx(expected, abs=1e-12)
+        cells = body["table"]["pretrained + softmax"][f"{n}_per_class"]
+        assert cells["folds"] == [round(100 * a, 2) for a in expected]
+        assert cells["mean"] == round(100 * float(np.mean(expected)), 2)
+        assert body["table"]["from scratch"][f"{n}_per_class"]["folds"] == [round(100 * a, 2) for a in result.scratch[n]]
     assert finding["n"] == 2 and finding["unit"] == "folds" and finding["verdict"] in ("held", "not held", "inconclusive")
     low, high = finding["interval"]
     assert low <= finding["estimate"] <= high
@@ -87,7 +114,13 @@ def test_transfer_command(tiny_checkpoint, tmp_path):
     assert code == 0
     body = json.loads((out / "transfer.json").read_text())
     assert body["overlap"]["removed"] == []  # digits do not occur in Fashion-MNIST
-    assert body["args"]["per_class"] == [2] and (out / "transfer.png").exists()
+    assert body["args"]["per_class"] == [2] and body["folds"] == 1 and body["features"] == "relu7"
+    source = open_source("digits", 28, 1)
+    [split] = per_class_folds(source.labels.numpy(), 2, 1, 50, 0)  # the command's default seed 0
+    expected = _pretrained_accuracy(from_checkpoint(tiny_checkpoint), source, "relu7", split)
+    assert body["table"]["pretrained + softmax"]["2_per_class"]["folds"] == [round(100 * expected, 2)]
+    [scratch] = body["table"]["from scratch"]["2_per_class"]["folds"]
+    assert body["table"]["from scratch"]["2_per_class"]["mean"] == scratch and 0 <= scratch <= 100
 
 
 def _result(pretrained, scratch, target="fashion-mnist[2,3,6,7,8]:test"):
