@@ -32,7 +32,7 @@ def features(model: nn.Module, x: torch.Tensor, layers: list[str], batch_size: i
     with eval_mode(model):
         for start in range(0, len(x), batch_size):
             for name, a in activations(model, x[start:start + batch_size], layers).items():
-                parts[name].append(a.flatten(1))
+                parts[name].append(a.flatten(1).cpu())
     return {name: torch.cat(p) for name, p in parts.items()}
 
 

@@ -165,7 +165,8 @@ def architecture_run(model, source: Source, indices, maps: int = 16, seed: int =
                            float(shares.nanmean()), layer2_high, per_filter, [float(v) for v in high])
 
 
-def architecture(runs: list, data=None, limit: int = 1000, maps: int = 16, seed: int = 0) -> list[ArchitectureRun]:
+def architecture(runs: list, data=None, limit: int = 1000, maps: int = 16, seed: int = 0,
+                 device: str = "auto") -> list[ArchitectureRun]:
     """Fig. 6 for several trained models side by side (:func:`architecture_run` each).
 
     Args:
@@ -174,12 +175,13 @@ def architecture(runs: list, data=None, limit: int = 1000, maps: int = 16, seed:
         data: images searched for the strongest layer-2 activations (a spec or an open source);
             default each checkpoint's test data.
         limit: the first ``limit`` images.
+        device: where the runs given as specs are loaded (``auto``: CUDA when available).
     """
     from .subject import as_subject, load_subject
 
     summaries = []
     for run in runs:
-        subject = load_subject(str(run)) if isinstance(run, (str, Path)) else as_subject(run)
+        subject = load_subject(str(run), device=device) if isinstance(run, (str, Path)) else as_subject(run)
         spec = data or (subject.info.accuracy.get("data") if subject.info else None) or "fashion-mnist:test"
         source = subject.open_data(spec) if isinstance(spec, str) else spec
         summaries.append(architecture_run(subject, source, range(min(limit, len(source))), maps=maps, seed=seed))

@@ -45,7 +45,7 @@ _BYTES_PER_CHUNK = 96 * 2 ** 20  # images and projections held at once while pro
 
 def build_atlas(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], out: str | Path,
                 k: int = 9, classes: list[str] | None = None, indices=None, about: dict | None = None,
-                batch_size: int = 256, other_activations: str = "error") -> dict:
+                batch_size: int = 256, other_activations: str = "error", workers: int | None = None) -> dict:
     """Write the atlas of ``layers`` over ``source`` (or its ``indices``) to the directory ``out``.
     ``other_activations``: as in :class:`Deconvnet` (ReLU6, SiLU, ... on the way down).
 
@@ -63,7 +63,7 @@ def build_atlas(model: nn.Module, source: Source, preprocess: Preprocess, layers
     classes = list(source.classes if classes is None else classes)
     rank, procs = world()
     # every process looks before any writes: the pass ends with a merge that waits for all of them
-    tables, tables_key, topk_reused = cached_topk(model, source, preprocess, layers, k, indices, batch_size)
+    tables, tables_key, topk_reused = cached_topk(model, source, preprocess, layers, k, indices, batch_size, workers)
     key = cache_key(build_atlas, {"tables": tables_key})
 
     done = _read_done(out, key)

@@ -13,7 +13,7 @@ from .errors import UserError
 
 # The commands, in the order ``deconvnet --help`` lists them (each a function of deconvnet.commands).
 COMMANDS = ("train", "evaluate", "topk", "atlas", "project", "occlusion", "invariance", "correspondence", "evolution",
-            "architecture", "ablation", "transfer", "layer_features", "inspect", "report", "serve",
+            "architecture", "ablation", "transfer", "layer_features", "sanity", "inspect", "report", "serve",
             "reproduce")
 # Earlier names of commands, still accepted with a deprecation line.
 ALIASES = {"occlude": "occlusion", "correspond": "correspondence", "compare": "architecture",

@@ -20,8 +20,8 @@ from typing import Annotated
 
 from .deconvnet import RULES
 from .errors import UserError
-from .findings import brief
-from .options import MODEL_OPTIONS, Files, Flag, Out, Positive, named_box, options_of, words
+from .findings import brief, interval_text, tally
+from .options import MODEL_OPTIONS, Files, Flag, Json, Out, Positive, named_box, options_of, words
 from .runner import atomic_write_json
 from .train import TrainConfig
 
@@ -50,7 +50,8 @@ def subject_of(model: dict):
     return load_subject(spec or checkpoint, weights=model.get("weights"), classes=model.get("classes"),
                         preprocess=model.get("preprocess"), input_size=model.get("input_size"),
                         mean=model.get("mean"), std=model.get("std"),
-                        other_activations=model.get("other_activations") or "error")
+                        other_activations=model.get("other_activations") or "error",
+                        device=model.get("device") or "auto")
 
 
 def absolute_model_options(model: dict) -> dict:
@@ -112,18 +113,35 @@ def select_images(subject, image: list[str] | None, data: str | None, index: lis
     return source.get(indices), [to_model[y] for y in source.labels[indices].tolist()], [str(i) for i in indices]
 
 
-def _write_result(out: Path, name: str, options: dict, body: dict, text: str | None = None, **summary) -> None:
-    """Write ``out/name`` (the call's options + ``body``), print ``text`` and a one-line JSON summary."""
+def _write_result(out: Path, name: str, options: dict, body: dict, text: str | None = None, json_output: bool = False,
+                  **summary) -> None:
+    """Write ``out/name`` (the call's options + ``body``) and say so: one line for a person (where the
+    file is, the verdicts, the first finding) or, with ``json_output``, ``text`` (a table) and the
+    summary as one JSON line for scripts."""
     atomic_write_json(out / name, {"args": options, **body})
-    if text is not None:
-        print(text)
-    print(json.dumps({"out": str(out), **summary, "findings": brief(body["findings"])}))
+    say(out / name, body["findings"], json_output, text=text, **summary)
+
+
+def say(path: Path, findings: list[dict], json_output: bool, text: str | None = None, **summary) -> None:
+    """A command's console output: one line, ``PATH: N findings: ...; first: CLAIM ESTIMATE [INTERVAL]
+    VERDICT``; or, for scripts, ``text`` and one JSON line."""
+    if json_output:
+        if text is not None:
+            print(text)
+        print(json.dumps({"out": str(path.parent), **summary, "findings": brief(findings)}))
+        return
+    line = f"{path}: {tally(findings)}"
+    if findings:
+        first = findings[0]
+        line += f"; first: {first['claim']}: {interval_text(first, 3).split(', n = ')[0]} ({first['verdict']})"
+    print(line)
 
 
 def _options(local: dict) -> dict:
     """A command's call as JSON-able options: its ``locals()`` after its imports (the functions and
     modules imported are left out), the model options flattened."""
-    local = {k: v for k, v in local.items() if not callable(v) and not isinstance(v, types.ModuleType)}
+    local = {k: v for k, v in local.items()
+             if not callable(v) and not isinstance(v, types.ModuleType) and k != "json_output"}
     model = local.get("model")
     if not isinstance(model, dict):  # train and ablation: --model names an architecture
         return dict(local)
@@ -132,7 +150,7 @@ def _options(local: dict) -> dict:
 
 # ----------------------------------------------------------------------------- training and evaluation
 
-def train(out: Out, resume: bool = False, **config) -> dict:
+def train(out: Out, resume: bool = False, json_output: Json = False, **config) -> dict:
     """Train a model with the paper's recipe (Sec. 3) into a run directory.
 
     Args:
@@ -142,14 +160,18 @@ def train(out: Out, resume: bool = False, **config) -> dict:
     from .train import train as run_training
 
     final = run_training(TrainConfig(**config), out, resume=resume)
-    print(json.dumps({"run": str(out), **final}))
+    if json_output:
+        print(json.dumps({"run": str(out), **final}))
+    elif final:
+        ten = f", {100 * final['val_top1_10crop']:.2f}% with 10 crops" if "val_top1_10crop" in final else ""
+        print(f"{Path(out) / 'final.pt'}: epoch {final.get('epoch')}, val top-1 {100 * final['val_top1']:.2f}%{ten}")
     return final
 
 
 train.CONFIG = TrainConfig  # train's other options: the documented fields of TrainConfig
 
 
-def evaluate(data: str, limit: Positive | None = None, ten_crop: bool = False, **model) -> dict:
+def evaluate(data: str, limit: Positive | None = None, ten_crop: bool = False, json_output: Json = False, **model) -> dict:
     """Top-1/top-5 accuracy of a model on labelled data, as JSON.
 
     Args:
@@ -174,7 +196,8 @@ def evaluate(data: str, limit: Positive | None = None, ten_crop: bool = False, *
     indices = None if limit is None else list(range(min(limit, len(source))))
     result = run_evaluation(subject.model, source, subject.preprocess, indices, ten_crop=ten_crop)
     summary = {"top1": result["top1"], "top5": result["top5"], "n": result["n"]}
-    print(json.dumps(summary))
+    print(json.dumps(summary) if json_output else
+          f"top-1 {100 * summary['top1']:.2f}%, top-5 {100 * summary['top5']:.2f}% over {summary['n']} images of {data}")
     return summary
 
 
@@ -195,7 +218,7 @@ def _image_count(image: list[str] | None, index: list[int] | None, count: int | 
 def occlusion(out: Out, image: Files = None, data: str | None = None, index: list[int] | None = None,
               count: Positive | None = None, draw: Annotated[int | None, Flag(metavar="K")] = None,
               target: str | None = None, size: int | None = None, stride: int | None = None,
-              layer: str | None = None, **model) -> list[dict]:
+              layer: str | None = None, json_output: Json = False, **model) -> list[dict]:
     """Occlusion sensitivity of one or more images (Fig. 7).
 
     Writes occlusion-NAME.png for the first ``draw`` images and occlusion.json with every image's maps
@@ -234,7 +257,7 @@ def occlusion(out: Out, image: Files = None, data: str | None = None, index: lis
     objects = list(foreground(pictures)) if subject.info is not None else []
     findings = to_json(occlusion_findings(results, objects))
     covers = [cover_statistics(r, m) for r, m in zip(results, objects)] or [None] * len(results)
-    _write_result(out, "occlusion.json", options, {
+    _write_result(out, "occlusion.json", options, json_output=json_output, body={
         "model": subject.describe(), "findings": findings,
         "images": [{"name": n, "true_label": l, **occlusion_to_json(r, subject.classes), "cover": c}
                    for n, l, r, c in zip(names, labels, results, covers)]})
@@ -244,7 +267,7 @@ def occlusion(out: Out, image: Files = None, data: str | None = None, index: lis
 def invariance(out: Out, image: Files = None, data: str | None = None, index: list[int] | None = None,
                count: Positive | None = None, layers: list[str] | None = None,
                translations: list[float] | None = None, scales: list[float] | None = None,
-               rotations: list[float] | None = None, **model) -> list[dict]:
+               rotations: list[float] | None = None, json_output: Json = False, **model) -> list[dict]:
     """Feature and output changes under translation, scale and rotation (Fig. 5).
 
     Args:
@@ -274,7 +297,7 @@ def invariance(out: Out, image: Files = None, data: str | None = None, index: li
     out.mkdir(parents=True, exist_ok=True)
     draw_invariance(result, out / "invariance.png", subject.classes)
     findings = to_json(invariance_findings(result))
-    _write_result(out, "invariance.json", options, {"model": subject.describe(), "images": names, "findings": findings,
+    _write_result(out, "invariance.json", options, json_output=json_output, body={"model": subject.describe(), "images": names, "findings": findings,
                                                     **invariance_to_json(result, subject.classes)})
     return findings
 
@@ -309,7 +332,7 @@ def _parts(parts: str | None, part: list | None, class_name: str | None, n: int,
 def correspondence(out: Out, image: Files = None, data: str | None = None, index: list[int] | None = None,
                    class_name: Annotated[str | None, Flag(name="--class")] = None, count: Positive = 5,
                    parts: str | None = None, part: Annotated[list | None, Flag(repeat=named_box, metavar="NAME=T,L,B,R")] = None,
-                   layers: list[str] | None = None, repeats: Positive = 5, seed: int = 0, **model) -> list[dict]:
+                   layers: list[str] | None = None, repeats: Positive = 5, seed: int = 0, json_output: Json = False, **model) -> list[dict]:
     """Part correspondence: sign changes when masking parts (Table 1).
 
     Args:
@@ -346,7 +369,7 @@ def correspondence(out: Out, image: Files = None, data: str | None = None, index
     draw_correspondence(result, pictures, out / "correspondence.png")
     findings = to_json(correspondence_findings(result))
     body = correspondence_to_json(result)
-    _write_result(out, "correspondence.json", options, {"model": subject.describe(), "images": names, "labels": labels,
+    _write_result(out, "correspondence.json", options, json_output=json_output, body={"model": subject.describe(), "images": names, "labels": labels,
                                                         "objects": [list(f) for f in frames], "findings": findings,
                                                         **body}, table=body["table"])
     return findings
@@ -354,7 +377,7 @@ def correspondence(out: Out, image: Files = None, data: str | None = None, index
 
 def project(out: Annotated[str, Flag(metavar="PNG")], layer: str, image: Files = None, data: str | None = None,
             index: list[int] | None = None, unit: list[int] | None = None,
-            rule: Annotated[str, Flag(choices=RULES)] = "deconvnet", **model) -> dict:
+            rule: Annotated[str, Flag(choices=RULES)] = "deconvnet", json_output: Json = False, **model) -> dict:
     """Project one activation to pixels with the deconvnet (Sec. 2.1).
 
     Args:
@@ -380,7 +403,7 @@ def project(out: Annotated[str, Flag(metavar="PNG")], layer: str, image: Files =
     if unit is not None and len(unit) != 3:
         raise UserError(f"--unit is channel,y,x; got {unit}")
     x = subject.prepare(raw)
-    a = activations(net, x, layer)[layer][0].detach()
+    a = activations(net, x, layer)[layer][0].detach().cpu()
     if a.dim() != 3:
         raise UserError(f"layer {layer!r} has no feature maps (output shape {tuple(a.shape)})")
     chosen = tuple(unit) if unit is not None else strongest_units(a)[0]
@@ -392,14 +415,58 @@ def project(out: Annotated[str, Flag(metavar="PNG")], layer: str, image: Files =
                     f"image {names[0]}: {layer} unit {chosen} = {value:.3g}, rule {rule}")
     record = {"out": str(out), "layer": layer, "unit": list(chosen), "value": value, "box": list(box)}
     atomic_write_json(Path(out).with_suffix(".json"), {"args": options, "model": subject.describe(), **record})
-    print(json.dumps(record))
+    print(json.dumps(record) if json_output else f"{out}: {layer} unit {tuple(chosen)} = {value:.3g} ({rule})")
     return record
+
+
+def sanity(out: Out, image: Files = None, data: str | None = None, index: list[int] | None = None,
+           count: Positive | None = None, layers: list[str] | None = None,
+           rules: Annotated[list[str] | None, Flag(metavar="RULES")] = None, steps: Positive = 10, seed: int = 0,
+           json_output: Json = False, **model) -> list[dict]:
+    """Can the projections be trusted? Randomisation, specificity and deletion tests of each rule.
+
+    Cascading randomisation (Adebayo et al. 2018), specificity (Nie et al. 2018) and deletion/insertion
+    of the pixels a projection ranks first, for the strongest units of each layer on each image.
+    Writes sanity.png (the randomisation strip), sanity-deletion.png and sanity.json.
+
+    Args:
+        out: output directory (sanity.png, sanity-deletion.png, sanity.json)
+        image: PNG/JPEG image file(s)
+        data: data spec to take images from, e.g. fashion-mnist:test or folder:PATH
+        index: comma-separated image indices in --data (default: the first 10)
+        count: take the first N images of --data (default 10, instead of --index)
+        layers: layers whose units are tested (default: a middle and the top stage)
+        rules: comma-separated rules among deconvnet, guided, gradient (default: all three)
+        steps: deletion and insertion steps
+        seed: seed of the re-initialisation and the random pixel orders
+    """
+    from .deconvnet import RULES as ALL_RULES
+    from .findings import to_json
+    from .sanity import draw_deletion, draw_sanity, sanity as measure, sanity_findings, sanity_to_json
+
+    options = _options(locals())
+    count = _image_count(image, index, count, 10)
+    unknown = sorted(set(rules or ()) - set(ALL_RULES))
+    if unknown:
+        raise UserError(f"unknown rule(s) {unknown}; use {', '.join(ALL_RULES)}")
+    subject = subject_of(model)
+    raw, _, names = select_images(subject, image, data, index, count=count)
+    result = measure(subject, raw, layers=layers, rules=tuple(rules or ALL_RULES), steps=steps, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    draw_sanity(result, out / "sanity.png")
+    draw_deletion(result, out / "sanity-deletion.png")
+    findings = to_json(sanity_findings(result))
+    _write_result(out, "sanity.json", options, json_output=json_output,
+                  body={"model": subject.describe(), "images": names, "findings": findings, **sanity_to_json(result)})
+    return findings
 
 
 # ----------------------------------------------------------------------------- passes over a data set
 
 def topk(out: Out, data: str, layers: list[str] | None = None, k: Positive = 9, limit: Positive | None = None,
-         maps: Positive = 9, seed: int = 0, **model) -> list[dict]:
+         maps: Positive = 9, seed: int = 0, workers: int | None = None, batch_size: Positive = 256,
+         json_output: Json = False, **model) -> list[dict]:
     """Top-k activations per feature map over a data set and the Fig. 2 gallery.
 
     Writes gallery-LAYER.png and topk.json. The tables go to the shared cache, where ``serve`` and
@@ -425,7 +492,8 @@ def topk(out: Out, data: str, layers: list[str] | None = None, k: Positive = 9, 
     source = subject.open_data(data)
     n = len(source) if limit is None else min(limit, len(source))
     with distributed():
-        tables = cached_topk(net, source, pre, layers, k=k, indices=list(range(n)))[0]
+        tables = cached_topk(net, source, pre, layers, k=k, indices=list(range(n)), batch_size=batch_size,
+                             workers=workers)[0]
         rank = world()[0]
     if rank != 0:  # every process holds the merged tables; one draws them
         return []
@@ -440,13 +508,13 @@ def topk(out: Out, data: str, layers: list[str] | None = None, k: Positive = 9, 
     findings = topk_findings(tables, source.labels)
     atomic_write_json(out / "topk.json", {"args": options, "model": subject.describe(), "images": n, "k": k,
                                           "findings": to_json(findings), "layers": topk_to_json(tables, chosen)})
-    print(json.dumps({"out": str(out), "images": n, "gallery_maps": chosen,
-                      "class_purity": findings[0].ours["class_purity"], "findings": brief(to_json(findings))}))
+    say(out / "topk.json", to_json(findings), json_output, images=n, gallery_maps=chosen,
+        class_purity=findings[0].ours["class_purity"])
     return to_json(findings)
 
 
 def atlas(out: Out, data: str, layers: list[str] | None = None, k: Positive = 9, limit: Positive | None = None,
-          **model) -> dict:
+          workers: int | None = None, batch_size: Positive = 256, json_output: Json = False, **model) -> dict:
     """Fig. 2 for every feature map: a static site, LAYER.html#MAP per map (resumable).
 
     Args:
@@ -471,15 +539,18 @@ def atlas(out: Out, data: str, layers: list[str] | None = None, k: Positive = 9,
         about["accuracy"] = ", ".join(f"{key} {v:.4f}" if isinstance(v, float) else f"{key} {v}" for key, v in acc.items())
     with distributed():
         summary = build_atlas(subject.model, source, subject.preprocess, layers, out, k=k, indices=list(range(n)),
-                              about=about, other_activations=subject.other_activations)
+                              about=about, other_activations=subject.other_activations, batch_size=batch_size,
+                              workers=workers)
         rank = world()[0]
     if rank == 0:
-        print(json.dumps({**summary, "index": str(Path(out) / "index.html")}))
+        print(json.dumps({**summary, "index": str(Path(out) / "index.html")}) if json_output else
+              f"{Path(out) / 'index.html'}: {sum(summary['maps'].values())} maps, {summary['projected']} projected "
+              f"now, {summary['reused']} reused")
     return summary
 
 
 def evolution(out: Out, run: str, data: str | None = None, limit: Positive = 2000, maps: Positive = 5,
-              probe: Positive = 500, seed: int = 0) -> list[dict]:
+              probe: Positive = 500, seed: int = 0, device: str = "auto", json_output: Json = False) -> list[dict]:
     """Strongest activations projected at each training snapshot, and each layer's CKA with the last (Fig. 4).
 
     Needs the training snapshots of a ``deconvnet train`` run (``--snapshots``); in Python,
@@ -501,7 +572,7 @@ def evolution(out: Out, run: str, data: str | None = None, limit: Positive = 200
     info = load_snapshots(run)[1]
     spec = data or info.train_config.get("data") or "fashion-mnist"
     probe_spec = info.train_config.get("val") or spec  # the run's validation data: images it did not train on
-    result = measure(run, spec, limit=limit, maps=maps, probe=probe, probe_data=probe_spec, seed=seed)
+    result = measure(run, spec, limit=limit, maps=maps, probe=probe, probe_data=probe_spec, seed=seed, device=device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for n in result.layers:
@@ -509,12 +580,13 @@ def evolution(out: Out, run: str, data: str | None = None, limit: Positive = 200
     draw_evolution(result, out / "evolution.png")
     draw_evolution_cka(result, out / "evolution-cka.png")
     body = {"data": spec, "probe_data": probe_spec, **evolution_to_json(result)}
-    _write_result(out, "evolution.json", options, body, epochs=result.epochs)
+    _write_result(out, "evolution.json", options, json_output=json_output, body=body, epochs=result.epochs)
     return body["findings"]
 
 
 def architecture(out: Out, runs: list[str], data: str | None = None, limit: Positive = 1000, maps: Positive = 16,
-                 seed: int = 0, seed_noise: Annotated[str | None, Flag(metavar="ABLATION_JSON")] = None) -> list[dict]:
+                 seed: int = 0, seed_noise: Annotated[str | None, Flag(metavar="ABLATION_JSON")] = None,
+                 device: str = "auto", json_output: Json = False) -> list[dict]:
     """Layer-1 filters and layer-2 projections of several runs (Fig. 6).
 
     Args:
@@ -538,18 +610,19 @@ def architecture(out: Out, runs: list[str], data: str | None = None, limit: Posi
             raise UserError(f"--seed-noise {seed_noise} is not an ablation.json with seed noise "
                             "(from deconvnet ablation --baseline-seeds)") from None
         noise = [1 - e / 100 for e in errors]  # test top-1 accuracies of the baseline's seeds
-    summaries = measure(runs, data, limit=limit, maps=maps, seed=seed)
+    summaries = measure(runs, data, limit=limit, maps=maps, seed=seed, device=device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     draw_architecture(summaries, out / "architecture.png")
     body = architecture_to_json(summaries, noise)
-    _write_result(out, "architecture.json", options, body)
+    _write_result(out, "architecture.json", options, json_output=json_output, body=body)
     return body["findings"]
 
 
 def ablation(out: Out, model: str = "zfnet-small", data: str = "fashion-mnist", epochs: Positive | None = None,
              limit: Positive | None = None, batch_size: Positive = 128, lr: float | None = None,
-             variants: list[str] | None = None, seed: int = 0, baseline_seeds: list[int] | None = None) -> list[dict]:
+             variants: list[str] | None = None, seed: int = 0, baseline_seeds: list[int] | None = None,
+             device: str = "auto", json_output: Json = False) -> list[dict]:
     """Train Table 3's variants (removed / resized layers) and compare their errors.
 
     Each variant's difference is judged against the baseline's seed noise; a rerun resumes in ``out``.
@@ -571,12 +644,13 @@ def ablation(out: Out, model: str = "zfnet-small", data: str = "fashion-mnist", 
     from .train import TrainConfig
 
     options = _options(locals())
-    base = TrainConfig(model=model, data=data, epochs=epochs, limit=limit, seed=seed, batch_size=batch_size, lr=lr)
+    base = TrainConfig(model=model, data=data, epochs=epochs, limit=limit, seed=seed, batch_size=batch_size, lr=lr,
+                       device=device)
     result = run_ablation(base, out, variants, baseline_seeds)
     out = Path(out)
     draw_ablation(result, out / "ablation.png")
     body = ablation_to_json(result)
-    _write_result(out, "ablation.json", options, body, result.table())
+    _write_result(out, "ablation.json", options, json_output=json_output, body=body, text=result.table())
     return body["findings"]
 
 
@@ -604,7 +678,7 @@ def _target_and_overlaps(subject, target: str, pretrain_data: str | None):
 
 
 def transfer(out: Out, target: str = "digits", per_class: list[int] = (1, 2, 3, 5, 10, 15, 30), folds: int = 5,
-             pretrain_data: str | None = None, seed: int = 0, scratch_steps: Positive = 300, **model) -> list[dict]:
+             pretrain_data: str | None = None, seed: int = 0, scratch_steps: Positive = 300, json_output: Json = False, **model) -> list[dict]:
     """Fixed pretrained layers 1-7 + a new softmax vs the same net trained from scratch (Tables 4/5, Fig. 9).
 
     Args:
@@ -629,12 +703,12 @@ def transfer(out: Out, target: str = "digits", per_class: list[int] = (1, 2, 3, 
     out.mkdir(parents=True, exist_ok=True)
     draw_transfer(result, out / "transfer.png")
     body = transfer_to_json(result)
-    _write_result(out, "transfer.json", options, body, result.table(), overlaps_removed=len(overlaps))
+    _write_result(out, "transfer.json", options, json_output=json_output, body=body, text=result.table(), overlaps_removed=len(overlaps))
     return body["findings"]
 
 
 def layer_features(out: Out, target: str = "digits", per_class: list[int] = (15, 30), folds: int = 5,
-                   pretrain_data: str | None = None, seed: int = 0, **model) -> list[dict]:
+                   pretrain_data: str | None = None, seed: int = 0, json_output: Json = False, **model) -> list[dict]:
     """A linear SVM and a softmax on each layer's features (Table 7).
 
     Args:
@@ -658,7 +732,7 @@ def layer_features(out: Out, target: str = "digits", per_class: list[int] = (15,
     out.mkdir(parents=True, exist_ok=True)
     draw_layer_features(result, out / "layers.png")
     body = layer_features_to_json(result)
-    _write_result(out, "layers.json", options, body, result.table())
+    _write_result(out, "layers.json", options, json_output=json_output, body=body, text=result.table())
     return body["findings"]
 
 
@@ -750,7 +824,8 @@ def report(out: Out, data: str, target: str | None = None, images: Positive = 30
 
 
 def reproduce(out: Out = "report", quick: bool = False, full: bool = False, data: str = "fashion-mnist",
-              model: str = "zfnet-small", time_budget: Annotated[float | None, Flag(metavar="MINUTES")] = None) -> None:
+              model: str = "zfnet-small", time_budget: Annotated[float | None, Flag(metavar="MINUTES")] = None,
+              device: str = "auto") -> None:
     """Run the whole paper (cached steps) and write DIR/index.html.
 
     Args:
@@ -766,4 +841,4 @@ def reproduce(out: Out = "report", quick: bool = False, full: bool = False, data
 
     if quick and full:
         raise UserError("--quick and --full exclude each other")
-    run_paper(out, quick=quick, data=data, model=model, full=full, minutes=time_budget)
+    run_paper(out, quick=quick, data=data, model=model, full=full, minutes=time_budget, device=device)

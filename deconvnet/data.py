@@ -318,9 +318,9 @@ class Preprocess:
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) uint8 -> float, scaled, mean subtracted, divided by ``std``, padded by ``pad``
         (with the mean, i.e. 0)."""
-        x = x.float() * (self.scale / 255.0) - self.mean
+        x = x.float() * (self.scale / 255.0) - self.mean.to(x.device)
         if self.std is not None:
-            x = x / self.std
+            x = x / self.std.to(x.device)
         return F.pad(x, (self.pad,) * 4) if self.pad else x
 
     def crop(self, x: torch.Tensor, which: int) -> torch.Tensor:
@@ -386,11 +386,23 @@ def mean_image(source: Source, preprocess: Preprocess, indices=None, batch_size:
     return (total / len(indices) * (preprocess.scale / 255.0)).float()
 
 
-def batches(source: Source, indices: torch.Tensor, batch_size: int, workers: int = 0):
-    """Yield uint8 image batches and labels for ``indices`` in order (workers for folder data)."""
+def default_workers(source: Source) -> int:
+    """Decoding processes for a pass over ``source``: for a folder of image files, one per core but
+    one (at most 8) beside the main process; none for data already in memory."""
+    if not isinstance(source, FolderSource):
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def batches(source: Source, indices: torch.Tensor, batch_size: int, workers: int | None = 0, pin: bool = False):
+    """Yield uint8 image batches and labels for ``indices`` in order; folder images are decoded in
+    ``workers`` DataLoader processes (None: :func:`default_workers`), in pinned memory with ``pin``
+    (for non-blocking copies to a GPU). Memory stays bounded by a few batches."""
+    workers = default_workers(source) if workers is None else workers
     if isinstance(source, FolderSource) and workers > 0:
         loader = torch.utils.data.DataLoader(
-            _FolderItems(source, indices), batch_size=batch_size, num_workers=workers, shuffle=False)
+            _FolderItems(source, indices), batch_size=batch_size, num_workers=workers, shuffle=False,
+            pin_memory=pin, persistent_workers=False, prefetch_factor=4)
         yield from loader
         return
     for start in range(0, len(indices), batch_size):

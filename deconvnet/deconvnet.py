@@ -36,7 +36,8 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
 from .errors import UserError
-from .geometry import Graph, Node, Ref, _down, _field, _Unknown, cone_strides, graph_of, stride_of, unpadded
+from .geometry import (Graph, Node, Ref, UnknownGeometry, boxes_below, graph_of, stride_of, unit_cone,
+                       unpadded)
 from .probe import apply_at, hooks, module_calls, resolve
 from .figures import finish, new_figure
 
@@ -142,6 +143,18 @@ def _where(node, names: dict) -> str:
     return "a function applied to the input"
 
 
+@dataclass(frozen=True)
+class Projection:
+    """What :meth:`Deconvnet.projection` returns: the projections and how they were computed.
+
+    ``values``: (N, C, H, W), as :meth:`Deconvnet.project` returns them. ``method``: the strategy
+    that ran, ``"cone"``, ``"crop: WHY"`` or ``"full image: WHY"``, WHY being the reason the cone did
+    not apply (module docstring)."""
+
+    values: torch.Tensor
+    method: str
+
+
 class Deconvnet:
     """Projects activations of ``model`` down to its input pixels (Zeiler & Fergus 2014, Sec. 2.1).
 
@@ -151,11 +164,10 @@ class Deconvnet:
     the paper has no rule for, naming it; ``"gradient"`` lets such activations act as they do in
     back-propagation (the rule still applies at every ReLU).
 
-    After each :meth:`project`, ``method`` says how it ran: ``"cone"``, ``"crop: WHY"`` or
-    ``"full image: WHY"``, WHY being the reason the cone did not apply. The cone replays the model's
-    traced forward pass (:func:`geometry.graph_of`, cached per input size while the modules and
-    weights stay the same), so a forward hook added after the first projection at that size does not
-    act in it.
+    :meth:`projection` also says how a projection ran (:class:`Projection`); the object holds no
+    state between calls. The cone replays the model's traced forward pass
+    (:func:`geometry.graph_of`, cached per input size while the modules and weights stay the same),
+    so a forward hook added after the first projection at that size does not act in it.
     """
 
     def __init__(self, model: nn.Module, other_activations: str = "error"):
@@ -163,7 +175,6 @@ class Deconvnet:
             raise UserError(f"unknown other_activations {other_activations!r}; use one of {', '.join(OTHER_ACTIVATIONS)}")
         self.model = model
         self.other_activations = other_activations
-        self.method: str | None = None
 
     def project(self, images: torch.Tensor, layer: str, units, rule: str = "deconvnet") -> torch.Tensor:
         """Project one activation per image down to pixel space.
@@ -186,8 +197,12 @@ class Deconvnet:
         traced graph), the crop's origin a multiple of every total stride in the unit's cone so that
         every window and switch lines up with the full image. Where the geometry cannot vouch for
         either (an op it cannot reason about, uneven adaptive pools, a field as large as the image)
-        the full image runs. ``method`` records which.
+        the full image runs. :meth:`projection` says which.
         """
+        return self.projection(images, layer, units, rule).values
+
+    def projection(self, images: torch.Tensor, layer: str, units, rule: str = "deconvnet") -> Projection:
+        """:meth:`project`'s projections with the strategy that computed them (:class:`Projection`)."""
         if rule not in RULES:
             raise UserError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
         if self.model.training:
@@ -198,107 +213,32 @@ class Deconvnet:
         units = [tuple(int(v) for v in u) for u in units]
         if len(units) != len(images):
             raise UserError(f"{len(units)} units for {len(images)} images; give one (channel, y, x) per image")
+        request = _Request(self.model, layer, rule, self.other_activations)
         why = "the layer has no spatial units"
         if units and all(len(u) == 3 for u in units):
             try:
-                result = self._project_cone(images, layer, units, rule)
-                self.method = "cone"
-                return result
+                return Projection(_project_cone(request, images, units), "cone")
             except _NoCone as e:
                 why = str(e)
-            result = self._project_crops(images, layer, units, rule)
-            if result is not None:
-                self.method = f"crop: {why}"
-                return result
-        self.method = f"full image: {why}"
-        return torch.cat([self._run(images[i:i + _CHUNK], layer, units[i:i + _CHUNK], rule)
-                          for i in range(0, len(images), _CHUNK)])
+            values = _project_crops(request, images, units)
+            if values is not None:
+                return Projection(values, f"crop: {why}")
+        return Projection(_project_full_image(request, images, units), f"full image: {why}")
 
-    def _project_cone(self, images, layer, units, rule) -> torch.Tensor:
-        """Projections computed over the units' cones; :class:`_NoCone` where the cone does not apply."""
-        plan = _Cone.plan(self.model, images, layer, units)
-        result = torch.zeros_like(images)
-        (top, bottom), (left, right) = plan.margin
-        (sy, sx), origins = plan.size[0], plan.origin[0].tolist()
-        for start in range(0, len(units), _CHUNK):
-            chunk = range(start, min(start + _CHUNK, len(units)))
-            padded = F.pad(images[start:chunk.stop], (left, right, top, bottom))
-            x = torch.stack([padded[i - start, :, origins[i][0] + top:origins[i][0] + top + sy,
-                                    origins[i][1] + left:origins[i][1] + left + sx] for i in chunk])
-            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)  # faster pools
-            with torch.enable_grad():
-                out, names = plan.forward(x, chunk)
-                grads = self._down(out, x, [(units[i][0], 0, 0) for i in chunk], rule, names, layer)
-            for grad, i in zip(grads, chunk):  # paste the part inside the image
-                y0, x0 = origins[i]
-                y1, x1 = min(y0 + sy, images.shape[2]), min(x0 + sx, images.shape[3])
-                result[i, :, max(y0, 0):y1, max(x0, 0):x1] = grad[:, max(-y0, 0):y1 - y0, max(-x0, 0):x1 - x0]
-        return result
 
-    def _crops(self, images, layer, units) -> tuple | None:
-        """``(crop_h, crop_w, origins, stride)`` for the units, or None where the full image must run."""
-        h, w = images.shape[-2:]
-        try:
-            graph = graph_of(self.model, (h, w))
-        except Exception:  # noqa: BLE001 - a model the tracer cannot follow runs on the full image
-            return None
-        node = graph.nodes[graph.names[layer]] if layer in graph.names else None
-        if node is None or not node.spatial:
-            return None
-        stride = stride_of(graph, node)
-        fields = []
-        try:
-            for _, y, x in units:
-                if not (0 <= y < node.shape[2] and 0 <= x < node.shape[3]):
-                    return None  # the full image says why
-                boxes, box = _field(graph, node, y, x, clip=False)
-                if box is None or cone_strides(graph, boxes) != stride:
-                    return None
-                fields.append(box)
-        except _Unknown:
-            return None
-        centre = _field(graph, node, node.shape[2] // 2, node.shape[3] // 2, clip=False)[1]
-        crop = []
-        for axis, n in enumerate((h, w)):
-            lo, hi = centre[axis]
-            crop.append(_crop_size(n, hi - lo + 1, lo % stride[axis], stride[axis]))
-        if crop == [h, w]:
-            return None
-        origins = []
-        for (_, y, x), box in zip(units, fields):
-            origin = []
-            for axis, n in enumerate((h, w)):
-                lo, hi = box[axis]
-                o = min(max(lo, 0) // stride[axis] * stride[axis], n - crop[axis])
-                if (lo < o and o > 0) or (hi > o + crop[axis] - 1 and o + crop[axis] < n):
-                    return None  # not inside the crop: the geometry cannot vouch for it
-                origin.append(o)
-            origins.append(tuple(origin))
-        return crop[0], crop[1], origins, stride
+@dataclass(frozen=True)
+class _Request:
+    """What the three strategies share: the model, the (per-call) layer projected from, the rule, and
+    what activations the paper has no rule for do (:class:`Deconvnet`)."""
 
-    def _project_crops(self, images, layer, units, rule) -> torch.Tensor | None:
-        """Projections computed on receptive-field crops; None where the full image must run."""
-        plan = self._crops(images, layer, units)
-        if plan is None:
-            return None
-        crop_h, crop_w, origins, (sy, sx) = plan
-        result = torch.zeros_like(images)
-        for start in range(0, len(units), _CHUNK):
-            chunk = range(start, min(start + _CHUNK, len(units)))
-            crops = torch.stack([images[i, :, origins[i][0]:origins[i][0] + crop_h,
-                                        origins[i][1]:origins[i][1] + crop_w] for i in chunk])
-            crop_units = [(units[i][0], units[i][1] - origins[i][0] // sy, units[i][2] - origins[i][1] // sx)
-                          for i in chunk]
-            grads = self._run(crops, layer, crop_units, rule, crop=True)
-            if grads is None:
-                return None
-            for grad, i in zip(grads, chunk):
-                result[i, :, origins[i][0]:origins[i][0] + crop_h, origins[i][1]:origins[i][1] + crop_w] = grad
-        return result
+    model: nn.Module
+    layer: str
+    rule: str = "deconvnet"
+    other_activations: str = "error"
 
-    def _run(self, x: torch.Tensor, layer: str, units: list[tuple], rule: str,
-             crop: bool = False) -> torch.Tensor | None:
-        """One forward/backward pass. On a crop (``crop``): None if a unit falls outside the map."""
+    def run(self, x: torch.Tensor, units: list[tuple], crop: bool = False) -> torch.Tensor | None:
+        """One forward/backward pass through the model itself. On a crop (``crop``): None if a unit
+        falls outside the map."""
         x = x.detach().clone().requires_grad_(True)  # a leaf of our own (also from inference-mode tensors)
         names: dict = {}  # autograd node -> per-call name of the module whose output it made
 
@@ -311,19 +251,19 @@ class Deconvnet:
             return output
 
         with torch.enable_grad(), hooks(module_calls(self.model, on_output)):
-            out = apply_at(self.model, x, layer, lambda _name, output: output)[layer]  # in the graph
+            out = apply_at(self.model, x, self.layer, lambda _name, output: output)[self.layer]  # in the graph
             for u in units:
                 if len(u) != out.dim() - 1 or not all(0 <= v < s for v, s in zip(u, out.shape[1:])):
                     if crop:
                         return None
-                    raise UserError(f"unit {u} is outside {layer}'s output of shape {tuple(out.shape[1:])}")
-            return self._down(out, x, units, rule, names, layer)
+                    raise UserError(f"unit {u} is outside {self.layer}'s output of shape {tuple(out.shape[1:])}")
+            return self.down(out, x, units, names)
 
-    def _down(self, out: torch.Tensor, x: torch.Tensor, units: list[tuple], rule: str, names: dict,
-              layer: str) -> torch.Tensor:
+    def down(self, out: torch.Tensor, x: torch.Tensor, units: list[tuple], names: dict) -> torch.Tensor:
         """The pass down from ``out`` (N, ...), the layer's output computed from the leaf ``x``: the seed
         is each unit's own value, every ReLU on the way gets the rule. ``names``: autograd node ->
         layer name, for errors."""
+        layer, rule = self.layer, self.rule
         if out.grad_fn is None:
             raise UserError(f"{layer!r} does not depend on the input")
         node_handles: list = []
@@ -343,6 +283,30 @@ class Deconvnet:
             seed[index] = out.detach()[index]
             (grad,) = torch.autograd.grad(out, x, seed)
         return grad
+
+
+# ----------------------------------------------------------------------------- the cone
+
+def _project_cone(request: _Request, images: torch.Tensor, units: list[tuple]) -> torch.Tensor:
+    """Projections computed over the units' cones; :class:`_NoCone` where the cone does not apply."""
+    plan = _Cone.plan(request.model, images, request.layer, units)
+    result = torch.zeros_like(images)
+    (top, bottom), (left, right) = plan.margin
+    (sy, sx), origins = plan.size[0], plan.origin[0].tolist()
+    for start in range(0, len(units), _CHUNK):
+        chunk = range(start, min(start + _CHUNK, len(units)))
+        padded = F.pad(images[start:chunk.stop], (left, right, top, bottom))
+        x = torch.stack([padded[i - start, :, origins[i][0] + top:origins[i][0] + top + sy,
+                                origins[i][1] + left:origins[i][1] + left + sx] for i in chunk])
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)  # faster pools
+        with torch.enable_grad():
+            out, names = plan.forward(x, chunk)
+            grads = request.down(out, x, [(units[i][0], 0, 0) for i in chunk], names)
+        for grad, i in zip(grads, chunk):  # paste the part inside the image
+            y0, x0 = origins[i]
+            y1, x1 = min(y0 + sy, images.shape[2]), min(x0 + sx, images.shape[3])
+            result[i, :, max(y0, 0):y1, max(x0, 0):x1] = grad[:, max(-y0, 0):y1 - y0, max(-x0, 0):x1 - x0]
+    return result
 
 
 class _NoCone(Exception):
@@ -425,7 +389,7 @@ class _Cone:
         """Unit (y, x) of ``top``: its cone's box per node (padding positions included) and where
         each op reads each input inside that input's box."""
         try:
-            boxes, _ = _field(graph, top, y, x, clip=False)
+            boxes, _ = unit_cone(graph, top, y, x, clip=False)
             cuts = {}
             for i in sorted(boxes):
                 n = graph.nodes[i]
@@ -435,9 +399,9 @@ class _Cone:
                     raise _NoCone(f"the cone holds {n.describe()}, which runs on whole maps or hides its padding")
                 if n.kind == "pointwise" and any(graph.nodes[j].shape[2:] != n.shape[2:] for j in n.inputs):
                     raise _NoCone(f"{n.describe()} broadcasts one map over another")
-                for j, ((top_, bottom), (left, right)) in _down(n, graph.nodes, boxes[i], clip=False):
+                for j, ((top_, bottom), (left, right)) in boxes_below(n, graph.nodes, boxes[i], clip=False):
                     cuts[i, j] = (top_ - boxes[j][0][0], left - boxes[j][1][0], bottom - top_ + 1, right - left + 1)
-        except _Unknown as e:
+        except UnknownGeometry as e:
             raise _NoCone(f"the cone holds {e}, which the geometry does not follow") from None
         return boxes, cuts
 
@@ -477,6 +441,73 @@ class _Cone:
         return values[self.output], names
 
 
+# ----------------------------------------------------------------------------- receptive-field crops
+
+def _project_crops(request: _Request, images: torch.Tensor, units: list[tuple]) -> torch.Tensor | None:
+    """Projections computed on receptive-field crops; None where the full image must run."""
+    plan = _crop_plan(request.model, images, request.layer, units)
+    if plan is None:
+        return None
+    crop_h, crop_w, origins, (sy, sx) = plan
+    result = torch.zeros_like(images)
+    for start in range(0, len(units), _CHUNK):
+        chunk = range(start, min(start + _CHUNK, len(units)))
+        crops = torch.stack([images[i, :, origins[i][0]:origins[i][0] + crop_h,
+                                    origins[i][1]:origins[i][1] + crop_w] for i in chunk])
+        crop_units = [(units[i][0], units[i][1] - origins[i][0] // sy, units[i][2] - origins[i][1] // sx)
+                      for i in chunk]
+        grads = request.run(crops, crop_units, crop=True)
+        if grads is None:
+            return None
+        for grad, i in zip(grads, chunk):
+            result[i, :, origins[i][0]:origins[i][0] + crop_h, origins[i][1]:origins[i][1] + crop_w] = grad
+    return result
+
+
+def _crop_plan(model: nn.Module, images: torch.Tensor, layer: str, units: list[tuple]) -> tuple | None:
+    """``(crop_h, crop_w, origins, stride)`` for the units, or None where the full image must run."""
+    h, w = images.shape[-2:]
+    try:
+        graph = graph_of(model, (h, w))
+    except Exception:  # noqa: BLE001 - a model the tracer cannot follow runs on the full image
+        return None
+    node = graph.nodes[graph.names[layer]] if layer in graph.names else None
+    if node is None or not node.spatial:
+        return None
+    stride = stride_of(graph, node, fixed=True)  # every map of a unit's cone lines up at a multiple of it
+    if stride is None:
+        return None  # an adaptive pool with uneven bins: no crop lines up with the full image
+    fields = []
+    try:
+        for _, y, x in units:
+            if not (0 <= y < node.shape[2] and 0 <= x < node.shape[3]):
+                return None  # the full image says why
+            _, box = unit_cone(graph, node, y, x, clip=False)
+            if box is None:
+                return None
+            fields.append(box)
+    except UnknownGeometry:
+        return None
+    centre = unit_cone(graph, node, node.shape[2] // 2, node.shape[3] // 2, clip=False)[1]
+    crop = []
+    for axis, n in enumerate((h, w)):
+        lo, hi = centre[axis]
+        crop.append(_crop_size(n, hi - lo + 1, lo % stride[axis], stride[axis]))
+    if crop == [h, w]:
+        return None
+    origins = []
+    for (_, y, x), box in zip(units, fields):
+        origin = []
+        for axis, n in enumerate((h, w)):
+            lo, hi = box[axis]
+            o = min(max(lo, 0) // stride[axis] * stride[axis], n - crop[axis])
+            if (lo < o and o > 0) or (hi > o + crop[axis] - 1 and o + crop[axis] < n):
+                return None  # not inside the crop: the geometry cannot vouch for it
+            origin.append(o)
+        origins.append(tuple(origin))
+    return crop[0], crop[1], origins, stride
+
+
 def _crop_size(n: int, field: int, slack: int, stride: int) -> int:
     """One crop length for every unit of a layer along an axis of ``n`` pixels.
 
@@ -488,6 +519,13 @@ def _crop_size(n: int, field: int, slack: int, stride: int) -> int:
     """
     need = field + slack
     return n if need >= n else n - (n - need) // stride * stride
+
+
+# ----------------------------------------------------------------------------- the full image
+
+def _project_full_image(request: _Request, images: torch.Tensor, units: list[tuple]) -> torch.Tensor:
+    """Projections computed by passes of the whole images through the model, ``_CHUNK`` at a time."""
+    return torch.cat([request.run(images[i:i + _CHUNK], units[i:i + _CHUNK]) for i in range(0, len(images), _CHUNK)])
 
 
 def contrast_stretch(x: torch.Tensor) -> torch.Tensor:

@@ -283,7 +283,7 @@ def load_snapshots(run: str | Path) -> tuple[list[tuple[int, torch.nn.Module]], 
 
 
 def evolution(snapshots, data=None, limit: int = 2000, maps: int = 5, probe: int = CKA_PROBE,
-              probe_data=None, seed: int = 0) -> Evolution:
+              probe_data=None, seed: int = 0, device: str = "auto") -> Evolution:
     """Fig. 4: the strongest activations of ``maps`` random maps of layers 1-5 projected at each
     snapshot (:func:`projection_evolution`, over the first ``limit`` images of ``data``), and each
     layer's linear CKA with the last snapshot on ``probe`` images of ``probe_data``
@@ -296,11 +296,15 @@ def evolution(snapshots, data=None, limit: int = 2000, maps: int = 5, probe: int
             :func:`~deconvnet.subject.as_subject`, the last one's preprocessing used for all).
         data: a data spec or an open source; default the run's training data (needed for a list).
         probe_data: default the run's validation data, else ``data``.
+        device: where a run directory's snapshots are loaded (``auto``: CUDA when available).
     """
     from .subject import as_subject
 
     if isinstance(snapshots, (str, Path)):
+        from .runner import device_of
+
         models, info = load_snapshots(snapshots)
+        models = [(epoch, model.to(device_of(device))) for epoch, model in models]
         preprocess = info.preprocess
         data = data or info.train_config.get("data") or "fashion-mnist"
         probe_data = probe_data or info.train_config.get("val") or data

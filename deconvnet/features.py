@@ -57,7 +57,7 @@ def pooled_features(model: nn.Module, preprocess: Preprocess, source: Source, in
             for name, a in activations(model, x, layers).items():
                 if a.dim() == 4 and a.shape[-1] > grid:
                     a = F.adaptive_max_pool2d(a, grid)
-                parts[name].append(a.flatten(1).numpy())
+                parts[name].append(a.flatten(1).float().cpu().numpy())
     return {name: np.concatenate(p) for name, p in parts.items()}
 
 

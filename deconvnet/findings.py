@@ -69,6 +69,15 @@ def brief(findings: list[dict]) -> list[dict]:
     return [{k: f.get(k) for k in keys} for f in findings]
 
 
+def tally(findings: list[dict]) -> str:
+    """``"3 findings: 1 held, 2 inconclusive"``: the verdicts of a command's findings, for its one line."""
+    counts: dict[str, int] = {}
+    for f in findings:
+        counts[f["verdict"]] = counts.get(f["verdict"], 0) + 1
+    parts = ", ".join(f"{n} {verdict}" for verdict, n in counts.items())
+    return f"{len(findings)} finding{'s' if len(findings) != 1 else ''}" + (f": {parts}" if parts else "")
+
+
 def pct(v: float) -> str:
     """A fraction as a percentage with one decimal, for readings."""
     return f"{100 * v:.1f}%"

@@ -7,7 +7,9 @@ One forward pass is traced at the torch-function level (``F.conv2d``, ``F.relu``
 branches, residual additions, concatenations, reused modules and functional ops all appear as they
 run. That traced graph (:func:`graph_of`, cached per model and input size) is the package's one
 record of what a model runs: the layers it has (:func:`layer_calls`), their shapes, and the
-geometry below; :func:`replay` reruns it on an image, keeping every op's output. Per spatial axis, intervals of positions go down the graph (receptive field: the union over all
+geometry below; :func:`replay` reruns it on an image, keeping every op's output.
+
+Per spatial axis, intervals of positions go down the graph (receptive field: the union over all
 paths) or up it (affected region), through convolutions (stride, padding, dilation, per axis),
 max/avg pools, adaptive pools, and ops that act per position (ReLU and other activations, eval-mode
 BatchNorm, LRN, dropout, additions, products, channel concatenations; a size-1 map broadcast over a
@@ -159,7 +161,10 @@ def _name(func) -> str:
     return getattr(func, "__name__", "")
 
 
-def _bound(name: str, args: tuple, kwargs: dict) -> dict:
+def bound_arguments(name: str, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a traced call of ``name`` (``conv2d``, ``max_pool2d``, ``avg_pool2d``,
+    ``batch_norm``, ``dropout``, ``cat``) by parameter name, the defaults filled in: what a node's
+    ``args`` and ``kwargs`` mean, whether they came positionally or by keyword."""
     values = dict(_DEFAULTS)
     values.update(zip(_SIGNATURES[name], args))
     values.update(kwargs)
@@ -178,7 +183,7 @@ def _classify(node: Node, nodes: list[Node]) -> None:
     spatial_in = [nodes[i] for i in node.inputs]
     if not node.spatial or not spatial_in or not all(n.spatial for n in spatial_in):
         return
-    b = _bound(name, node.args, node.kwargs) if name in _SIGNATURES else {}
+    b = bound_arguments(name, node.args, node.kwargs) if name in _SIGNATURES else {}
     if name in ("conv2d", "max_pool2d", "avg_pool2d"):
         if not isinstance(b["input"], Ref) or len(node.inputs) != 1:
             return
@@ -206,11 +211,12 @@ def _classify(node: Node, nodes: list[Node]) -> None:
             node.axes = tuple(Window(i // o, i // o, 0) for i, o in zip(n_in, n_out))  # = a plain pool
             node.fill = 0.0
     elif name in POINTWISE:
-        if name in _RANDOM_IN_TRAINING and _bound("batch_norm" if name == "batch_norm" else "dropout", node.args,
-                                                 node.kwargs).get("training", name != "batch_norm"):
+        signature = "batch_norm" if name == "batch_norm" else "dropout"
+        if name in _RANDOM_IN_TRAINING and bound_arguments(signature, node.args, node.kwargs).get(
+                "training", name != "batch_norm"):
             return  # batch statistics or random masks: not per position
         if name in ("cat", "concat", "concatenate"):
-            dim = _bound("cat", node.args, node.kwargs)["dim"]
+            dim = bound_arguments("cat", node.args, node.kwargs)["dim"]
             if dim % 4 in (0, 2, 3):
                 return
         size = node.shape[2:]
@@ -394,7 +400,7 @@ def unpadded(node: Node, x: torch.Tensor, conv2d=F.conv2d) -> torch.Tensor:
     stride = tuple(a.stride for a in node.axes)
     dilation = tuple(a.dilation for a in node.axes)
     if name == "conv2d":
-        b = _bound(name, node.args, node.kwargs)
+        b = bound_arguments(name, node.args, node.kwargs)
         return conv2d(x, b["weight"], b.get("bias"), stride, 0, dilation, b.get("groups", 1))
     if "max" in name:
         return F.max_pool2d(x, kernel, stride, 0, dilation)
@@ -403,18 +409,25 @@ def unpadded(node: Node, x: torch.Tensor, conv2d=F.conv2d) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- receptive fields
 
-class _Unknown(Exception):
+class UnknownGeometry(Exception):
+    """A unit's cone passes ``node``, an op the geometry cannot reason about (a reshape, a permute, an
+    upsampling, ...); the message describes it."""
+
     def __init__(self, node: Node):
         super().__init__(node.describe())
         self.node = node
 
 
-def _down(node: Node, nodes: list[Node], box: tuple[Interval, Interval], clip: bool) -> list[tuple[int, tuple]]:
-    """The boxes in ``node``'s inputs that its outputs in ``box`` depend on."""
+def boxes_below(node: Node, nodes: list[Node], box: tuple[Interval, Interval],
+                clip: bool) -> list[tuple[int, tuple]]:
+    """``[(input node index, box)]``: the box of each of ``node``'s inputs that its outputs in ``box``
+    ((rows, cols), inclusive) depend on, cut to the input's map with ``clip`` (inputs it does not
+    reach left out) or with padding positions included without. :class:`UnknownGeometry` where
+    ``node`` is an op the geometry cannot reason about."""
     if node.kind == "input":
         return []
     if node.kind == "unknown":
-        raise _Unknown(node)
+        raise UnknownGeometry(node)
     result = []
     for i in node.inputs:
         size_in, size_out = nodes[i].shape[2:], node.shape[2:]
@@ -434,13 +447,17 @@ def _down(node: Node, nodes: list[Node], box: tuple[Interval, Interval], clip: b
     return result
 
 
-def _field(graph: Graph, node: Node, y: int, x: int, clip: bool = True) -> tuple[dict, tuple | None]:
-    """Boxes per node under unit (y, x) of ``node``: ``({node index: box}, box in the input)``."""
+def unit_cone(graph: Graph, node: Node, y: int, x: int, clip: bool = True) -> tuple[dict, tuple | None]:
+    """The cone of unit ``(y, x)`` of ``node``: ``({node index: box}, box in the input)``, each box
+    ``((top, bottom), (left, right))`` (inclusive) the positions of that node's map the unit depends
+    on, the union over every path (:func:`boxes_below`, ``clip`` as there); the input's box None
+    where the unit does not depend on the input. :class:`UnknownGeometry` where the cone passes an
+    op the geometry cannot reason about."""
     boxes = {node.index: ((y, y), (x, x))}
     for index in range(node.index, -1, -1):
         if index not in boxes:
             continue
-        for i, box in _down(graph.nodes[index], graph.nodes, boxes[index], clip):
+        for i, box in boxes_below(graph.nodes[index], graph.nodes, boxes[index], clip):
             if i in boxes:
                 (a, b), (c, d) = boxes[i]
                 box = ((min(a, box[0][0]), max(b, box[0][1])), (min(c, box[1][0]), max(d, box[1][1])))
@@ -467,8 +484,8 @@ def unit_box(model: nn.Module, layer: str, y: int, x: int, input_hw, clip: bool 
     if not (0 <= y < node.shape[2] and 0 <= x < node.shape[3]):
         raise UserError(f"unit ({y}, {x}) is outside {layer}'s map of {node.shape[2]}x{node.shape[3]}")
     try:
-        _, box = _field(graph, node, y, x, clip)
-    except _Unknown as e:
+        _, box = unit_cone(graph, node, y, x, clip)
+    except UnknownGeometry as e:
         if not clip:
             raise UserError(f"geometry: {layer!r} depends on {e}, which it cannot reason about") from None
         warnings.warn(f"geometry: {layer!r} depends on {e} which it cannot reason about; the receptive field "
@@ -514,10 +531,10 @@ def layer_field(model: nn.Module, layer: str, input_hw) -> tuple[tuple[int, int]
         return None
     y, x = node.shape[2] // 2, node.shape[3] // 2
     try:
-        _, box = _field(graph, node, y, x, clip=False)
-        _, step_y = _field(graph, node, min(y + 1, node.shape[2] - 1), x, clip=False)
-        _, step_x = _field(graph, node, y, min(x + 1, node.shape[3] - 1), clip=False)
-    except _Unknown:
+        _, box = unit_cone(graph, node, y, x, clip=False)
+        _, step_y = unit_cone(graph, node, min(y + 1, node.shape[2] - 1), x, clip=False)
+        _, step_x = unit_cone(graph, node, y, min(x + 1, node.shape[3] - 1), clip=False)
+    except UnknownGeometry:
         return None
     if box is None:
         return None
@@ -526,41 +543,30 @@ def layer_field(model: nn.Module, layer: str, input_hw) -> tuple[tuple[int, int]
     return size, stride
 
 
-def stride_of(graph: Graph, node: Node) -> tuple[int, int]:
+def stride_of(graph: Graph, node: Node, fixed: bool = False) -> tuple[int, int] | None:
     """The total stride (input pixels per position) of ``node``'s map along rows and columns: the
-    least common multiple over the paths (an input of its own when they disagree)."""
-    strides = {0: (1, 1)}
+    least common multiple over the paths (an input of its own when they disagree).
+
+    A map's stride is a multiple of the strides of every map below it, so it is also the least
+    common multiple over the whole cone of any of its units: a crop whose origin is a multiple of it
+    lines up every window of the cone with the full image's. ``fixed``: None where a path from the
+    input passes an op with no fixed stride (an adaptive pool with uneven bins), which no crop lines
+    up; without, such an op counts as stride 1."""
+    strides: dict[int, tuple[int, int] | None] = {0: (1, 1)}
     for n in graph.nodes[1:node.index + 1]:
         if not n.spatial:
             continue
         below = [strides[i] for i in n.inputs if i in strides and graph.nodes[i].spatial]
         if not below:
             continue
+        if fixed and (None in below or (n.kind == "adaptive" and n.axes is None)):
+            strides[n.index] = None
+            continue
         s = tuple(math.lcm(*(b[a] for b in below)) for a in range(2))
         if n.kind in ("window", "adaptive") and n.axes is not None:
             s = tuple(v * w.stride for v, w in zip(s, n.axes))
         strides[n.index] = s
     return strides.get(node.index, (1, 1))
-
-
-def cone_strides(graph: Graph, boxes: dict) -> tuple[int, int] | None:
-    """The least common multiple of the total strides of the nodes in ``boxes`` (a unit's cone):
-    a crop whose origin is a multiple of it lines up every window of the cone with the full image's.
-    None when an op of the cone has no fixed stride (an adaptive pool with uneven bins)."""
-    strides = {0: (1, 1)}
-    result = (1, 1)
-    for n in graph.nodes[1:]:
-        if n.index not in boxes:
-            continue
-        below = [strides[i] for i in n.inputs if i in strides]
-        s = tuple(math.lcm(*(b[a] for b in below)) for a in range(2)) if below else (1, 1)
-        if n.kind == "adaptive" and n.axes is None:
-            return None
-        if n.kind in ("window", "adaptive"):
-            s = tuple(v * w.stride for v, w in zip(s, n.axes))
-        strides[n.index] = s
-        result = tuple(math.lcm(r, v) for r, v in zip(result, s))
-    return result
 
 
 # ----------------------------------------------------------------------------- the region an input change reaches

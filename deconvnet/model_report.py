@@ -20,7 +20,7 @@ from .report import build
 from .runner import Step
 from .sections import BY_STEP
 
-STEPS = ("fig2", "fig5", "fig7", "table7")  # the sections of the paper that run on any model and data
+STEPS = ("fig2", "sanity", "fig5", "fig7", "table7")  # the sections of the paper that run on any model and data
 
 
 def plan(model: dict, inputs: list[str], data: str, images: int, limit: int | None, target: str | None,
@@ -28,6 +28,7 @@ def plan(model: dict, inputs: list[str], data: str, images: int, limit: int | No
     """The steps for one model and data set; ``model`` holds the model options (absolute paths),
     ``inputs`` the files whose content keys the steps (weights, model file, class names)."""
     options = {"fig2": dict(data=data, limit=limit, maps=maps),
+               "sanity": dict(data=data, count=min(images, 10)),
                "fig5": dict(data=data, count=images),
                "fig7": dict(data=data, count=images, draw=min(images, 3)),
                "table7": dict(target=target, per_class=[5, 10], folds=3)}
@@ -58,7 +59,8 @@ def model_report(out: str | Path, model: dict, inputs: list[str], data: str, des
         "Give a labelled target data set (one folder per class) for per-layer linear probes:",
         "deconvnet report ... --target folder:PATH")))
     intro = (f"<p>The analyses of Zeiler &amp; Fergus (ECCV 2014) run by <code>deconvnet report</code> on your "
-             "model and images: top activations projected to pixels (Fig. 2), invariance (Fig. 5), occlusion "
+             "model and images: top activations projected to pixels (Fig. 2), how far those projections can be "
+             "trusted (sanity checks), invariance (Fig. 5), occlusion "
              "sensitivity (Fig. 7) and, with a target data set, per-layer features (Table 7). Layers: "
              f"{html.escape(', '.join(description['stages']))}.</p>")
     details = f"<p>Model:</p><pre>{html.escape(json.dumps(description, indent=1))}</pre>"

@@ -36,7 +36,7 @@ from ._analysis import callable_module, eval_mode, strongest_units, to_rgb
 from .deconvnet import Deconvnet, contrast_stretch
 from .errors import UserError
 from .findings import Finding
-from .geometry import Graph, Node, Ref, _bound, graph_of, reach, replay, trace, unit_box, unpadded
+from .geometry import Graph, Node, Ref, bound_arguments, graph_of, reach, replay, trace, unit_box, unpadded
 from .probe import hooks, resolve
 from .figures import finish, heatmap_pixels, label_colors, new_figure
 
@@ -269,13 +269,13 @@ def _fold_batch_norms(graph: Graph, keep: set[int]) -> dict[int, tuple]:
     for bn in graph.nodes:
         if getattr(bn.func, "__name__", "") != "batch_norm" or bn.kind != "pointwise":
             continue
-        b = _bound("batch_norm", bn.args, bn.kwargs)
+        b = bound_arguments("batch_norm", bn.args, bn.kwargs)
         conv = graph.nodes[bn.inputs[0]]
         if b["input"] != Ref(conv.index) or readers[conv.index] != [bn.index] or conv.index in keep \
                 or not _macs(conv, 1, 1) or any(isinstance(b[k], Ref) for k in ("running_mean", "running_var",
                                                                                  "weight", "bias")):
             continue
-        c = _bound("conv2d", conv.args, conv.kwargs)
+        c = bound_arguments("conv2d", conv.args, conv.kwargs)
         weight, bias = c["weight"], c.get("bias")
         scale = (b["running_var"].double() + b.get("eps", 1e-5)).rsqrt()
         if b["weight"] is not None:
@@ -292,7 +292,7 @@ def _macs(node: Node, rows: int, cols: int) -> int:
     """Multiply-adds of a conv node over ``rows`` x ``cols`` output positions (0 for other ops)."""
     if node.kind != "window" or getattr(node.func, "__name__", "") != "conv2d":
         return 0
-    return rows * cols * _bound("conv2d", node.args, node.kwargs)["weight"].numel()
+    return rows * cols * bound_arguments("conv2d", node.args, node.kwargs)["weight"].numel()
 
 
 class _Incremental:
@@ -503,7 +503,7 @@ class _Incremental:
         """A conv node on ``region`` with ``padding``: its BatchNorm folded in where it can be, weights
         and input channels-last."""
         wy, wx = node.axes
-        b = _bound("conv2d", node.args, node.kwargs)
+        b = bound_arguments("conv2d", node.args, node.kwargs)
         weight, bias = b["weight"], b.get("bias")
         if node.index in self.folded:
             weight, bias = self.folded[node.index][1:]

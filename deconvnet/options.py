@@ -38,6 +38,14 @@ class Flag:
 Positive = Annotated[int, Flag(positive=True)]
 Files = Annotated[list[str] | None, Flag(files=True, metavar="PATH")]
 Out = Annotated[str, Flag(metavar="DIR")]
+Json = Annotated[bool, Flag(name="--json")]
+
+# Help for the options many commands share, where their docstrings do not say more.
+SHARED_HELP = {"json_output": "print the result as JSON (for scripts) instead of one line",
+               "workers": "processes decoding folder images for the pass over the data (default: one per core "
+                          "but one, at most 8; 0: in the main process)",
+               "batch_size": "images per forward pass",
+               "device": "auto (CUDA when available), cpu, cuda or cuda:N: where the model runs"}
 
 
 @dataclass
@@ -123,7 +131,8 @@ def options_of(function: Callable, flags: dict[str, str] | None = None) -> list[
             continue
         kind, spec = _unwrap(hints.get(parameter.name, str))
         default = MISSING if parameter.default is parameter.empty else parameter.default
-        found.append(_option(parameter.name, kind, spec, default, helps.get(parameter.name, "")))
+        help = helps.get(parameter.name) or SHARED_HELP.get(parameter.name, "")
+        found.append(_option(parameter.name, kind, spec, default, help))
     return found
 
 
@@ -251,7 +260,8 @@ def model_options(model_spec: Annotated[str | None, Flag(name="--model", metavar
                   preprocess: Annotated[str | None, Flag(choices=PREPROCESSING)] = None,
                   input_size: Positive | None = None, mean: list[float] | None = None,
                   std: list[float] | None = None,
-                  other_activations: Annotated[str, Flag(choices=OTHER_ACTIVATIONS)] = "error") -> dict:
+                  other_activations: Annotated[str, Flag(choices=OTHER_ACTIVATIONS)] = "error",
+                  device: str = "auto") -> dict:
     """The model under study, the options of every command that analyses one (see
     :func:`deconvnet.subject.load_subject`).
 

@@ -20,7 +20,7 @@ from .commands import command_line
 from .data import SPLIT_A, SPLIT_B, subset_spec
 from .errors import UserError
 from .report import build
-from .runner import Step, atomic_write_json, format_seconds
+from .runner import Step, atomic_write_json, device_of, format_seconds
 from .sections import SECTIONS
 
 # Budgets, as options of each step's command: "quick" is what the tests run end to end (about a minute);
@@ -29,6 +29,7 @@ from .sections import SECTIONS
 BUDGETS = {
     "quick": {"train": dict(limit=1000, epochs=2, snapshots=[1, 2]),
               "fig2": dict(limit=500, maps=4),
+              "sanity": dict(count=4, steps=4),
               "fig4": dict(limit=300, maps=3, probe=200),
               "fig5": dict(count=10),
               "fig6-runs": dict(limit=1000, epochs=1, final_ten_crop=False),
@@ -43,6 +44,7 @@ BUDGETS = {
               "table7-digits": dict(per_class=[5], folds=2)},
     "default": {"train": dict(snapshots=[1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30]),  # + time_budget (sized)
                 "fig2": dict(maps=9),
+                "sanity": dict(count=30),
                 "fig4": dict(limit=2000, maps=5, probe=500),
                 "fig5": dict(count=200),  # the findings over 200 test images, 5 drawn
                 "fig6-runs": dict(epochs=3, final_ten_crop=False),  # + time_budget (sized)
@@ -57,6 +59,7 @@ BUDGETS = {
                 "table7-digits": {}},
     "full": {"train": dict(epochs=60, snapshots=[1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60]),
              "fig2": dict(maps=16),
+             "sanity": dict(count=100),
              "fig4": dict(limit=10000, maps=8, probe=1000),
              "fig5": dict(count=1000),
              "fig6-runs": dict(epochs=12, final_ten_crop=False),
@@ -139,10 +142,10 @@ def _step(name: str, command: str, options: dict, inputs: list[str] = ()) -> Ste
                 paths=PATHS, resume=RESUME.get(command))
 
 
-def plan(data: str, model: str, budget: str, sizes: dict | None = None) -> list[Step]:
+def plan(data: str, model: str, budget: str, sizes: dict | None = None, device: str = "auto") -> list[Step]:
     """The steps of the paper, in the order they must run: the trainings first, then one step per section
     of :data:`deconvnet.sections.SECTIONS` in paper order, but Table 3 before Fig. 6 (which reads its seed
-    noise); ``sizes`` from :func:`size_demo`."""
+    noise); ``sizes`` from :func:`size_demo`; ``device`` given to every step (where it is not ``auto``)."""
     b = {k: dict(v) for k, v in BUDGETS[budget].items()}
     runs = {name: dict(b["fig6-runs"]) for name in FIG6_RUNS}
     if sizes:
@@ -161,13 +164,14 @@ def plan(data: str, model: str, budget: str, sizes: dict | None = None) -> list[
     arch_model = "alexnet-small" if model.endswith("-small") else "alexnet"
     common = {  # what each step is given besides its budget
         "train": dict(model=model, data=data), "fig2": dict(checkpoint=ckpt, data=test), "fig4": dict(run="train"),
+        "sanity": dict(checkpoint=ckpt, data=test),
         "fig5": dict(checkpoint=ckpt, data=test), "fig6": dict(runs=list(FIG6_RUNS), seed_noise="table3/ablation.json"),
         "fig7": dict(checkpoint=ckpt, data=test),
         "table1": dict(checkpoint=ckpt, data=test, **({"class_name": "Sneaker"} if data == "fashion-mnist" else {})),
         "table3": dict(model=model, data=data),
         "tables4-5": dict(checkpoint=pretrained, target=target_b), "table7": dict(checkpoint=pretrained, target=target_b),
         "tables4-5-digits": dict(checkpoint=ckpt, target="digits"), "table7-digits": dict(checkpoint=ckpt, target="digits")}
-    inputs = {"fig2": [ckpt], "fig4": [ckpt], "fig5": [ckpt], "fig7": [ckpt], "table1": [ckpt], "tables4-5": [pretrained],
+    inputs = {"fig2": [ckpt], "sanity": [ckpt], "fig4": [ckpt], "fig5": [ckpt], "fig7": [ckpt], "table1": [ckpt], "tables4-5": [pretrained],
               "table7": [pretrained], "tables4-5-digits": [ckpt], "table7-digits": [ckpt], "fig6": [f"{name}/final.pt" for name in FIG6_RUNS] + ["table3/ablation.json"]}
     steps = [_step("train", "train", {**common["train"], **b["train"]})]
     steps += [_step("fig6-zfnet", "train", dict(model=model, data=data, **runs["fig6-zfnet"])),
@@ -181,6 +185,10 @@ def plan(data: str, model: str, budget: str, sizes: dict | None = None) -> list[
                                inputs.get(section.step, [])))
     names = [s.name for s in steps]  # Fig. 6 judges its accuracy against Table 3's seed noise: the ablation first
     steps.insert(names.index("fig6"), steps.pop(names.index("table3")))
+    if device != "auto":
+        for step in steps:
+            step.options["device"] = device
+            step.command = command_line(step.function.__name__, {**step.options, "out": step.name})
     return steps
 
 
@@ -199,7 +207,8 @@ def calibration(root: Path, model: str, data: str) -> dict:
 
 
 def reproduce(out: str | Path = "report", quick: bool = False, data: str = "fashion-mnist",
-              model: str = "zfnet-small", full: bool = False, minutes: float | None = None) -> Path:
+              model: str = "zfnet-small", full: bool = False, minutes: float | None = None,
+              device: str = "auto") -> Path:
     """Run every step (cached) and write ``out/index.html``; returns its path.
 
     The default budget measures this machine's training speed once (cached in ``out/calibration.json``)
@@ -212,6 +221,7 @@ def reproduce(out: str | Path = "report", quick: bool = False, data: str = "fash
     budget = "quick" if quick else "full" if full else "default"
     if minutes is not None and (budget != "default" or not (math.isfinite(minutes) and minutes > 0)):
         raise UserError("--time-budget must be a positive number of minutes, and goes without --quick/--full")
+    device_of(device)  # a one-line error for a device this machine lacks, before any step runs
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -229,7 +239,7 @@ def reproduce(out: str | Path = "report", quick: bool = False, data: str = "fash
         atomic_write_json(root / "budget.json", demo)
     elif (root / "budget.json").is_file():
         (root / "budget.json").unlink()  # the report states the budget of this run, not an earlier one
-    steps = plan(data, model, budget, demo["sizes"] if demo else None)
+    steps = plan(data, model, budget, demo["sizes"] if demo else None, device)
     intro = (f"<p>Zeiler &amp; Fergus (ECCV 2014), run by <code>deconvnet reproduce</code> ({html.escape(budget)} "
              "budget) on the embedded data. Each section shows our figure, our numbers beside the paper's, and "
              "whether its claim held at this scale, with its 95% interval and sample size.</p>")

@@ -76,6 +76,38 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def device_of(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N`` -> the device, or a
+    one-line :class:`UserError` for an unknown name or a GPU this machine does not have."""
+    from .errors import UserError
+
+    if isinstance(spec, torch.device):
+        return spec
+    spec = spec or "auto"
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec}: CUDA is not available on this machine (torch "
+                            f"{torch.__version__}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's parameters (or buffers) are on; the CPU for a model without either."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def world() -> tuple[int, int]:
     """(rank, world size): (0, 1) outside torchrun."""
     if dist.is_available() and dist.is_initialized():
@@ -260,14 +292,28 @@ def run_step(step: Step, root: Path, position: str, estimate: float | None = Non
             shutil.rmtree(out)  # outputs of other options (a changed budget) or of unfinished work
         atomic_write_json(started_marker, {"key": key})
         started = time.time()
-        step.function(**options)
+        with open(out / "console.txt", "a") as log, contextlib.redirect_stdout(log):  # one line per step
+            result = step.function(**options)
         started_marker.unlink()
         return {"command": step.command, "seconds": round(time.time() - started, 1),
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": _headline(result)}
 
     record, reused = cached(out / "step.json", key, compute)
+    said = f": {record['summary']}" if record.get("summary") else ""
     if reused:
-        print(f"{position} {step.name:<14} cached ({format_seconds(record['seconds'])} when it ran)", flush=True)
+        print(f"{position} {step.name:<14} cached ({format_seconds(record['seconds'])} when it ran){said}", flush=True)
     else:
-        print(f"{position} {step.name:<14} done in {format_seconds(record['seconds'])}", flush=True)
+        print(f"{position} {step.name:<14} done in {format_seconds(record['seconds'])}{said}", flush=True)
     return record
+
+
+def _headline(result) -> str:
+    """What a step's one console line says of its result: the verdicts of its findings, or a trained
+    run's accuracy (the whole output is in the step's ``console.txt`` and JSON)."""
+    from .findings import tally
+
+    if isinstance(result, list) and all(isinstance(f, dict) and "verdict" in f for f in result):
+        return tally(result)
+    if isinstance(result, dict) and "val_top1" in result:
+        return f"val top-1 {100 * result['val_top1']:.2f}%"
+    return ""

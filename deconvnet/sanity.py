@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import copy
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -94,7 +95,9 @@ class LayerSanity:
     without maps); ``boxes[n][u]``: the unit's receptive field (top, left, bottom, right), inclusive.
     ``randomised[s]``: the modules re-initialised at step ``s + 1`` (top first: step 1 is the layer's
     own or the nearest below it). Per rule: ``spearman``, ``ssim``, ``signed`` (S, N, U), the
-    similarity to the trained model's projection after each step; ``shown`` (S + 1, h, w): for image
+    similarity to the trained model's projection after each step (NaN where either map is constant:
+    ``vanished`` (S, N, U) marks the units whose projection became all 0, the unit no longer firing on
+    the image in the randomised model); ``shown`` (S + 1, h, w): for image
     0's first unit, ``|projection|`` summed over channels in its field, the trained model's then after
     each step (for :func:`draw_sanity`); ``projections`` (N, U, C, H, W): the trained model's, from
     which the deletion orders come. Specificity per rule (N,): ``other_units``, ``edges``,
@@ -110,6 +113,7 @@ class LayerSanity:
     spearman: dict[str, torch.Tensor]
     ssim: dict[str, torch.Tensor]
     signed: dict[str, torch.Tensor]
+    vanished: dict[str, torch.Tensor]
     shown: dict[str, torch.Tensor]
     projections: dict[str, torch.Tensor]
     other_units: dict[str, torch.Tensor]
@@ -452,6 +456,7 @@ def sanity(subject: Subject, images: torch.Tensor, layers: list[str] | None = No
         per_layer[layer] = LayerSanity(
             layer=layer, units=units[layer], boxes=boxes[layer], randomised=cascade[layer]["randomised"],
             spearman=cascade[layer]["spearman"], ssim=cascade[layer]["ssim"], signed=cascade[layer]["signed"],
+            vanished=cascade[layer]["vanished"],
             shown=cascade[layer]["shown"], projections={r: p.reshape(shape) for r, p in projections[layer].items()},
             other_units=specific[layer]["other_units"], edges=specific[layer]["edges"],
             other_images=specific[layer]["other_images"], clean_activation=clean[layer], fractions=fractions,
@@ -477,12 +482,13 @@ def _cascade(model, other, x, layers, rules, pairs, boxes, projections, seed) ->
         flat_boxes = [b for per in boxes[layer] for b in per]
         groups = randomisation_steps(model, names[layer])
         out[layer] = {"randomised": [[names[layer][i] for i in g] for g in groups],
-                      "spearman": {}, "ssim": {}, "signed": {}, "shown": {},
+                      "spearman": {}, "ssim": {}, "signed": {}, "vanished": {}, "shown": {},
                       "_boxes": flat_boxes, "_steps": len(groups)}
         first = flat_boxes[0]
         for rule in rules:
             for key in ("spearman", "ssim", "signed"):
                 out[layer][key][rule] = torch.full((len(groups), len(flat_boxes)), math.nan)
+            out[layer]["vanished"][rule] = torch.zeros(len(groups), len(flat_boxes), dtype=torch.bool)
             top, left, bottom, right = first
             original = projections[layer][rule][0, :, top:bottom + 1, left:right + 1].abs().sum(0)
             out[layer]["shown"][rule] = torch.zeros(len(groups) + 1, *original.shape)
@@ -511,12 +517,14 @@ def _cascade(model, other, x, layers, rules, pairs, boxes, projections, seed) ->
                         out[layer]["spearman"][rule][t, j] = rho
                         out[layer]["ssim"][rule][t, j] = structural
                         out[layer]["signed"][rule][t, j] = signed
+                        top, left, bottom, right = box
+                        out[layer]["vanished"][rule][t, j] = not bool(p[j, :, top:bottom + 1, left:right + 1].any())
                     top, left, bottom, right = out[layer]["_boxes"][0]
                     out[layer]["shown"][rule][t + 1] = p[0, :, top:bottom + 1, left:right + 1].abs().sum(0)
     n_images = len(x)
     for layer in layers:
         shape = (out[layer]["_steps"], n_images, len(out[layer]["_boxes"]) // n_images)
-        for key in ("spearman", "ssim", "signed"):
+        for key in ("spearman", "ssim", "signed", "vanished"):
             out[layer][key] = {r: v.reshape(shape) for r, v in out[layer][key].items()}
     return out
 
@@ -673,7 +681,11 @@ def sanity_findings(result: Sanity) -> list[Finding]:
     1. Cascading randomisation (Adebayo et al. 2018, Sec. 3): 1 - Spearman rank correlation of
        ``|projection|`` after re-initialising every parametrised layer up to the unit's layer, held
        when above ``1 - THRESHOLD`` (the correlation's whole interval under :data:`THRESHOLD`), not
-       held when the correlation's whole interval lies above it.
+       held when the correlation's whole interval lies above it. A unit that stops firing in the
+       randomised model leaves no projection: it counts as correlation 0. ``|projection|`` keeps the
+       envelope of the receptive field (more paths reach its centre), so even two unrelated random
+       networks correlate above 0 (a stack of three random linear convolutions: about 0.45); the
+       signed correlation, near 0 for them, is reported beside it.
     2. Deletion (pixel flipping for the unit): deletion AUC of the random order minus the
        projection's order (paired over images), held when above 0.
     3. Specificity: similarity of the same unit on another image minus that of other units on the same
@@ -696,7 +708,10 @@ def sanity_findings(result: Sanity) -> list[Finding]:
                 out.append(unmeasured(f"{claim} depend on the learned weights", paper,
                                       f"{layer} has no parametrised module below it to randomise"))
             else:
-                rho = _per_image(r.spearman[rule][-1])
+                last = r.spearman[rule][-1].clone()
+                gone = r.vanished[rule][-1]
+                last[gone] = 0.0  # nothing of the picture is left
+                rho = _per_image(last)
                 rho = rho[np.isfinite(rho)]
                 if len(rho) == 0:
                     out.append(unmeasured(f"{claim} depend on the learned weights", paper,
@@ -714,11 +729,15 @@ def sanity_findings(result: Sanity) -> list[Finding]:
                         f"{paper}; Adebayo et al. 2018 (Sec. 3, Fig. 2) find guided backprop nearly unchanged",
                         {"rank_correlation": mean, "rank_correlation_interval": list(interval) if interval else None,
                          "ssim": structural, "signed_rank_correlation": signed, "steps": steps,
+                         "vanished_units": int(gone.sum()),
                          "first_step_rank_correlation": float(np.nanmean(_per_image(r.spearman[rule][0])))},
                         v,
                         f"After re-initialising all {steps} parametrised layers up to {layer}, the {rule} projection "
                         f"keeps a rank correlation of {mean:.2f} with the trained model's (SSIM {structural:.2f}, "
-                        f"signed {signed:.2f}); 1 - correlation: {interval_text(words)}. "
+                        f"signed {signed:.2f})"
+                        + (f"; {int(gone.sum())} unit(s) stopped firing, their projection vanished (counted as "
+                           "correlation 0)" if gone.any() else "")
+                        + f"; 1 - correlation: {interval_text(words)}. "
                         + {"held": "The picture depends on the learned weights.",
                            "not held": "The picture survives the loss of the learned weights: it shows the "
                                        "architecture and the image more than what the unit learned.",
@@ -815,7 +834,7 @@ def sanity_to_json(result: Sanity) -> dict:
             "receptive_fields": [[list(b) for b in per] for per in r.boxes],
             "randomised": r.randomised,
             "cascade": {key: {rule: _clean(t.tolist()) for rule, t in getattr(r, key).items()}
-                        for key in ("spearman", "ssim", "signed")},
+                        for key in ("spearman", "ssim", "signed", "vanished")},
             "specificity": {key: {rule: _clean(t.tolist()) for rule, t in getattr(r, key).items()}
                             for key in ("other_units", "edges", "other_images")},
             "clean_activation": _clean(r.clean_activation.tolist()),
@@ -830,18 +849,21 @@ def sanity_to_json(result: Sanity) -> dict:
             "fill": result.fill.tolist(), "per_layer": layers}
 
 
-def _short(names: list[str]) -> str:
-    """A step's modules for a column title: the first, and how many more."""
-    return names[0] + (f" +{len(names) - 1}" if len(names) > 1 else "")
+def _display(m: torch.Tensor) -> np.ndarray:
+    """A map scaled to [0, 1] for display: by its 99th percentile, clipped (a few bright pixels would
+    leave the rest black)."""
+    top = float(torch.quantile(m.flatten().double(), 0.99)) if m.numel() > 1 else float(m.max())
+    top = top if top > 0 else float(m.max())
+    return (m / top).clamp(0, 1).numpy() if top > 0 else np.zeros(tuple(m.shape))
 
 
 def draw_sanity(result: Sanity, path=None, layer: str | None = None) -> Figure:
     """Adebayo et al. 2018 Fig. 2 for one image and unit (image 0's strongest unit of ``layer``,
     default the top layer): rows are the rules, columns the input in the unit's field, the trained
-    model's projection, then the projection after each cascading randomisation step (down to the
-    module named above it; at most :data:`SHOWN_STEPS` steps, evenly spaced, the last always). Each
-    panel is ``|projection|`` summed over channels, scaled to its own maximum, with its rank
-    correlation to the trained model's."""
+    model's projection, then the projection after each cascading randomisation step (re-initialised
+    down to the module named above it; at most :data:`SHOWN_STEPS` steps, evenly spaced, the last
+    always). Each panel is ``|projection|`` summed over channels in the field, scaled by its own 99th
+    percentile, with its rank correlation to the trained model's."""
     from ._analysis import to_rgb
 
     layer = result.layers[-1] if layer is None else layer
@@ -852,31 +874,34 @@ def draw_sanity(result: Sanity, path=None, layer: str | None = None) -> Figure:
     shown = sorted(set(np.linspace(1, total, min(total, SHOWN_STEPS)).round().astype(int).tolist())) if total else []
     cols = 2 + len(shown)
     rows = len(result.rules)
-    fig, axes = new_figure(rows, cols, figsize=(1.25 * cols + 0.4, 1.45 * rows + 0.9), squeeze=False)
+    width = max(7.0, 1.3 * cols + 0.5)
+    fig, axes = new_figure(rows, cols, figsize=(width, 1.55 * rows + 1.1), squeeze=False)
     top, left, bottom, right = r.boxes[0][0]
     picture = result.pictures[0, :, top:bottom + 1, left:right + 1]
     for i, rule in enumerate(result.rules):
-        panels = [("input (field)", None, None), ("trained", r.shown[rule][0], None)]
-        panels += [(f"-> {_short(r.randomised[s - 1])}", r.shown[rule][s], float(r.spearman[rule][s - 1, 0, 0]))
-                   for s in shown]
-        for j, (title, img, rho) in enumerate(panels):
+        panels = [("input\n(field)", None, None, False), ("trained\n", r.shown[rule][0], None, False)]
+        panels += [(f"step {s}\n{r.randomised[s - 1][0]}", r.shown[rule][s], float(r.spearman[rule][s - 1, 0, 0]),
+                    bool(r.vanished[rule][s - 1, 0, 0])) for s in shown]
+        for j, (title, img, rho, gone) in enumerate(panels):
             ax = axes[i, j]
             if img is None:
                 ax.imshow(to_rgb(picture), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             else:
-                ax.imshow((img / img.max().clamp_min(1e-12)).numpy(), cmap="gray", vmin=0, vmax=1,
-                          interpolation="nearest")
+                ax.imshow(_display(img), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(title, fontsize=6.5, rotation=30 if j >= 2 else 0, ha="left" if j >= 2 else "center",
-                             loc="left" if j >= 2 else "center")
-            if rho is not None:
-                ax.set_xlabel(f"rho {rho:.2f}" if math.isfinite(rho) else "rho n/a", fontsize=7)
+                ax.set_title(title, fontsize=6.5)
+            if gone:
+                ax.set_xlabel("vanished", fontsize=7)
+            elif rho is not None:
+                ax.set_xlabel(f"\u03c1 = {rho:.2f}" if math.isfinite(rho) else "\u03c1 n/a", fontsize=7)
         axes[i, 0].set_ylabel(rule, fontsize=9)
     unit = ", ".join(str(v) for v in r.units[0][0])
-    fig.suptitle(f"{result.model}: cascading randomisation, {layer} unit ({unit}) of image 0, from the layer "
-                 "down (Adebayo et al. 2018, Fig. 2)", fontsize=9)
+    words = (f"each step re-initialises one more layer (with its norm) from {layer} down, {total} in all "
+             "(Adebayo et al. 2018, Fig. 2); \u03c1: Spearman of |projection| with the trained model's")
+    fig.suptitle(f"{result.model}: cascading randomisation of {layer} unit ({unit}), image 0, in its field\n"
+                 + textwrap.fill(words, int(width * 16)), fontsize=8)
     return finish(fig, path)
 
 
@@ -912,7 +937,7 @@ def draw_deletion(result: Sanity, path=None) -> Figure:
                 auc = float(np.nanmean(_per_image(aucs[order]))) if np.isfinite(_per_image(aucs[order])).any() else math.nan
                 ax.fill_between(x, low, high, color=colour, alpha=0.15, lw=0)
                 ax.plot(x, mean, color=colour, lw=1.8, ls="--" if order == "random" else "-",
-                        label=f"{order} (AUC {auc:.2f})")
+                        label=f"{order} (AUC {auc:.3f})")
             ax.set_title(f"{layer}: {key.replace('_', ' ')}", fontsize=10)
             ax.set_xlabel("fraction of pixels " + ("inserted" if key.startswith("insertion") else "removed"))
             ax.set_ylabel(label)

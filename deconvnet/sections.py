@@ -48,6 +48,11 @@ SECTIONS = [
         'Projections of the top 9 activations of random feature maps in layers 1-5 beside their input'
         ' patches: edges and colour blobs in layer 1, textures in layer 2, object parts higher up.',
         command='topk', step='fig2', result='topk.json'),
+    Section('Sanity checks', "Can the projections be trusted? Randomisation, specificity, deletion",
+        'The paper reads each projection as what the unit responds to (Sec. 2.1); it does not test that '
+        'reading. Later work did: Guided Backprop barely changes when the weights are randomised (Adebayo '
+        'et al. 2018), and deconvnet and Guided Backprop largely reconstruct the image (Nie et al. 2018).',
+        command='sanity', step='sanity', result='sanity.json'),
     Section('Fig. 3', 'Architecture and training',
         'ZFNet: conv1 96 7x7/2, conv2 256 5x5/2, conv3-5 384/384/256 3x3, fc6/fc7 4096, 70 epochs of '
         'SGD on ImageNet; 38.4% top-1 / 16.5% top-5 validation error (Table 2).',

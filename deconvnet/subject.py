@@ -133,9 +133,17 @@ class Subject:
         return self._calls
 
     def example(self) -> torch.Tensor:
-        """One all-zeros input at the model's input size (the mean image after preprocessing)."""
+        """One all-zeros input at the model's input size (the mean image after preprocessing), on the
+        model's device."""
         size = self.preprocess.input_size
-        return torch.zeros(1, self.preprocess.channels, size, size)
+        return torch.zeros(1, self.preprocess.channels, size, size, device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (its parameters' device)."""
+        from .runner import model_device
+
+        return model_device(self.model)
 
     @property
     def output(self) -> str:
@@ -219,7 +227,7 @@ class Subject:
         to_input = to_input or self.prepare
         with eval_mode(self.model):
             return [int(v) for start in range(0, len(images), batch_size)
-                    for v in self.model(to_input(images[start:start + batch_size])).argmax(1)]
+                    for v in self.model(to_input(images[start:start + batch_size]).to(self.device)).argmax(1).cpu()]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -227,7 +235,7 @@ class Subject:
 def load_subject(spec: str, weights: str | None = None, classes: str | None = None,
                  preprocess: str | None = None, input_size: int | None = None,
                  mean: list[float] | None = None, std: list[float] | None = None,
-                 other_activations: str = "error") -> Subject:
+                 other_activations: str = "error", device: str = "auto") -> Subject:
     """The model under study from a model spec (see the module docstring); one-line :class:`UserError`
     for every user mistake: unknown names, modules that do not import, weights that do not fit, a class
     list of the wrong length, a model that cannot take the input size.
@@ -235,13 +243,20 @@ def load_subject(spec: str, weights: str | None = None, classes: str | None = No
     ``other_activations``: how projections (Sec. 2.1) pass activations the paper has no rule for
     (ReLU6, SiLU, GELU, Hardswish, ...): ``"error"`` refuses, naming the first one on the path;
     ``"gradient"`` lets them act as they do for back-propagation.
+
+    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; the model is moved
+    there and every analysis runs it there (inputs moved to it, results returned on the CPU).
     """
+    from .runner import device_of
+
     from .deconvnet import OTHER_ACTIVATIONS
 
     if other_activations not in OTHER_ACTIVATIONS:
         raise UserError(f"unknown --other-activations {other_activations!r}; use {' or '.join(OTHER_ACTIVATIONS)}")
+    where = device_of(device)  # a one-line error before anything loads
     subject = _load(spec, weights, classes, preprocess, input_size, mean, std)
     subject.other_activations = other_activations
+    subject.model.to(where)
     return subject
 
 
@@ -544,12 +559,49 @@ def _preprocess(model: nn.Module, kind: str | None, input_size: int | None,
     return Preprocess(size, stored, channels, mean_t, scale=1.0, pad=0, std=std_t)
 
 
+def logits_of(output):
+    """The class scores in a model's output: the tensor itself; a dict's ``logits`` (or its only
+    tensor); an object's ``logits`` attribute (Hugging Face's ``ImageClassifierOutput``); a tuple's
+    first tensor (torchvision's GoogLeNet/Inception outputs in training mode). None if none is found."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        if isinstance(output.get("logits"), torch.Tensor):
+            return output["logits"]
+        tensors = [v for v in output.values() if isinstance(v, torch.Tensor)]
+        return tensors[0] if len(tensors) == 1 else None
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def read_logits(model: nn.Module) -> None:
+    """The one place a model's output other than a tensor is read: a forward hook on the model that
+    returns :func:`logits_of` its output, so every analysis sees the class scores (N, K). Added once,
+    and only to models whose output is not already a tensor."""
+    if getattr(model, "_deconvnet_reads_logits", False):
+        return
+
+    def hook(_module, _inputs, output):
+        scores = logits_of(output)
+        return output if scores is None else scores
+
+    model.register_forward_hook(hook)
+    model._deconvnet_reads_logits = True
+
+
 def _outputs(subject: Subject) -> int:
-    """The number of class scores the model gives for one input; a one-line error if it cannot run."""
+    """The number of class scores the model gives for one input; a one-line error if it cannot run.
+    A model whose output is a dict, an object with ``logits`` or a tuple is read by :func:`read_logits`."""
     pre, spec = subject.preprocess, subject.spec
     try:
         with torch.no_grad():
             out = subject.model(subject.example())
+            if not isinstance(out, torch.Tensor) and logits_of(out) is not None:
+                read_logits(subject.model)
+                out = subject.model(subject.example())
     except Exception as e:  # noqa: BLE001 - the model cannot take this input
         raise UserError(f"{spec} cannot take a {pre.channels}x{pre.input_size}x{pre.input_size} input "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

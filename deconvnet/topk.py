@@ -27,7 +27,7 @@ from .errors import UserError
 from .findings import Finding, pct
 from .geometry import layer_field, unit_box
 from .probe import apply_at
-from .runner import cache_dir, cache_key, cached, load_cached, model_fingerprint, progress, world
+from .runner import cache_dir, cache_key, cached, load_cached, model_device, model_fingerprint, progress, world
 from .figures import finish, new_figure
 
 if TYPE_CHECKING:
@@ -72,10 +72,10 @@ def _add_batch(table: TopK, a: torch.Tensor, indices: torch.Tensor, k: int) -> T
     """
     b, c, _, width = a.shape
     rows = torch.arange(b).expand(c, b)
-    batch = TopK(a.flatten(2).amax(2).T.float(), indices[None].expand(c, b), -1 - rows, -1 - rows)
+    batch = TopK(a.flatten(2).amax(2).T.float().cpu(), indices[None].expand(c, b), -1 - rows, -1 - rows)
     t = _merge(table, batch, k)
     maps, slots = (t.ys < 0).nonzero(as_tuple=True)  # entries from this batch: -1 - their row
-    flat = a[-1 - t.ys[maps, slots], maps].flatten(1).argmax(1)
+    flat = a[(-1 - t.ys[maps, slots]).to(a.device), maps.to(a.device)].flatten(1).argmax(1).cpu()
     t.ys[maps, slots], t.xs[maps, slots] = flat // width, flat % width
     return t
 
@@ -96,7 +96,7 @@ def _gather_ranks(table: TopK, k: int) -> TopK:
 
 @torch.inference_mode()
 def topk_pass(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
-          indices=None, batch_size: int = 256) -> dict[str, TopK]:
+              indices=None, batch_size: int = 256, workers: int | None = None) -> dict[str, TopK]:
     """One pass over ``source`` (or its ``indices``): the ``k`` strongest activations of every map.
 
     Runs the model (in eval mode) up to the last of ``layers`` on the center crop of each image.
@@ -108,8 +108,10 @@ def topk_pass(model: nn.Module, source: Source, preprocess: Preprocess, layers: 
     rank, procs = world()
     mine = indices[rank::procs]
     tables: dict[str, TopK] = {}
+    device = model_device(model)
     with eval_mode(model), progress(total=len(mine), desc="top-k", unit="img") as bar:
-        for start, (raw, _) in zip(range(0, len(mine), batch_size), batches(source, mine, batch_size)):
+        for start, (raw, _) in zip(range(0, len(mine), batch_size),
+                                   batches(source, mine, batch_size, workers, pin=device.type == "cuda")):
             batch = mine[start:start + len(raw)]
 
             def update(name: str, a: torch.Tensor) -> None:
@@ -117,7 +119,7 @@ def topk_pass(model: nn.Module, source: Source, preprocess: Preprocess, layers: 
                     raise UserError(f"layer {name!r} has no feature maps (output shape {tuple(a.shape[1:])})")
                 tables[name] = _add_batch(tables[name] if name in tables else _empty(a.shape[1], k), a, batch, k)
 
-            apply_at(model, preprocess.eval(raw), layers, update)
+            apply_at(model, preprocess.eval(raw.to(device, non_blocking=True)), layers, update)
             bar.update(len(raw))
     if procs > 1:
         tables = {name: _gather_ranks(t, k) for name, t in tables.items()}
@@ -146,13 +148,14 @@ def topk_cache_path(model: nn.Module, source: Source, preprocess: Preprocess, la
 
 
 def cached_topk(model: nn.Module, source: Source, preprocess: Preprocess, layers: list[str], k: int = 9,
-                 indices=None, batch_size: int = 256) -> tuple[dict[str, TopK], str, bool]:
+                indices=None, batch_size: int = 256, workers: int | None = None) -> tuple[dict[str, TopK], str, bool]:
     """:func:`topk_pass` through the runner's cache, shared by ``topk``, ``serve`` and ``atlas``: the same
     model, data and layers are passed over once. Returns the tables, their cache key and whether they
     were read from the cache."""
     path, key = topk_cache_path(model, source, preprocess, layers, k, indices)
     tables, reused = cached(path, key, lambda: {name: vars(t) for name, t in
-                                                topk_pass(model, source, preprocess, layers, k, indices, batch_size).items()})
+                                                topk_pass(model, source, preprocess, layers, k, indices, batch_size,
+                                                          workers).items()})
     return {name: TopK(**fields) for name, fields in tables.items()}, key, reused
 
 

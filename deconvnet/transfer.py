@@ -26,7 +26,7 @@ from .data import Preprocess, Source, mean_image, preprocess_for
 from .errors import UserError
 from .features import fit_linear, pooled_features, mean_class_accuracy, per_class_folds
 from .models import ConvNet
-from .runner import progress
+from .runner import model_device, progress
 from .train import TrainConfig, epoch_batches, make_optimizer, make_scheduler, sgd_step
 from .figures import finish, new_figure
 from .findings import Finding
@@ -88,8 +88,8 @@ def find_overlaps(target: Source, reference: Source, reference_limit: int | None
 
 # ----------------------------------------------------------------------------- from scratch
 
-def train_scratch(info: CheckpointInfo, source: Source, indices, steps: int,
-                  seed: int = 0) -> tuple[ConvNet, Preprocess]:
+def train_scratch(info: CheckpointInfo, source: Source, indices, steps: int, seed: int = 0,
+                  device: torch.device | str = "cpu") -> tuple[ConvNet, Preprocess]:
     """The checkpoint's architecture, freshly initialised, trained on ``source[indices]`` only (Sec. 5.2).
 
     Same recipe as the checkpoint's run (optimiser, schedule, 10-crop augmentation, RMS renormalisation),
@@ -106,7 +106,7 @@ def train_scratch(info: CheckpointInfo, source: Source, indices, steps: int,
                               lr=saved.lr * batch / saved.batch_size, limit=None, snapshots=None)
     torch.manual_seed(seed)
     config = dataclasses.replace(info.config, num_classes=len(source.classes))
-    model = ConvNet(config).to(memory_format=torch.channels_last)  # faster on CPU, as in the trainer
+    model = ConvNet(config).to(device, memory_format=torch.channels_last)  # faster on CPU, as in the trainer
     preprocess = preprocess_for(config.input_size, config.in_channels)
     preprocess.mean = mean_image(source, preprocess, indices)
     optimizer = make_optimizer(cfg, model)
@@ -117,8 +117,8 @@ def train_scratch(info: CheckpointInfo, source: Source, indices, steps: int,
     for epoch in range(1, cfg.epochs + 1):
         for b in epoch_batches(len(indices), cfg.batch_size, cfg.seed, epoch):
             x = preprocess.train(images[b], torch.randint(0, 10, (len(b),), generator=crops))
-            x = x.contiguous(memory_format=torch.channels_last)
-            sgd_step(cfg, model, optimizer, scheduler, x, labels[b])
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            sgd_step(cfg, model, optimizer, scheduler, x, labels[b].to(device))
     model.eval()
     return model, preprocess
 
@@ -156,7 +156,8 @@ def train_scratch_module(model: torch.nn.Module, preprocess: Preprocess, source:
     per_epoch = max(1, len(indices) // batch)
     cfg = dataclasses.replace(base, epochs=math.ceil(steps / per_epoch), batch_size=batch, seed=seed,
                               lr=base.lr * batch / base.batch_size, renorm=False, precision="fp32")
-    net = fresh_copy(model, len(source.classes), seed)
+    device = model_device(model)
+    net = fresh_copy(model, len(source.classes), seed).to(device)
     optimizer = make_optimizer(cfg, net)
     scheduler = make_scheduler(cfg, optimizer, per_epoch)
     crops = torch.Generator().manual_seed(seed + 1)
@@ -166,8 +167,8 @@ def train_scratch_module(model: torch.nn.Module, preprocess: Preprocess, source:
         for b in epoch_batches(len(indices), cfg.batch_size, cfg.seed, epoch):
             if len(b) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
                 continue  # batch norm cannot train on one image
-            sgd_step(cfg, net, optimizer, scheduler, preprocess.train(images[b], torch.randint(0, 10, (len(b),), generator=crops)),
-                     labels[b])
+            x = preprocess.train(images[b], torch.randint(0, 10, (len(b),), generator=crops))
+            sgd_step(cfg, net, optimizer, scheduler, x.to(device), labels[b].to(device))
     net.eval()
     return net
 
@@ -177,8 +178,9 @@ def predict(model: torch.nn.Module, preprocess: Preprocess, source: Source, indi
             batch_size: int = 500) -> np.ndarray:
     """Predicted class of each image ``source[indices]`` (center crop)."""
     indices = torch.as_tensor(indices, dtype=torch.long)
+    device = model_device(model)
     with eval_mode(model):
-        out = [model(preprocess.eval(source.get(indices[s:s + batch_size]))).argmax(1)
+        out = [model(preprocess.eval(source.get(indices[s:s + batch_size])).to(device)).argmax(1).cpu()
                for s in range(0, len(indices), batch_size)]
     return torch.cat(out).numpy()
 
@@ -256,7 +258,8 @@ def transfer(model, target, per_class=PER_CLASS, folds: int = 5, n_test: int = 5
         split = splits[n][f]
         result.pretrained.setdefault(n, []).append(fit_linear("softmax", features, labels, split, seed))
         if info is not None:
-            scratch, preprocess = train_scratch(info, target, split.train, scratch_steps, seed=seed + f)
+            scratch, preprocess = train_scratch(info, target, split.train, scratch_steps, seed=seed + f,
+                                                device=subject.device)
         else:
             scratch = train_scratch_module(model, subject.preprocess, target, split.train, scratch_steps, seed + f)
             preprocess = subject.preprocess

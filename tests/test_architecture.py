@@ -1,15 +1,17 @@
 """Architecture selection (Fig. 6): filter numbers on hand-made filters, and the comparison of runs."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from deconvnet.architecture import (accuracy_difference, aliased_energy, aliased_shares, architecture_findings,
                                     architecture_to_json, band_energy, draw_architecture, filter_metrics, architecture_run)
-from deconvnet.checkpoint import CheckpointInfo, save_checkpoint
+from deconvnet.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import open_source, preprocess_for
 from deconvnet.models import build_model
+from deconvnet.probe import activations
 from deconvnet.subject import Subject, model_layers
 from deconvnet.stats import HELD, INCONCLUSIVE, VERDICTS, t_quantile
 
@@ -97,10 +99,15 @@ def test_compare_runs_and_findings(tmp_path):
     accuracy = claims[5]
     assert accuracy.estimate == 0.0 and accuracy.interval is None and accuracy.verdict == INCONCLUSIVE  # no seed noise
     assert architecture_findings(runs, [0.5, 0.52, 0.49])[5].interval is not None
-    assert claims[-1].claim.startswith("zfnet-small: RMS renormalisation")
+
+    def dominance(run):  # max / median RMS of the layer-1 filters, from the weights
+        rms = run.filters.double().pow(2).mean((1, 2, 3)).sqrt().numpy()
+        return float(rms.max() / np.median(rms))
+    renorm = claims[-1]  # without minus with renormalisation, over both runs' filters
+    assert renorm.estimate == pytest.approx(dominance(runs[2]) - dominance(runs[0]), rel=1e-5)
+    assert renorm.n == len(runs[0].rms) + len(runs[2].rms) and renorm.unit == "filters"
     json.dumps(architecture_to_json(runs), allow_nan=False)
     draw_architecture(runs, tmp_path / "architecture.png")
-    assert (tmp_path / "architecture.png").stat().st_size > 0
 
 
 def test_accuracy_difference_against_seed_and_test_noise():
@@ -126,6 +133,18 @@ def test_compare_command(tmp_path):
                  "--maps", "3", "--out", str(out)]) == 0
     body = json.loads((out / "architecture.json").read_text())
     assert [r["label"] for r in body["runs"]] == ["zfnet-small", "alexnet-small"] and len(body["findings"]) == 6
+    for run, path in zip(body["runs"], paths):  # the filter numbers from the saved weights, computed here
+        model = torch.load(path, weights_only=True)["state_dict"]
+        rms = model["conv1.weight"].double().pow(2).mean((1, 2, 3)).sqrt().numpy()
+        assert run["filter_rms"] == pytest.approx(rms.tolist(), rel=1e-6)
+        assert run["dominance"] == pytest.approx(rms.max() / np.median(rms), rel=1e-6)
+        assert run["dead"] == float(np.mean(rms < 0.1 * np.median(rms)))
+        assert run["accuracy"] == {"top1": 0.5, "top5": 0.9, "n": 10000}
+    net, info = load_checkpoint(paths[0])
+    with torch.no_grad():  # silent: layer-1 maps that are 0 on all 50 images
+        layer1 = activations(net, info.preprocess.eval(open_source("digits", 28, 1).get(range(50))), ["norm1"])["norm1"]
+    assert body["runs"][0]["silent"] == float((layer1.amax((0, 2, 3)) <= 0).double().mean())
+    assert body["runs"][0]["aliasing"] == 0.0 and body["runs"][1]["aliasing"] > 0  # conv1 stride 1 vs 2
     assert body["findings"][5]["interval"] is None and body["seed_noise"] is None
     noise = tmp_path / "ablation.json"
     noise.write_text(json.dumps({"seed_noise": {"test_top1": [10.0, 11.0, 9.5]}}))

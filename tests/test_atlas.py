@@ -48,7 +48,7 @@ def _pngs(out) -> dict:
 def test_cli_atlas_site_complete_rerun_reuses_and_partial_finishes(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "atlas"
     args = ["atlas", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--limit", "24",
-            "--layers", "conv1,conv2", "--k", "4", "--out", str(out)]
+            "--layers", "conv1,conv2", "--k", "4", "--out", str(out), "--json"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["maps"] == {"conv1": 32, "conv2": 64} and first["projected"] == 96 and first["reused"] == 0
@@ -161,7 +161,7 @@ def test_atlas_reads_the_tables_deconvnet_topk_wrote(tmp_path, tiny_checkpoint, 
             "--k", "3", "--limit", "40"]
     assert main(["topk", *data, "--maps", "1", "--out", str(tmp_path / "fig2")]) == 0
     capsys.readouterr()
-    assert main(["atlas", *data, "--out", str(tmp_path / "atlas")]) == 0
+    assert main(["atlas", *data, "--out", str(tmp_path / "atlas"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["topk_reused"] and summary["projected"] == 96  # conv1's 32 maps and conv2's 64
     written = json.loads((tmp_path / "fig2" / "topk.json").read_text())["layers"]["conv2"]["maps"]

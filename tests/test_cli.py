@@ -60,7 +60,7 @@ def test_wrong_checkpoint_file(capsys, tmp_path):
 
 def test_evaluate_prints_json_and_checks_classes(capsys, tiny_checkpoint):
     code, out, _ = run(capsys, "evaluate", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
-                       "--limit", "100")
+                       "--limit", "100", "--json")
     result = json.loads(out)
     model, info = load_checkpoint(tiny_checkpoint)  # the same 100 images, counted here
     source = open_source("fashion-mnist:test", info.preprocess.stored_size, info.preprocess.channels)
@@ -72,7 +72,7 @@ def test_evaluate_prints_json_and_checks_classes(capsys, tiny_checkpoint):
     assert result["top1"] == (logits.argmax(1) == labels).sum().item() / 100
     assert result["top5"] == (top5 == labels[:, None]).any(1).sum().item() / 100
     code, out, _ = run(capsys, "evaluate", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
-                       "--limit", "100", "--ten-crop")
+                       "--limit", "100", "--ten-crop", "--json")
     with torch.no_grad():  # the softmax averaged over the 10 crops (Sec. 3)
         ten = torch.stack([torch.softmax(model(c), 1) for c in info.preprocess.ten_crops(source.get(list(range(100))))])
     assert code == 0 and json.loads(out)["n"] == 100

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deconvnet import Deconvnet, UserError
+from deconvnet.deconvnet import _project_crops, _Request
 from deconvnet.geometry import layer_field, unit_box
 from deconvnet.probe import apply_at
 from tv import no_hooks, torchvision_model
@@ -172,19 +173,20 @@ def test_cone_and_crops_on_a_resnet_equal_the_full_image(monkeypatch):
     torch.manual_seed(2)
     images = torch.randn(3, 3, 112, 112)
     units = [(5, 0, 0), (9, 13, 27), (3, 27, 27)]  # layer1 is 28x28: a corner, the middle, the far corner
-    shapes, run = [], Deconvnet._run
+    shapes, run = [], _Request.run
 
     def recorded(self, x, *args, **kwargs):
         shapes.append(tuple(x.shape))
         return run(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(Deconvnet, "_run", recorded)
+    monkeypatch.setattr(_Request, "run", recorded)
     dn = Deconvnet(model)
-    full = run(dn, images, "layer1", units, "deconvnet")
-    out = dn.project(images, "layer1", units)  # residual additions (in place), BatchNorm, in-place ReLUs
-    assert dn.method == "cone" and shapes == []
+    full = run(_Request(model, "layer1"), images, units)
+    projection = dn.projection(images, "layer1", units)  # residual additions (in place), BatchNorm, in-place ReLUs
+    out = projection.values
+    assert projection.method == "cone" and shapes == []
     assert (out - full).abs().max() <= 1e-5 * full.abs().max()
-    out = dn._project_crops(images, "layer1", units, "deconvnet")  # the fallback
+    out = _project_crops(_Request(model, "layer1"), images, units)  # the fallback
     assert shapes == [(3, 3, 48, 48)]  # the 43 px field from a multiple of 4: 48 px of 112
     assert (out - full).abs().max() <= 1e-5 * full.abs().max()
 
@@ -194,8 +196,9 @@ def test_an_unknown_op_in_the_cone_runs_the_full_image(monkeypatch):
     model = Reshaping().eval()
     image = torch.randn(3, 16, 16)
     dn = Deconvnet(model)
-    ours = dn.project(image[None], "head", [(1, 10, 10)])
-    assert dn.method == "full image: the cone holds pixel_shuffle (shuffle), which the geometry does not follow"
+    projection = dn.projection(image[None], "head", [(1, 10, 10)])
+    ours = projection.values
+    assert projection.method == "full image: the cone holds pixel_shuffle (shuffle), which the geometry does not follow"
     assert torch.allclose(ours[0], reference_projection(model, image, "head", (1, 10, 10), "deconvnet", monkeypatch))
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deconvnet import Deconvnet, UserError, build_model
+from deconvnet.deconvnet import _project_crops, _Request
 from deconvnet.probe import activations, layer_names
 
 RULES = ("deconvnet", "guided", "gradient")
@@ -317,13 +318,13 @@ def test_fully_connected_unit_is_the_scaled_gradient():
 
 def record_runs(monkeypatch) -> tuple[list, object]:
     """Record the input shape of every pass through the model; returns (shapes, the original pass)."""
-    shapes, run = [], Deconvnet._run
+    shapes, run = [], _Request.run
 
     def recorded(self, x, *args, **kwargs):
         shapes.append(tuple(x.shape))
         return run(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(Deconvnet, "_run", recorded)
+    monkeypatch.setattr(_Request, "run", recorded)
     return shapes, run
 
 
@@ -338,9 +339,10 @@ def test_cone_equals_the_full_image_with_padding_and_ceil_mode_pools(rule, monke
         last = activations(model, images[:1], layer)[layer].shape[-1] - 1
         units = strongest(model, images, layer, at={0: (0, 0), 1: (last, last), 2: (0, last)})  # corners
         shapes.clear()
-        out = dn.project(images, layer, units, rule=rule)
-        assert dn.method == "cone" and shapes == []  # no pass through the model itself
-        full = run(dn, images, layer, units, rule)
+        projection = dn.projection(images, layer, units, rule=rule)
+        out = projection.values
+        assert projection.method == "cone" and shapes == []  # no pass through the model itself
+        full = run(_Request(model, layer, rule), images, units)
         assert (out - full).abs().max() <= 1e-12 * full.abs().max(), layer
 
 
@@ -352,12 +354,13 @@ def test_cone_and_crops_on_zfnet_equal_the_full_image(monkeypatch):
     shapes, run = record_runs(monkeypatch)
     for layer, crop, last in (("conv1", 8, 109), ("conv3", 96, 12), ("conv5", 160, 12)):
         units = strongest(model, images, layer, at={0: (0, 0), 2: (5, last)})  # a corner, the right border
-        full = run(dn, images, layer, units, "deconvnet")
-        out = dn.project(images, layer, units)
-        assert dn.method == "cone"
+        full = run(_Request(model, layer), images, units)
+        projection = dn.projection(images, layer, units)
+        out = projection.values
+        assert projection.method == "cone"
         assert (out - full).abs().max() <= 1e-5 * full.abs().max()
         shapes.clear()
-        out = dn._project_crops(images, layer, units, "deconvnet")  # the fallback where the cone does not apply
+        out = _project_crops(_Request(model, layer), images, units)  # the fallback where the cone does not apply
         assert shapes == [(3, 3, crop, crop)]  # one batch of equal crops; ZFNet fields 7, 75, 139 px
         assert (out - full).abs().max() <= 1e-5 * full.abs().max()
 
@@ -382,11 +385,12 @@ def test_a_branching_model_runs_its_cone_or_crops_equal_to_the_full_image(monkey
     units = [(1, 3, 4), (2, 7, 0)]
     shapes, run = record_runs(monkeypatch)
     dn = Deconvnet(model)
-    full = run(dn, images, "conv2", units, "deconvnet")
-    out = dn.project(images, "conv2", units)
-    assert dn.method == "cone" and torch.allclose(out, full, atol=1e-6)  # the skip reads a part of the input's box
+    full = run(_Request(model, "conv2"), images, units)
+    projection = dn.projection(images, "conv2", units)
+    out = projection.values  # the skip reads a part of the input's box
+    assert projection.method == "cone" and torch.allclose(out, full, atol=1e-6)
     shapes.clear()
-    out = dn._project_crops(images, "conv2", units, "deconvnet")
+    out = _project_crops(_Request(model, "conv2"), images, units)
     # conv2's field: 3 pooled positions (6 px of conv1's map) under conv1's 3x3: 8 px, the skip's 5 px
     # (1x1 at stride 2) inside it; crops start at even pixels, one more for the odd start: 10 px
     assert shapes == [(2, 1, 10, 10)]
@@ -418,9 +422,10 @@ def test_where_the_cone_does_not_apply_crops_or_the_full_image_run(ceil, method,
     units = [(1, 0, 0), (3, 4, 6)]
     shapes, run = record_runs(monkeypatch)
     dn = Deconvnet(model)
-    out = dn.project(images, "conv2", units)
-    assert dn.method.startswith(method)
-    full = run(dn, images, "conv2", units, "deconvnet")
+    projection = dn.projection(images, "conv2", units)
+    out = projection.values
+    assert projection.method.startswith(method)
+    full = run(_Request(model, "conv2"), images, units)
     assert (out - full).abs().max() <= 1e-6 * full.abs().max()
     assert shapes[0][2:] == ((9, 9) if ceil else (15, 15))  # a crop (the 8 px field, aligned), or the image
 

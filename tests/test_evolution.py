@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from deconvnet.checkpoint import CheckpointInfo, save_checkpoint
+from deconvnet.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from deconvnet.cli import main
 from deconvnet.data import open_source, preprocess_for
 from deconvnet.errors import UserError
@@ -13,6 +13,7 @@ from deconvnet.evolution import (Evolution, LayerEvolution, centred_gram, cka_fr
                                  evolution_findings, gram_cka, linear_cka, load_snapshots, settled_from,
                                  snapshot_paths, stable_from)
 from deconvnet.models import build_model
+from deconvnet.probe import activations
 from deconvnet.stats import HELD, INCONCLUSIVE, NOT_HELD
 
 
@@ -132,8 +133,12 @@ def test_unchanged_weights_are_stable(tmp_path):
         assert (layer.images[:, 1] == layer.images[:, 2]).all()
         assert layer.correlation[:, 1] == pytest.approx([1.0, 1.0])
         assert all(e <= 2 for e in layer.stable_epoch)
-    assert evolution_findings(result)[0].claim.startswith("lower layers converge")
-    assert len(evolution_findings(result)) == 1  # no CKA measured here
+    [finding] = evolution_findings(result)  # no CKA measured here
+    low = [e for n in (1, 2) for e in result.layers[n].stable_epoch]
+    high = [e for n in (4, 5) for e in result.layers[n].stable_epoch]
+    assert finding.n == len(low) + len(high) == 8 and finding.unit == "maps"
+    assert finding.estimate == pytest.approx(np.mean(high) - np.mean(low))
+    assert finding.ours == {f"layer{n}": round(float(np.mean(layer.stable_epoch)), 2) for n, layer in result.layers.items()}
 
 
 def test_evolution_command(tmp_path):
@@ -142,8 +147,28 @@ def test_evolution_command(tmp_path):
     assert main(["evolution", "--run", str(run), "--limit", "40", "--maps", "2", "--probe", "60", "--out", str(out)]) == 0
     body = json.loads((out / "evolution.json").read_text())
     assert body["epochs"] == [1, 2] and set(body["layers"]) == {f"layer{n}" for n in range(1, 6)}
-    assert all((out / f"evolution-layer{n}.png").exists() for n in range(1, 6)) and (out / "evolution.png").exists()
-    assert (out / "evolution-cka.png").exists() and body["probe_data"] == "digits"
-    assert [f["unit"] for f in body["findings"]] == ["maps", "probe images"]
-    layer1 = body["cka"]["layers"]["layer1"]
-    assert layer1["cka"][-1] == pytest.approx(1.0) and len(layer1["band"]) == 2 and layer1["settled"] in (1, 2)
+    assert body["probe_data"] == "digits" and [f["unit"] for f in body["findings"]] == ["maps", "probe images"]
+    # the numbers by a direct forward pass of both snapshots: each map's strongest activation over the
+    # first 40 images, and each layer's linear CKA (Gram form, centred) on the first 60 with the last snapshot
+    models = [load_checkpoint(run / "checkpoints" / f"epoch-{e}.pt") for e in (1, 2)]
+    source = open_source("digits", 28, 1)
+    preprocess = models[-1][1].preprocess
+    modules = [body["layers"][f"layer{n}"]["module"] for n in range(1, 6)]
+    with torch.no_grad():
+        searched = [activations(m, preprocess.eval(source.get(range(40))), modules) for m, _ in models]
+        probed = [activations(m, preprocess.eval(source.get(range(60))), modules) for m, _ in models]
+    for n, module in enumerate(modules, 1):
+        layer = body["layers"][f"layer{n}"]
+        assert len(layer["maps"]) == 2
+        for entry in layer["maps"]:
+            peaks = [a[module][:, entry["map"]].flatten(1).amax(1) for a in searched]  # per image, per snapshot
+            assert entry["values"] == pytest.approx([float(p.max()) for p in peaks], abs=2e-4)
+            assert [float(p[i]) for p, i in zip(peaks, entry["images"])] == pytest.approx(entry["values"], abs=2e-4)
+        grams = []
+        for a in probed:
+            x = a[module].flatten(1).double()
+            k = x @ x.T
+            grams.append(k - k.mean(0) - k.mean(1, keepdim=True) + k.mean())
+        cka = float((grams[0] * grams[1]).sum() / (grams[0].norm() * grams[1].norm()))
+        cka_layer = body["cka"]["layers"][f"layer{n}"]
+        assert cka_layer["cka"] == pytest.approx([cka, 1.0], abs=2e-4) and cka_layer["settled"] in (1, 2)

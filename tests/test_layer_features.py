@@ -3,6 +3,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from deconvnet.checkpoint import load_checkpoint
 from deconvnet.cli import main
@@ -13,6 +15,7 @@ from deconvnet.subject import as_subject, from_checkpoint
 from deconvnet.layer_features import (LayerFeatures, draw_layer_features, layer_features, layer_features_findings,
                                       layer_features_to_json)
 from deconvnet.models import build_model
+from deconvnet.probe import activations
 
 
 def test_layer_n_is_the_last_module_of_its_block():
@@ -73,12 +76,41 @@ def test_layer_table_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     assert "softmax (7)" in result.table()
 
 
+def _linear_accuracy(kind: str, feats: np.ndarray, labels: np.ndarray, split: Split) -> float:
+    """Table 7's number for one fold, computed here: the features standardised on the training images,
+    a linear SVM or a multinomial logistic regression, the mean over classes of the per-class accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    scaler = StandardScaler().fit(feats[split.train])
+    clf = LinearSVC(C=1.0, max_iter=5000, random_state=0) if kind == "svm" else \
+        LogisticRegression(C=1.0, max_iter=1000, random_state=0)
+    clf.fit(scaler.transform(feats[split.train]), labels[split.train])
+    y, predicted = labels[split.test], clf.predict(scaler.transform(feats[split.test]))
+    return float(np.mean([np.mean(predicted[y == c] == c) for c in np.unique(y)]))
+
+
 def test_layers_command(tiny_checkpoint, tmp_path):
     out = tmp_path / "layers"
     assert main(["layer-features", "--checkpoint", str(tiny_checkpoint), "--per-class", "3", "--folds", "1",
                  "--out", str(out)]) == 0
     body = json.loads((out / "layers.json").read_text())
-    assert len(body["table"]) == 14 and (out / "layers.png").exists()
+    assert len(body["table"]) == 14 and body["excluded_overlaps"] == []
+    # layer 1 (norm1, 14x14 max-pooled to pool5's 3x3) and layer 7 (relu7) by a direct forward pass
+    model, info = load_checkpoint(tiny_checkpoint)
+    source = open_source("digits", 28, 1)
+    labels = source.labels.numpy()
+    with torch.no_grad():
+        acts = [activations(model, info.preprocess.eval(source.get(range(s, min(s + 256, len(source))))),
+                            ["norm1", "relu7"]) for s in range(0, len(source), 256)]
+    feats = {"norm1": np.concatenate([F.adaptive_max_pool2d(a["norm1"], 3).flatten(1).numpy() for a in acts]),
+             "relu7": np.concatenate([a["relu7"].numpy() for a in acts])}
+    [split] = per_class_folds(labels, 3, 1, 50, 0)  # the command's default seed 0
+    for row, kind, layer in (("svm (1)", "svm", "norm1"), ("softmax (7)", "softmax", "relu7")):
+        cell = body["table"][row]
+        assert cell["module"] == layer and cell["dim"] == feats[layer].shape[1]
+        assert cell["3_per_class"]["folds"] == [round(100 * _linear_accuracy(kind, feats[layer], labels, split), 2)]
 
 
 @pytest.mark.parametrize("n_train, folds", [(0, 5), (-3, 5), (1, 0)])

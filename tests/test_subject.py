@@ -317,7 +317,7 @@ def test_evaluate_a_user_model_on_folders_named_by_wordnet_id(user_model, photos
     (tmp_path / "index.json").write_text(json.dumps(index))
     model = ["--model", f"{root}/nets.py:build", "--weights", str(root / "tiny.pth"), "--input-size", "32",
              "--classes", str(tmp_path / "index.json")]
-    assert main(["evaluate", *model, "--data", f"folder:{data}"]) == 0
+    assert main(["evaluate", *model, "--data", f"folder:{data}", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     subject = load_subject(f"{root}/nets.py:build", weights=str(root / "tiny.pth"), input_size=32,
                            classes=str(tmp_path / "index.json"))

@@ -173,7 +173,7 @@ def test_cli_topk_one_process_and_torchrun_agree(tmp_path, tiny_checkpoint, caps
     for i, img in enumerate(torch.cat([images, fashion])):
         Image.fromarray(img[0].numpy()).save(folder / f"{i:02d}.png")
     args = ["topk", "--checkpoint", str(tiny_checkpoint), "--data", f"folder:{tmp_path / 'data'}",
-            "--layers", "conv1,conv5", "--k", "4", "--maps", "2"]
+            "--layers", "conv1,conv5", "--k", "4", "--maps", "2", "--json"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     printed = json.loads(capsys.readouterr().out)
     (finding,) = printed["findings"]
@@ -204,7 +204,7 @@ def test_cli_topk_one_process_and_torchrun_agree(tmp_path, tiny_checkpoint, caps
 def test_cli_project_writes_png_and_json(tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "unit.png"
     code = main(["project", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--index", "7",
-                 "--layer", "conv3", "--unit", "2,3,4", "--rule", "guided", "--out", str(out)])
+                 "--layer", "conv3", "--unit", "2,3,4", "--rule", "guided", "--out", str(out), "--json"])
     assert code == 0
     record = json.loads(capsys.readouterr().out)
     model, info = load_checkpoint(tiny_checkpoint)
@@ -217,7 +217,7 @@ def test_cli_project_writes_png_and_json(tmp_path, tiny_checkpoint, capsys):
     with Image.open(out) as png:
         assert png.format == "PNG"
     assert main(["project", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--index", "7",
-                 "--layer", "conv3", "--out", str(out)]) == 0  # no --unit: the layer's strongest activation
+                 "--layer", "conv3", "--out", str(out), "--json"]) == 0  # no --unit: the layer's strongest activation
     record = json.loads(capsys.readouterr().out)
     with torch.no_grad():
         a = activations(model, x, "conv3")["conv3"][0]

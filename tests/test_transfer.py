@@ -59,17 +59,20 @@ def test_overlap_finds_a_planted_duplicate():
     assert find_overlaps(target, reference, reference_limit=100)[0] == []  # the copy is beyond the limit
 
 
-def _pretrained_accuracy(subject, source, layer: str, split) -> float:
-    """The protocol's "pretrained + softmax" number for one fold, computed here: ``layer``'s outputs by
-    a direct forward pass, standardised on the training images, a multinomial logistic regression, and
-    the mean over classes of the per-class accuracy on the test images."""
+def _layer_outputs(subject, source, layer: str) -> np.ndarray:
+    """``layer``'s outputs for every image of ``source`` by a direct forward pass (batches of 256)."""
+    with torch.no_grad():
+        return np.concatenate([activations(subject.model, subject.prepare(source.get(range(s, min(s + 256, len(source))))),
+                                           [layer])[layer].flatten(1).numpy() for s in range(0, len(source), 256)])
+
+
+def _pretrained_accuracy(feats: np.ndarray, labels: np.ndarray, split) -> float:
+    """The protocol's "pretrained + softmax" number for one fold, computed here: the features
+    standardised on the training images, a multinomial logistic regression, and the mean over classes
+    of the per-class accuracy on the test images."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    with torch.no_grad():  # all images in batches of 256, as the features are computed for every fold
-        feats = np.concatenate([activations(subject.model, subject.prepare(source.get(range(s, min(s + 256, len(source))))),
-                                            [layer])[layer].flatten(1).numpy() for s in range(0, len(source), 256)])
-    labels = source.labels.numpy()
     scaler = StandardScaler().fit(feats[split.train])
     clf = LogisticRegression(C=1.0, max_iter=1000, random_state=0).fit(scaler.transform(feats[split.train]),
                                                                       labels[split.train])
@@ -89,10 +92,9 @@ def test_transfer_protocol_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     assert set(body["table"]) == {"pretrained + softmax", "from scratch"}
     assert body["pretrain_data"] == "fashion-mnist" and "far-domain control" in body["setting"]
     [finding] = body["findings"]
-    subject = from_checkpoint(tiny_checkpoint)
+    feats, labels = _layer_outputs(from_checkpoint(tiny_checkpoint), target, "relu7"), target.labels.numpy()
     for n in (1, 3):  # every fold's number against the same protocol computed here
-        splits = per_class_folds(target.labels.numpy(), n, 2, 50, 0)
-        expected = [_pretrained_accuracy(subject, target, "relu7", split) for split in splits]
+        expected = [_pretrained_accuracy(feats, labels, split) for split in per_class_folds(labels, n, 2, 50, 0)]
         assert result.pretrained[n] == pytest.approx(expected, abs=1e-12)
         cells = body["table"]["pretrained + softmax"][f"{n}_per_class"]
         assert cells["folds"] == [round(100 * a, 2) for a in expected]
@@ -116,8 +118,9 @@ def test_transfer_command(tiny_checkpoint, tmp_path):
     assert body["overlap"]["removed"] == []  # digits do not occur in Fashion-MNIST
     assert body["args"]["per_class"] == [2] and body["folds"] == 1 and body["features"] == "relu7"
     source = open_source("digits", 28, 1)
-    [split] = per_class_folds(source.labels.numpy(), 2, 1, 50, 0)  # the command's default seed 0
-    expected = _pretrained_accuracy(from_checkpoint(tiny_checkpoint), source, "relu7", split)
+    labels = source.labels.numpy()
+    [split] = per_class_folds(labels, 2, 1, 50, 0)  # the command's default seed 0
+    expected = _pretrained_accuracy(_layer_outputs(from_checkpoint(tiny_checkpoint), source, "relu7"), labels, split)
     assert body["table"]["pretrained + softmax"]["2_per_class"]["folds"] == [round(100 * expected, 2)]
     [scratch] = body["table"]["from scratch"]["2_per_class"]["folds"]
     assert body["table"]["from scratch"]["2_per_class"]["mean"] == scratch and 0 <= scratch <= 100
