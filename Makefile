@@ -7,7 +7,7 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TORCH := torch==2.13.0
 TORCHVISION := torchvision==0.28.0
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test docs bench clean
 
 setup: $(STAMP) data
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,serve]'
+	$(BIN)/pip install -q -e '.[test,serve,docs]'
 	# torchvision's real model classes for the tests (not a dependency): --no-deps keeps torch 2.13.0
 	$(BIN)/pip install -q --no-deps $(TORCHVISION)
 	touch $(STAMP)
@@ -45,10 +45,14 @@ demo: setup
 test: setup browser
 	$(BIN)/python -m pytest -q
 
+# The documentation site into site/, warnings as errors (the tests build it too: tests/test_docs.py).
+docs: setup
+	$(BIN)/mkdocs build --strict
+
 # Benchmarks print ratios against a baseline run in the same process; Captum is installed only here.
 bench: setup
 	$(BIN)/pip install -q --no-deps captum
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs report
+	rm -rf $(VENV) runs report site

@@ -20,9 +20,9 @@ times the unit's value is our projection (we seed with the activation itself). A
 - per layer, to show where the ratio comes from;
 - the floating-point work of our projections (``torch.utils.flop_counter``) against the machine's
   measured fp32 matmul peak at the same thread count (the limit);
-- the path ``Deconvnet.project`` took (``method``: ``cone`` on both models) and, for comparison, the
-  receptive-field crops it used before (``Deconvnet._project_crops``, now its fallback where the
-  cone does not apply) and whole images.
+- the path ``Deconvnet.project`` took (``Deconvnet.projection(...).method``: ``cone`` on both
+  models) and, for comparison, the receptive-field crops it used before (``_project_crops``, now its
+  fallback where the cone does not apply) and whole images.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from deconvnet.data import open_source, preprocess_for
-from deconvnet.deconvnet import Deconvnet, _SkipBackward
+from deconvnet.deconvnet import Deconvnet, _project_crops, _Request, _SkipBackward
 from deconvnet.models import build_model
 from deconvnet.probe import activations
 
@@ -185,15 +185,16 @@ def run_setting(name: str, args) -> dict:
         dn.project(x, layer, jobs[layer])  # warm-up: the traced graph, one pass per shape
     result, ours_s, ours_cpu, methods = {}, {}, {}, set()
     for layer in LAYERS:
-        result[layer], ours_s[layer], ours_cpu[layer] = best(lambda: dn.project(x, layer, jobs[layer]), args.repeats)
-        methods.add(dn.method)
+        projection, ours_s[layer], ours_cpu[layer] = best(lambda: dn.projection(x, layer, jobs[layer]), args.repeats)
+        result[layer] = projection.values
+        methods.add(projection.method)
     crops, crops_s = {}, 0.0
     for layer in LAYERS:  # the path the cone replaced (still the fallback)
-        crops[layer], s, _ = best(lambda: dn._project_crops(x, layer, jobs[layer], "deconvnet"), args.repeats)
+        crops[layer], s, _ = best(lambda: _project_crops(_Request(model, layer), x, jobs[layer]), args.repeats)
         crops_s += s
     full, full_s = {}, 0.0
     for layer in LAYERS:  # batching alone: the same passes over whole images
-        full[layer], s, _ = best(lambda: dn._run(x, layer, jobs[layer], "deconvnet"), 1)
+        full[layer], s, _ = best(lambda: _Request(model, layer).run(x, jobs[layer]), 1)
         full_s += s
 
     with CountFlops() as counter:
@@ -202,7 +203,7 @@ def run_setting(name: str, args) -> dict:
     flops = counter.total
     with CountFlops() as counter:
         for layer in LAYERS:
-            dn._project_crops(x, layer, jobs[layer], "deconvnet")
+            _project_crops(_Request(model, layer), x, jobs[layer])
     crops_flops = counter.total
     with CountFlops() as counter:
         captum_projections(model, x, jobs)
@@ -238,7 +239,7 @@ def interleaved(name: str, args) -> dict:
     dn = Deconvnet(model)
     fns = {"captum": lambda: captum_projections(model, x, jobs),
            "ours": lambda: {l: dn.project(x, l, jobs[l]) for l in LAYERS},
-           "crops": lambda: {l: dn._project_crops(x, l, jobs[l], "deconvnet") for l in LAYERS}}
+           "crops": lambda: {l: _project_crops(_Request(model, l), x, jobs[l]) for l in LAYERS}}
     warnings.filterwarnings("ignore")
     flops, wall, cpu, outputs = {}, {k: [] for k in fns}, {k: [] for k in fns}, {}
     for k, f in fns.items():
@@ -246,7 +247,7 @@ def interleaved(name: str, args) -> dict:
         with CountFlops() as counter:
             f()
         flops[k] = counter.total
-    method = dn.method
+    method = dn.projection(x, LAYERS[-1], jobs[LAYERS[-1]]).method  # the path of the last projection
     worst = worst_difference(model, x, jobs, outputs["captum"], [outputs["ours"], outputs["crops"]])
     assert worst < 1e-4, f"outputs differ from Captum's: {worst:.2e}"
     load = os.getloadavg()[0]

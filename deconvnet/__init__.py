@@ -19,7 +19,7 @@ Analyses and their result types: ``topk`` (``TopK``, Fig. 2), ``evolution`` (``E
 (``LayerFeatures``, Table 7).
 """
 from . import (ablation, architecture, correspondence, evolution, invariance, layer_features, occlusion, topk,
-               transfer)
+               train, transfer)
 from .ablation import Ablation
 from .architecture import ArchitectureRun
 from .checkpoint import CheckpointInfo, load_checkpoint
@@ -34,7 +34,7 @@ from .models import ModelConfig, build_model
 from .occlusion import Occlusion
 from .subject import Subject, as_subject, load_subject
 from .topk import TopK
-from .train import TrainConfig, evaluate, train
+from .train import TrainConfig, evaluate
 from .transfer import Transfer, find_overlaps
 
 __version__ = "0.1.0"

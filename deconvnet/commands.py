@@ -171,7 +171,8 @@ def train(out: Out, resume: bool = False, json_output: Json = False, **config) -
 train.CONFIG = TrainConfig  # train's other options: the documented fields of TrainConfig
 
 
-def evaluate(data: str, limit: Positive | None = None, ten_crop: bool = False, json_output: Json = False, **model) -> dict:
+def evaluate(data: str, limit: Positive | None = None, ten_crop: bool = False, workers: int | None = None,
+             batch_size: Positive = 500, json_output: Json = False, **model) -> dict:
     """Top-1/top-5 accuracy of a model on labelled data, as JSON.
 
     Args:
@@ -194,7 +195,8 @@ def evaluate(data: str, limit: Positive | None = None, ten_crop: bool = False, j
     source.labels = torch.tensor(to_model)[source.labels]  # the data's labels as the model's class indices
     source.classes = subject.classes
     indices = None if limit is None else list(range(min(limit, len(source))))
-    result = run_evaluation(subject.model, source, subject.preprocess, indices, ten_crop=ten_crop)
+    result = run_evaluation(subject.model, source, subject.preprocess, indices, batch_size=batch_size, ten_crop=ten_crop,
+                            workers=workers)
     summary = {"top1": result["top1"], "top5": result["top5"], "n": result["n"]}
     print(json.dumps(summary) if json_output else
           f"top-1 {100 * summary['top1']:.2f}%, top-5 {100 * summary['top5']:.2f}% over {summary['n']} images of {data}")

@@ -271,7 +271,8 @@ class _Tracer(TorchFunctionMode):
 
 def trace(model: nn.Module, x: torch.Tensor, keep_values: bool = False) -> Graph:
     """Trace one forward pass of ``model`` on ``x`` (no grad). With ``keep_values`` every node keeps
-    its output as it was produced (what incremental occlusion pastes around its windows)."""
+    its output as it was produced (what incremental occlusion pastes around its windows; from a
+    cached graph, :func:`replay` gives the same without hooking the model)."""
     return _with_output(_record(model, x, keep_values))
 
 

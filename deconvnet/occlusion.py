@@ -295,23 +295,42 @@ def _macs(node: Node, rows: int, cols: int) -> int:
     return rows * cols * bound_arguments("conv2d", node.args, node.kwargs)["weight"].numel()
 
 
-class _Incremental:
-    """The Krypton-style pass over a traced graph for a list of square positions.
+@dataclass
+class _Plan:
+    """What the squares recompute where, from the graph and the square positions alone.
 
-    A batch of squares recomputes, at each node, one window as large as its largest square's, so the
-    squares are batched by the size of their windows: per axis the square positions are split into
-    ``GROUPS`` groups of similar reach (near a border a square reaches fewer rows and columns), and
-    a batch is a row group x a column group.
+    ``row_reach[t]`` / ``col_reach[l]``: per node, the rows and columns of its map a square at row
+    ``t`` / column ``l`` can change (:func:`geometry.reach`); a square's window at a node is its row's
+    rows x its column's columns. ``batches``: lists of indices into ``positions``; per axis the
+    square positions are split into ``GROUPS`` groups of similar reach (near a border a square
+    reaches fewer rows and columns), and a batch is a row group x a column group, ``CHUNK`` squares
+    at most, as a batch recomputes at each node one window as large as its largest square's.
+    ``last_use``: per node, the last node that reads its output. ``tail``: the first node after the
+    last feature map (the ops from there on run once for all squares); ``ends``: the outputs before
+    it that the tail reads. ``folded``: eval BatchNorms folded into the convs they follow
+    (:func:`_fold_batch_norms`).
     """
 
-    def __init__(self, graph: Graph, layer: Node, feature: int, image, size, fill, positions):
-        self.graph, self.layer, self.feature = graph, layer, feature
-        self.image, self.size, self.fill, self.positions = image, size, fill, positions
-        height, width = image.shape[1:]
+    graph: Graph
+    positions: list[tuple[int, int]]
+    row_reach: dict[int, dict]
+    col_reach: dict[int, dict]
+    batches: list[list[int]]
+    last_use: dict[int, int]
+    tail: int
+    ends: list[int]
+    folded: dict[int, tuple]
+
+    @staticmethod
+    def make(graph: Graph, layer: Node, image_hw: tuple[int, int], size: int, positions) -> _Plan:
+        """The plan for squares of ``size`` at ``positions`` on an image of ``image_hw``, (b) followed
+        at ``layer`` (whose conv keeps its own BatchNorm); :class:`_Fallback` where the tail reads a
+        tuple."""
+        height, width = image_hw
         last = graph.nodes[-1].index
         tops, lefts = {t for t, _ in positions}, {l for _, l in positions}  # a square's reach: its row's x its column's
-        self.row_reach = {t: reach(graph, (t, min(t + size, height) - 1), (0, width - 1)) for t in tops}
-        self.col_reach = {l: reach(graph, (0, height - 1), (l, min(l + size, width) - 1)) for l in lefts}
+        row_reach = {t: reach(graph, (t, min(t + size, height) - 1), (0, width - 1)) for t in tops}
+        col_reach = {l: reach(graph, (0, height - 1), (l, min(l + size, width) - 1)) for l in lefts}
         convs = [n for n in graph.nodes if n.spatial and _macs(n, 1, 1)]
 
         def cost(reached: dict, axis: int) -> int:  # conv multiply-adds of one square, the other axis whole
@@ -324,27 +343,22 @@ class _Incremental:
                     total += _macs(n, *extent)
             return total
 
-        row_groups = _groups({t: cost(r, 0) for t, r in self.row_reach.items()}, GROUPS)
-        col_groups = _groups({l: cost(r, 1) for l, r in self.col_reach.items()}, GROUPS)
-        self.batches = []  # lists of indices into ``positions``
+        row_groups = _groups({t: cost(r, 0) for t, r in row_reach.items()}, GROUPS)
+        col_groups = _groups({l: cost(r, 1) for l, r in col_reach.items()}, GROUPS)
+        batches = []
         for rows in row_groups:
             for cols in col_groups:
                 batch = [i for i, (t, l) in enumerate(positions) if t in rows and l in cols]
-                self.batches += [batch[i:i + CHUNK] for i in range(0, len(batch), CHUNK)]
-        self.last_use = {i: n.index for n in graph.nodes for i in n.inputs}
-        self.last_use[graph.output] = last + 1
-        # the tail: the ops after the last map, run once on all squares; the outputs it reads before it
-        self.tail = max(n.index for n in graph.nodes if n.spatial) + 1
-        self.ends = sorted({i for n in graph.nodes[self.tail:] for i in n.inputs if i < self.tail}
-                           | ({graph.output} if graph.output < self.tail else set()))
-        if any(graph.nodes[i].shape is None for i in self.ends):
+                batches += [batch[i:i + CHUNK] for i in range(0, len(batch), CHUNK)]
+        last_use = {i: n.index for n in graph.nodes for i in n.inputs}
+        last_use[graph.output] = last + 1
+        tail = max(n.index for n in graph.nodes if n.spatial) + 1
+        ends = sorted({i for n in graph.nodes[tail:] for i in n.inputs if i < tail}
+                      | ({graph.output} if graph.output < tail else set()))
+        if any(graph.nodes[i].shape is None for i in ends):
             raise _Fallback("the ops after the last feature map read a tuple")
-        self.folded = _fold_batch_norms(graph, keep={layer.index, graph.output})
-        self.normalised: set[int] = set()  # convs whose window this batch holds with their BatchNorm applied
-        self.padded: dict[tuple, torch.Tensor] = {}  # conv and pool inputs, clean, padded as the op pads them
-        self.cleans: dict[int, torch.Tensor] = {}
-        self.weights: dict[int, torch.Tensor] = {}
-        self.done = 0  # conv multiply-adds recomputed, summed over squares
+        folded = _fold_batch_norms(graph, keep={layer.index, graph.output})
+        return _Plan(graph, positions, row_reach, col_reach, batches, last_use, tail, ends, folded)
 
     def windows(self, positions: list[tuple[int, int]]) -> dict[int, tuple]:
         """Per node reached: (row starts, rows, col starts, cols), one start per square."""
@@ -358,21 +372,187 @@ class _Incremental:
                 windows[node.index] = (*rows, *cols)
         return windows
 
+
+class _Clean:
+    """The unoccluded pass's values (the graph's ``value``) in the forms the per-op functions read,
+    each made once: maps channels-last, as the windows are (each position's C values side by side,
+    as :func:`_patch` reads them); conv and pool inputs padded as the op pads them; conv weights
+    channels-last."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.maps: dict[int, torch.Tensor] = {}
+        self.padded: dict[tuple, torch.Tensor] = {}
+        self.weights: dict[int, torch.Tensor] = {}
+
+    def map(self, index: int) -> torch.Tensor:
+        """Node ``index``'s clean map (1, C, H, W), channels-last."""
+        if index not in self.maps:
+            self.maps[index] = self.graph.nodes[index].value.contiguous(memory_format=torch.channels_last)
+        return self.maps[index]
+
+    def padded_input(self, node: Node, native: tuple, pads: tuple) -> torch.Tensor:
+        """The clean input of window op ``node`` padded by ``pads`` with its fill (``native``: the axes
+        the conv pads itself, part of the key)."""
+        key = (node.index, native)
+        if key not in self.padded:
+            self.padded[key] = F.pad(self.map(node.inputs[0]), pads, value=node.fill)
+        return self.padded[key]
+
+    def weight(self, node: Node, weight: torch.Tensor) -> torch.Tensor:
+        """Conv ``node``'s ``weight`` channels-last, as the windows are: a cheaper reorder per call."""
+        if node.index not in self.weights:
+            self.weights[node.index] = weight.contiguous(memory_format=torch.channels_last)
+        return self.weights[node.index]
+
+    def full(self, node: Node, state, n: int) -> torch.Tensor:
+        """A node's output for every square as whole tensors (B, ...): ``state`` its window or whole
+        output per square, None where no square changed it."""
+        if state is None:
+            if node.value.shape[0] != 1:
+                raise _Fallback(f"{node.describe()} has no batch dimension")
+            return node.value.expand(n, *node.value.shape[1:])
+        if isinstance(state, _Win):
+            return _patch(self.map(node.index), state, torch.zeros_like(state.ys), torch.zeros_like(state.xs),
+                          *node.shape[2:])
+        return state
+
+
+# --- one op for a batch of squares: ``states`` holds, per node computed so far, its window (_Win) or
+# whole output per square, or nothing where no square changed it
+
+def _windowed(node: Node, win: _Win, window: tuple, clean: _Clean, folding: tuple | None) -> _Win:
+    """A conv or pool over its output ``window`` (row starts, rows, col starts, cols), from its
+    pre-padded clean input with ``win`` pasted in; ``folding``: the conv's BatchNorm folded in
+    (:func:`_fold_batch_norms`), or None.
+
+    Along an axis where a conv's window spans its whole output, the region is the whole input and
+    the conv pads that axis itself: the same numbers, and oneDNN skips the taps that read padding
+    (a fifth of the multiply-adds of a 7 x 7 map)."""
+    ys, rows, xs, cols = window
+    source = clean.graph.nodes[node.inputs[0]]
+    wy, wx = node.axes
+    (n_in, m_in), (n_out, m_out) = source.shape[2:], node.shape[2:]
+    conv = getattr(node.func, "__name__", "") == "conv2d"
+    native = tuple(conv and count == n_o and (n_i + 2 * a.padding - a.span) // a.stride + 1 == n_o
+                   for a, count, n_i, n_o in ((wy, rows, n_in, n_out), (wx, cols, m_in, m_out)))
+    pads = (0, 0) if native[1] else (wx.padding, max(0, (m_out - 1) * wx.stride + wx.span - wx.padding - m_in))
+    pads += (0, 0) if native[0] else (wy.padding, max(0, (n_out - 1) * wy.stride + wy.span - wy.padding - n_in))
+    h = n_in if native[0] else (rows - 1) * wy.stride + wy.span  # the input region
+    w = m_in if native[1] else (cols - 1) * wx.stride + wx.span
+    pointlike = all(a.span == 1 and a.stride == 1 and a.padding == 0 for a in node.axes)
+    if pointlike and win.t.shape[2:] == (rows, cols) and torch.equal(win.ys, ys) and torch.equal(win.xs, xs):
+        region = win.t  # a 1x1 conv over the same window (LRN's band sum): nothing to paste
+    elif win.t.shape[2:] == (n_in, m_in) and (ys == ys[0]).all() and (xs == xs[0]).all():
+        # the window is the whole map (deep in a ResNet): padded as the op pads, nothing clean to paste
+        y, x = int(ys[0]) * wy.stride, int(xs[0]) * wx.stride
+        region = (F.pad(win.t, pads, value=node.fill) if any(pads) else win.t)[:, :, y:y + h, x:x + w]
+    else:
+        region = _patch(clean.padded_input(node, native, pads), win, ys * wy.stride, xs * wx.stride, h, w,
+                        shift=(0 if native[0] else wy.padding, 0 if native[1] else wx.padding))
+    if not conv:
+        out = unpadded(node, region)
+    else:
+        padding = (wy.padding if native[0] else 0, wx.padding if native[1] else 0)
+        out = _conv(node, region, padding, clean, folding)
+    if tuple(out.shape[2:]) != (rows, cols):
+        raise _Fallback(f"{node.describe()} did not compute its window")
+    return _Win(out, ys, xs)
+
+
+def _conv(node: Node, region: torch.Tensor, padding: tuple[int, int], clean: _Clean,
+          folding: tuple | None) -> torch.Tensor:
+    """A conv node on ``region`` with ``padding``: its BatchNorm folded in where ``folding`` gives it
+    (``(BatchNorm node, weight, bias)``), weights and input channels-last."""
+    wy, wx = node.axes
+    b = bound_arguments("conv2d", node.args, node.kwargs)
+    weight, bias = b["weight"], b.get("bias")
+    if folding is not None:
+        weight, bias = folding[1:]
+    return F.conv2d(region.contiguous(memory_format=torch.channels_last), clean.weight(node, weight), bias,
+                    (wy.stride, wx.stride), padding, (wy.dilation, wx.dilation), b.get("groups", 1))
+
+
+def _pointwise(node: Node, states: dict, window: tuple, clean: _Clean) -> _Win:
+    """A per-position op on its output ``window``: each input cut to it, clean around its own window."""
+    ys, rows, xs, cols = window
+    size = node.shape[2:]
+
+    def arg(a):
+        if not isinstance(a, Ref):
+            return a
+        source, state = clean.graph.nodes[a.index], states.get(a.index)
+        if tuple(source.shape[2:]) == tuple(size):
+            if isinstance(state, _Win) and state.t.shape[2:] == (rows, cols) and torch.equal(state.ys, ys) \
+                    and torch.equal(state.xs, xs):
+                return state.t
+            return _patch(clean.map(a.index), state, ys, xs, rows, cols)
+        if tuple(source.shape[2:]) == (1, 1):  # broadcast over the map (a squeeze-excitation scale)
+            return source.value.clone() if state is None and node.inplace else \
+                source.value if state is None else state.t
+        raise _Fallback(f"{node.describe()} broadcasts a map of {source.shape[2:]} over {size}")
+
+    # an in-place op may overwrite the windows of this pass (the program it replays no longer
+    # reads them), never a clean value
+    args, kwargs = tree_map(arg, node.args), tree_map(arg, node.kwargs)
+    out = node.func(*args, **kwargs)
+    if tuple(out.shape[2:]) != (rows, cols) or out.shape[0] != len(ys):
+        raise _Fallback(f"{node.describe()} did not keep its window")
+    return _Win(out, ys, xs)
+
+
+def _whole(node: Node, states: dict, n: int, clean: _Clean):
+    """An op on whole maps (B, ...) for every square: what the geometry does not follow."""
+    def arg(a):
+        if not isinstance(a, Ref):
+            return a
+        source = clean.graph.nodes[a.index]
+        if source.shape is None:  # a tuple-valued op
+            return states.get(a.index, source.value)
+        return clean.full(source, states.get(a.index), n)
+
+    args, kwargs = tree_map(arg, node.args), tree_map(arg, node.kwargs)
+    if node.inplace and isinstance(args[0], torch.Tensor) and states.get(node.inputs[0]) is None:
+        args = (args[0].clone(), *args[1:])  # a clean value, expanded: never overwritten
+    try:
+        out = node.func(*args, **kwargs)
+    except RuntimeError as e:
+        raise _Fallback(f"{node.describe()} cannot run on a batch of squares ({str(e).splitlines()[0]})") from None
+    if node.shape is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape[1:]) != node.shape[1:]
+                                   or out.shape[0] != n):
+        raise _Fallback(f"{node.describe()} depends on the batch size")
+    return out
+
+
+class _Incremental:
+    """The Krypton-style pass over a traced graph (every node holding its clean ``value``) for a list
+    of square positions: the batch loop. :class:`_Plan` says what each batch recomputes where;
+    per node, :meth:`run` picks the op's path (:func:`_windowed`, :func:`_pointwise`, :func:`_whole`).
+    """
+
+    def __init__(self, graph: Graph, layer: Node, feature: int, image, size, fill, positions):
+        self.graph, self.layer, self.feature = graph, layer, feature
+        self.image, self.size, self.fill, self.positions = image, size, fill, positions
+        self.plan = _Plan.make(graph, layer, tuple(image.shape[1:]), size, positions)
+        self.clean = _Clean(graph)
+        self.normalised: set[int] = set()  # convs whose window this batch holds with their BatchNorm applied
+        self.done = 0  # conv multiply-adds recomputed, summed over squares
+
     def all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(b)'s activity (P,) and the class scores (P, K), in the order of ``positions``."""
         self.done = 0
         activity, ends = [], []
-        for batch in self.batches:
+        for batch in self.plan.batches:
             a, states = self.chunk(batch)
             activity.append(a)
             ends.append(states)
         # the tail (flatten, linear, ...: no maps left) once for all squares: its weights are read once
-        states = {i: torch.cat([e[i] for e in ends]) for i in self.ends}
+        states = {i: torch.cat([e[i] for e in ends]) for i in self.plan.ends}
         n = len(self.positions)
-        self.steps(self.graph.nodes[self.tail:], states, {}, n)
+        self.steps(self.graph.nodes[self.plan.tail:], states, {}, n)
         out = self.graph.nodes[self.graph.output]
-        scores = self.full(out, states.get(out.index), n).flatten(1)
-        inverse = torch.argsort(torch.tensor([i for batch in self.batches for i in batch]))
+        scores = self.clean.full(out, states.get(out.index), n).flatten(1)
+        inverse = torch.argsort(torch.tensor([i for batch in self.plan.batches for i in batch]))
         return torch.cat(activity)[inverse], scores[inverse]
 
     def recomputed(self) -> float:
@@ -380,13 +560,11 @@ class _Incremental:
         total = sum(_macs(n, n.shape[2], n.shape[3]) for n in self.graph.nodes if n.spatial)
         return self.done / (total * len(self.positions)) if total else 0.0
 
-    # --- one batch of squares
-
     def chunk(self, batch: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The squares ``batch`` up to the tail: (b)'s activity and the outputs the tail reads."""
         positions = [self.positions[i] for i in batch]
         n = len(positions)
-        windows = self.windows(positions)
+        windows = self.plan.windows(positions)
         self.normalised.clear()
         height, width = self.image.shape[1:]
         tops = torch.tensor([t for t, _ in positions])
@@ -398,8 +576,8 @@ class _Incremental:
             win[b] = self.image[:, y:y + self.size, x:x + self.size]
             win[b, :, t - y:, l - x:] = self.fill[:, None, None]
         states: dict[int, object] = {0: _Win(win, wy, wx)}
-        activity = self.steps(self.graph.nodes[1:self.tail], states, windows, n)
-        return activity, {i: self.full(self.graph.nodes[i], states.get(i), n) for i in self.ends}
+        activity = self.steps(self.graph.nodes[1:self.plan.tail], states, windows, n)
+        return activity, {i: self.clean.full(self.graph.nodes[i], states.get(i), n) for i in self.plan.ends}
 
     def steps(self, nodes: list[Node], states: dict, windows: dict, n: int) -> torch.Tensor | None:
         """Run ``nodes`` for ``n`` squares, updating ``states`` (a node's window or whole output per
@@ -415,11 +593,29 @@ class _Incremental:
             if node is self.layer:
                 activity = self.activity(states.get(node.index), n)
             for i in node.inputs:
-                if self.last_use.get(i) == node.index:
+                if self.plan.last_use.get(i) == node.index:
                     states.pop(i, None)
         return activity
 
+    def run(self, node: Node, states: dict, window: tuple | None, n: int):
+        """One node for the batch: its window, its whole output per square, or None (unchanged)."""
+        ins = [states.get(i) for i in node.inputs]
+        if node.inputs[0] in self.normalised and self.plan.folded[node.inputs[0]][0] == node.index:
+            return ins[0]  # the BatchNorm its conv already applied
+        if window is not None and not any(s is not None and not isinstance(s, _Win) for s in ins):
+            if node.kind in ("window", "adaptive") and node.fill is not None:
+                folding = self.plan.folded.get(node.index)  # folded BatchNorms follow convs only
+                if folding is not None:
+                    self.normalised.add(node.index)
+                return _windowed(node, ins[0], window, self.clean, folding)
+            if node.kind == "pointwise":
+                return _pointwise(node, states, window, self.clean)
+        if window is None and node.spatial and node.kind != "unknown":
+            return None  # no square reaches this map
+        return _whole(node, states, n, self.clean)
+
     def activity(self, state, n: int) -> torch.Tensor:
+        """(b) for the batch: the followed map's total, from its window per square where it has one."""
         clean = self.layer.value[:, self.feature:self.feature + 1]
         total = clean.sum()
         if state is None:
@@ -429,137 +625,6 @@ class _Incremental:
             under = _patch(clean, None, state.ys, state.xs, h, w)
             return total + state.t[:, self.feature].flatten(1).sum(1) - under.flatten(1).sum(1)
         return state[:, self.feature].flatten(1).sum(1)
-
-    def clean(self, index: int) -> torch.Tensor:
-        """Node ``index``'s clean map (1, C, H, W) stored channels-last, as the windows are: each
-        position's C values side by side, as :func:`_patch` reads them."""
-        if index not in self.cleans:
-            self.cleans[index] = self.graph.nodes[index].value.contiguous(memory_format=torch.channels_last)
-        return self.cleans[index]
-
-    def full(self, node: Node, state, n: int) -> torch.Tensor:
-        """A node's output for every square as whole tensors (B, ...)."""
-        if state is None:
-            if node.value.shape[0] != 1:
-                raise _Fallback(f"{node.describe()} has no batch dimension")
-            return node.value.expand(n, *node.value.shape[1:])
-        if isinstance(state, _Win):
-            return _patch(self.clean(node.index), state, torch.zeros_like(state.ys), torch.zeros_like(state.xs),
-                          *node.shape[2:])
-        return state
-
-    def run(self, node: Node, states: dict, window: tuple | None, n: int):
-        ins = [states.get(i) for i in node.inputs]
-        if node.inputs[0] in self.normalised and self.folded[node.inputs[0]][0] == node.index:
-            return ins[0]  # the BatchNorm its conv already applied
-        if window is not None and not any(s is not None and not isinstance(s, _Win) for s in ins):
-            ys, rows, xs, cols = window
-            if node.kind in ("window", "adaptive") and node.fill is not None:
-                return self.windowed(node, ins[0], ys, rows, xs, cols)
-            if node.kind == "pointwise":
-                return self.pointwise(node, states, ys, rows, xs, cols)
-        if window is None and node.spatial and node.kind != "unknown":
-            return None  # no square reaches this map
-        return self.whole(node, states, n)
-
-    def windowed(self, node: Node, win: _Win, ys, rows, xs, cols) -> _Win:
-        """A conv or pool over its output window, from its pre-padded clean input with ``win`` pasted in.
-
-        Along an axis where a conv's window spans its whole output, the region is the whole input and
-        the conv pads that axis itself: the same numbers, and oneDNN skips the taps that read padding
-        (a fifth of the multiply-adds of a 7 x 7 map)."""
-        source = self.graph.nodes[node.inputs[0]]
-        wy, wx = node.axes
-        (n_in, m_in), (n_out, m_out) = source.shape[2:], node.shape[2:]
-        conv = getattr(node.func, "__name__", "") == "conv2d"
-        native = tuple(conv and count == n_o and (n_i + 2 * a.padding - a.span) // a.stride + 1 == n_o
-                       for a, count, n_i, n_o in ((wy, rows, n_in, n_out), (wx, cols, m_in, m_out)))
-        pads = (0, 0) if native[1] else (wx.padding, max(0, (m_out - 1) * wx.stride + wx.span - wx.padding - m_in))
-        pads += (0, 0) if native[0] else (wy.padding, max(0, (n_out - 1) * wy.stride + wy.span - wy.padding - n_in))
-        h = n_in if native[0] else (rows - 1) * wy.stride + wy.span  # the input region
-        w = m_in if native[1] else (cols - 1) * wx.stride + wx.span
-        pointlike = all(a.span == 1 and a.stride == 1 and a.padding == 0 for a in node.axes)
-        if pointlike and win.t.shape[2:] == (rows, cols) and torch.equal(win.ys, ys) and torch.equal(win.xs, xs):
-            region = win.t  # a 1x1 conv over the same window (LRN's band sum): nothing to paste
-        elif win.t.shape[2:] == (n_in, m_in) and (ys == ys[0]).all() and (xs == xs[0]).all():
-            # the window is the whole map (deep in a ResNet): padded as the op pads, nothing clean to paste
-            y, x = int(ys[0]) * wy.stride, int(xs[0]) * wx.stride
-            region = (F.pad(win.t, pads, value=node.fill) if any(pads) else win.t)[:, :, y:y + h, x:x + w]
-        else:
-            key = (node.index, native)
-            if key not in self.padded:
-                self.padded[key] = F.pad(self.clean(source.index), pads, value=node.fill)
-            region = _patch(self.padded[key], win, ys * wy.stride, xs * wx.stride, h, w,
-                            shift=(0 if native[0] else wy.padding, 0 if native[1] else wx.padding))
-        if not conv:
-            out = unpadded(node, region)
-        else:
-            out = self.conv(node, region, padding=(wy.padding if native[0] else 0, wx.padding if native[1] else 0))
-        if tuple(out.shape[2:]) != (rows, cols):
-            raise _Fallback(f"{node.describe()} did not compute its window")
-        return _Win(out, ys, xs)
-
-    def conv(self, node: Node, region: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-        """A conv node on ``region`` with ``padding``: its BatchNorm folded in where it can be, weights
-        and input channels-last."""
-        wy, wx = node.axes
-        b = bound_arguments("conv2d", node.args, node.kwargs)
-        weight, bias = b["weight"], b.get("bias")
-        if node.index in self.folded:
-            weight, bias = self.folded[node.index][1:]
-            self.normalised.add(node.index)
-        if node.index not in self.weights:  # channels-last, as the windows are: a cheaper reorder per call
-            self.weights[node.index] = weight.contiguous(memory_format=torch.channels_last)
-        return F.conv2d(region.contiguous(memory_format=torch.channels_last), self.weights[node.index], bias,
-                        (wy.stride, wx.stride), padding, (wy.dilation, wx.dilation), b.get("groups", 1))
-
-    def pointwise(self, node: Node, states: dict, ys, rows, xs, cols) -> _Win:
-        """A per-position op on its output window: each input cut to it, clean around its own window."""
-        size = node.shape[2:]
-
-        def arg(a):
-            if not isinstance(a, Ref):
-                return a
-            source, state = self.graph.nodes[a.index], states.get(a.index)
-            if tuple(source.shape[2:]) == tuple(size):
-                if isinstance(state, _Win) and state.t.shape[2:] == (rows, cols) and torch.equal(state.ys, ys) \
-                        and torch.equal(state.xs, xs):
-                    return state.t
-                return _patch(self.clean(a.index), state, ys, xs, rows, cols)
-            if tuple(source.shape[2:]) == (1, 1):  # broadcast over the map (a squeeze-excitation scale)
-                return source.value.clone() if state is None and node.inplace else \
-                    source.value if state is None else state.t
-            raise _Fallback(f"{node.describe()} broadcasts a map of {source.shape[2:]} over {size}")
-
-        # an in-place op may overwrite the windows of this pass (the program it replays no longer
-        # reads them), never a clean value
-        args, kwargs = tree_map(arg, node.args), tree_map(arg, node.kwargs)
-        out = node.func(*args, **kwargs)
-        if tuple(out.shape[2:]) != (rows, cols) or out.shape[0] != len(ys):
-            raise _Fallback(f"{node.describe()} did not keep its window")
-        return _Win(out, ys, xs)
-
-    def whole(self, node: Node, states: dict, n: int):
-        """An op on whole maps (B, ...) for every square: what the geometry does not follow."""
-        def arg(a):
-            if not isinstance(a, Ref):
-                return a
-            source = self.graph.nodes[a.index]
-            if source.shape is None:  # a tuple-valued op
-                return states.get(a.index, source.value)
-            return self.full(source, states.get(a.index), n)
-
-        args, kwargs = tree_map(arg, node.args), tree_map(arg, node.kwargs)
-        if node.inplace and isinstance(args[0], torch.Tensor) and states.get(node.inputs[0]) is None:
-            args = (args[0].clone(), *args[1:])  # a clean value, expanded: never overwritten
-        try:
-            out = node.func(*args, **kwargs)
-        except RuntimeError as e:
-            raise _Fallback(f"{node.describe()} cannot run on a batch of squares ({str(e).splitlines()[0]})") from None
-        if node.shape is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape[1:]) != node.shape[1:]
-                                       or out.shape[0] != n):
-            raise _Fallback(f"{node.describe()} depends on the batch size")
-        return out
 
 
 # ----------------------------------------------------------------------------- findings, JSON, figure

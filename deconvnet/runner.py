@@ -94,8 +94,8 @@ def device_of(spec: str | torch.device | None = "auto") -> torch.device:
         raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {spec}: CUDA is not available on this machine (torch "
-                            f"{torch.__version__}); use --device cpu or auto")
+            raise UserError(f"--device {spec}: this PyTorch build sees no CUDA device (torch {torch.__version__}); "
+                            "use --device cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device

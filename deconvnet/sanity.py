@@ -69,6 +69,7 @@ from .errors import UserError
 from .figures import finish, new_figure
 from .findings import Finding, interval_text, unmeasured
 from .probe import activations, apply_at, hooks, resolve
+from .runner import model_device
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -134,8 +135,9 @@ class LayerSanity:
 
 @dataclass
 class Sanity:
-    """The result of :func:`sanity`: ``layers`` (bottom to top), ``rules``; ``per_layer[layer]``: a
-    :class:`LayerSanity`; ``fractions`` (K,): the fraction of pixels moved at each deletion step;
+    """The result of :func:`sanity`: ``layers`` (as given; the default bottom to top), ``rules``;
+    ``per_layer[layer]``: a :class:`LayerSanity`; ``fractions`` (K,): the fraction of pixels moved at
+    each deletion step;
     ``predicted`` (N,): the class each clean image is predicted as, ``probability`` (N,) its
     probability; ``random_order`` (N, P): the seeded random pixel order per image; ``fill`` (C,): the
     value removed pixels take; ``pictures`` (N, C, H, W) in [0, 1] to draw; ``model``: the subject's
@@ -271,8 +273,10 @@ def parametrised_modules(model: nn.Module, x: torch.Tensor, layer: str) -> list[
 def reinitialise(module: nn.Module, seed: int) -> None:
     """Re-initialise ``module``'s own parameters as a fresh module's: ``reset_parameters()`` under
     ``torch.manual_seed(seed)``; without one, each parameter redrawn from a normal distribution with
-    its own mean and standard deviation. The global random state is restored afterwards."""
-    with torch.random.fork_rng(devices=[]):
+    its own mean and standard deviation. The global random state is restored afterwards. Parameters on
+    a GPU draw from its generator (other numbers than on the CPU for the same seed)."""
+    gpus = sorted({p.device.index or 0 for p in module.parameters(recurse=False) if p.is_cuda})
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         if callable(getattr(module, "reset_parameters", None)):
             module.reset_parameters()
@@ -358,13 +362,13 @@ def _box(model: nn.Module, layer: str, unit: tuple[int, ...], hw: tuple[int, int
 def _project(model: nn.Module, other: str, x: torch.Tensor, layer: str, pairs: list[tuple[int, tuple]],
              rule: str) -> torch.Tensor:
     """Projections of (image index, unit) ``pairs`` of ``layer`` on images ``x``: (len(pairs), C, H, W)."""
-    images = x[torch.tensor([n for n, _ in pairs], dtype=torch.long)]
-    return Deconvnet(model, other).project(images, layer, [u for _, u in pairs], rule)
+    images = x[torch.tensor([n for n, _ in pairs], dtype=torch.long, device=x.device)]
+    return Deconvnet(model, other).project(images, layer, [u for _, u in pairs], rule).cpu()
 
 
 def _forward(model: nn.Module, xs: torch.Tensor, layers: list[str],
              take: Callable[[str, torch.Tensor], torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One forward pass of ``xs``: ``({layer: take(layer, output)}, class scores (B, K))``."""
+    """One forward pass of ``xs``: ``({layer: take(layer, output)}, class scores (B, K))``, on the CPU."""
     wanted: dict[tuple[int, int], list[str]] = {}
     modules: dict[int, nn.Module] = {}
     for name in layers:
@@ -382,7 +386,7 @@ def _forward(model: nn.Module, xs: torch.Tensor, layers: list[str],
 
     with hooks([m.register_forward_hook(hook) for m in modules.values()]):
         scores = model(xs.contiguous(memory_format=torch.channels_last) if xs.dim() == 4 else xs)
-    return taken, scores.flatten(1)
+    return {name: v.cpu() for name, v in taken.items()}, scores.flatten(1).cpu()
 
 
 def _unit_values(units: dict[str, list[list[tuple]]]) -> Callable:
@@ -418,6 +422,8 @@ def sanity(subject: Subject, images: torch.Tensor, layers: list[str] | None = No
         units_per_image: the strongest units per image and layer (peaks of the strongest maps).
         steps: deletion/insertion steps (``steps + 1`` points).
         seed: re-initialisation (module ``i`` under ``seed + i``) and the random pixel orders.
+
+    Runs on the model's device; the results are on the CPU.
     """
     from .subject import Subject, as_subject
 
@@ -427,7 +433,7 @@ def sanity(subject: Subject, images: torch.Tensor, layers: list[str] | None = No
     layers, rules = _check(subject, images, layers, rules, units_per_image, steps)
     model, other = subject.model, subject.other_activations
     with eval_mode(model):
-        x = subject.prepare(images).float()
+        x = subject.prepare(images).float().to(model_device(model))  # results come back to the CPU
         n_images, channels, height, width = x.shape
         hw, pixels = (height, width), height * width
         maps = activations(model, x, layers)
@@ -533,7 +539,7 @@ def _specificity(model, other, x, layers, rules, maps, units, boxes, projections
     """Per layer and rule, per image: Spearman of |projection| of the strongest unit with other units
     at its position, with the edge map, and with the same unit on the next image (in the field)."""
     n_images = len(x)
-    edges = edge_map(x)
+    edges = edge_map(x).cpu()
     out = {}
     for layer in layers:
         firsts = [units[layer][n][0] for n in range(n_images)]
@@ -577,6 +583,7 @@ def _deletion(model, x, fill, layers, rules, units, projections, random_order, c
     clean, scores = _forward(model, x, layers, take)
     predicted = scores.argmax(1)
     # the all-mean image, the same for every image: once, every image's units read from its maps
+    fill = fill.to(x.device)
     full, fill_scores = _forward(model, fill[None, :, None, None].expand(1, channels, *x.shape[2:]).clone(),
                                  layers, lambda _name, output: output.clone())
     at_fill = {}
@@ -611,9 +618,9 @@ def _deletion(model, x, fill, layers, rules, units, projections, random_order, c
     for begin in range(0, len(jobs), CHUNK):
         chunk = jobs[begin:begin + CHUNK]
         rows = torch.tensor([n for n, _, _, _ in chunk])
-        moved = torch.stack([ranks[key] < count for _, key, count, _ in chunk])[:, None]  # (B, 1, P)
-        insert = torch.tensor([ins for _, _, _, ins in chunk])[:, None, None]
-        source = flat[rows]
+        moved = torch.stack([ranks[key] < count for _, key, count, _ in chunk])[:, None].to(x.device)  # (B, 1, P)
+        insert = torch.tensor([ins for _, _, _, ins in chunk])[:, None, None].to(x.device)
+        source = flat[rows.to(x.device)]
         background = fill[None, :, None].expand_as(source)
         batch = torch.where(moved == insert, source, background).reshape(len(chunk), *x.shape[1:])
         take.rows = rows

@@ -31,12 +31,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._analysis import callable_module
 from .checkpoint import CheckpointInfo, read_checkpoint, save_checkpoint
-from .data import DataError, Preprocess, Source, mean_image, open_source, preprocess_for
+from .data import DataError, Preprocess, Source, batches, mean_image, open_source, preprocess_for
 from .errors import UserError
 from .options import Flag, Positive
 from .models import MODELS, build_model, model_config, renormalise_filters
-from .runner import all_sum, atomic_write_json, atomic_write_text, distributed, progress, world
+from .runner import all_sum, atomic_write_json, atomic_write_text, device_of, distributed, progress, world
 
 PAPER_SNAPSHOTS = (1, 2, 5, 10, 20, 30, 40, 64)  # the epochs of Fig. 4
 
@@ -138,12 +139,7 @@ class TrainConfig:
             raise UserError(f"--time-budget must be a positive number of minutes, got {cfg.time_budget}")
         if cfg.snapshots is not None and any(not 1 <= e <= cfg.epochs for e in cfg.snapshots):
             raise UserError(f"--snapshots must be epochs between 1 and {cfg.epochs}, got {cfg.snapshots}")
-        if cfg.device == "auto":
-            cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            torch.device(cfg.device)
-        except RuntimeError:
-            raise UserError(f"unknown device {cfg.device!r}; use auto, cpu, cuda or cuda:N") from None
+        cfg.device = str(device_of(cfg.device))  # auto -> cuda or cpu; a one-line error for a GPU not here
         if cfg.precision == "auto":
             cfg.precision = "bf16" if _native_bf16(cfg.device) else "fp32"
         if cfg.precision not in ("bf16", "fp32"):
@@ -174,10 +170,11 @@ def _native_bf16(device: str) -> bool:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, source: Source, preprocess: Preprocess, indices: torch.Tensor | None = None,
-             batch_size: int = 500, ten_crop: bool = False) -> dict:
+             batch_size: int = 500, ten_crop: bool = False, workers: int | None = 0) -> dict:
     """Top-1/top-5 accuracy and mean loss: center crop, or the softmax averaged over the 10 crops.
 
-    Under torchrun each process evaluates its share and the sums are all-reduced.
+    Under torchrun each process evaluates its share and the sums are all-reduced. Folder images are
+    decoded in ``workers`` processes (None: :func:`deconvnet.data.default_workers`).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -186,9 +183,10 @@ def evaluate(model: nn.Module, source: Source, preprocess: Preprocess, indices: 
     mine = indices[rank::procs]
     correct1 = correct5 = loss = 0.0
     k = min(5, len(source.classes))
-    for start in progress(range(0, len(mine), batch_size), desc="evaluate", unit="batch"):
-        idx = mine[start:start + batch_size]
-        x, y = source.get(idx).to(device), source.labels[idx].to(device)
+    bar = progress(total=len(mine), desc="evaluate", unit="img")
+    for raw, labels in batches(source, mine, batch_size, workers, pin=device.type == "cuda"):
+        bar.update(len(raw))
+        x, y = raw.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if ten_crop:
             crops = preprocess.ten_crops(x)
             probs = torch.stack([F.softmax(model(c), 1) for c in crops]).mean(0)
@@ -198,6 +196,7 @@ def evaluate(model: nn.Module, source: Source, preprocess: Preprocess, indices: 
         top = probs.topk(k, 1).indices
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(1).sum().item()
+    bar.close()
     correct1, correct5, loss = all_sum([correct1, correct5, loss])
     n = len(indices)
     return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss / n, "n": n}
@@ -490,8 +489,6 @@ def _setup(cfg: TrainConfig):
     except (TypeError, ValueError) as e:
         raise UserError(f"bad model settings: {e}") from None
     preprocess.mean = mean_image(source, preprocess, train_idx)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device}: this PyTorch build sees no CUDA device")
     preprocess.mean = preprocess.mean.to(cfg.device)
     model.to(torch.device(cfg.device), memory_format=torch.channels_last)  # faster convs and pools on CPU
     return model, preprocess, source, val_source, train_idx, val_idx
@@ -804,3 +801,6 @@ def _finish(run: _Run) -> dict:
         return {}
     return {**run.metrics[-1], **({"val_top1_10crop": run.info.accuracy["top1_10crop"]}
                                   if run.cfg.final_ten_crop else {})}
+
+
+callable_module(__name__, train)

@@ -5,7 +5,8 @@
   :data:`deconvnet.cli.COMMANDS`), the same source ``deconvnet COMMAND --help`` is built from, so the
   page cannot drift from the CLI.
 - The API reference: the package's docstrings use reST roles (``:func:`load_subject```); mkdocstrings
-  renders them as text, so the role names are dropped and the code kept.
+  renders them as text, so the role names (and the ``~`` of a shortened path) are dropped and the
+  code kept.
 
 Run it alone to print the generated options: ``python docs/gen_options.py``.
 """
@@ -120,7 +121,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 def on_page_content(html: str, page, config, files) -> str:
     if page.file.src_uri.startswith("api/"):
-        return _ROLE.sub("", html)
+        return _ROLE.sub("", html).replace("<code>~", "<code>")
     return html
 
 

@@ -97,3 +97,20 @@ def test_old_command_names_still_work_with_a_deprecation_line(capsys):
     assert "`occlude` is now `occlusion`" in captured.err and "--layer" in captured.out
     assert main(["compare", "--runs", "/no/such/run", "--out", "x"]) == 2
     assert "`compare` is now `architecture`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["topk", "occlusion", "sanity", "report", "evaluate"])
+def test_every_analysis_takes_device_and_cuda_without_cuda_is_one_line(capsys, tmp_path, tiny_checkpoint, command):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(capsys, command, "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
+                       "--device", "cuda:0", *([] if command == "evaluate" else ["--out", str(tmp_path / "x")]))
+    assert code == 2 and "sees no CUDA device" in err and err.count("\n") == 1
+
+
+def test_device_cpu_runs_through_the_device_aware_path(capsys, tmp_path, tiny_checkpoint):
+    code, out, _ = run(capsys, "occlusion", "--checkpoint", str(tiny_checkpoint), "--data", "fashion-mnist:test",
+                       "--count", "2", "--size", "8", "--stride", "8", "--device", "cpu", "--out", str(tmp_path / "o"),
+                       "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["out"] == str(tmp_path / "o")

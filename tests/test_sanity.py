@@ -132,37 +132,47 @@ def test_randomised_projections_equal_plain_autograd_on_reinitialised_copies(tin
     assert no_hooks(model)
 
 
+def by_hand(x: torch.Tensor, ranking: torch.Tensor, count: int, kind: str) -> torch.Tensor:
+    """Deletion: the first ``count`` positions of ``ranking`` set to 0 (the mean pixel after
+    preprocessing) in every channel; insertion: the all-0 image with those positions from ``x``."""
+    chosen = ranking[:count]
+    if kind == "deletion":
+        flat = x.clone().flatten(1)
+        flat[:, chosen] = 0.0
+    else:
+        flat = torch.zeros_like(x).flatten(1)
+        flat[:, chosen] = x.flatten(1)[:, chosen]
+    return flat.reshape(x.shape)[None]
+
+
 def test_deletion_points_equal_direct_forward_passes(tiny_run):
     model, subject, raw, result = tiny_run
     x = subject.prepare(raw)
     pixels = x.shape[2] * x.shape[3]
     counts = (result.fractions * pixels).round().long().tolist()
-    fill = torch.zeros(3)
     assert counts[0] == 0 and counts[-1] == pixels and len(counts) == result.steps + 1
     with torch.no_grad():
-        probs = torch.softmax(model(x), 1)
-        predicted = probs.argmax(1)
+        predicted = model(x).argmax(1)
         for layer in result.layers:
             r = result.per_layer[layer]
             for order in [*result.rules, "random"]:
                 for n in range(len(raw)):
                     for u, (c, y, xx) in enumerate(r.units[n]):
-                        if order == "random":
+                        if order == "random":  # insertion: the random deletion order reversed
                             ranking = {"deletion": result.random_order[n], "insertion": result.random_order[n].flip(0)}
                         else:
                             magnitude = r.projections[order][n, u].abs().sum(0).flatten()
-                            ranking = dict.fromkeys(("deletion", "insertion"), magnitude.argsort(descending=True, stable=True))
+                            ranking = dict.fromkeys(("deletion", "insertion"),
+                                                    magnitude.argsort(descending=True, stable=True))
                         for kind in ("deletion", "insertion"):
                             for k, count in enumerate(counts):
-                                flat = (x[n].clone() if kind == "deletion" else fill[:, None, None].expand_as(x[n]).clone()).flatten(1)
-                                chosen = ranking[kind][:count]
-                                flat[:, chosen] = fill[:, None] if kind == "deletion" else x[n].flatten(1)[:, chosen]
-                                image = flat.reshape(x[n].shape)[None]
+                                image = by_hand(x[n], ranking[kind], count, kind)
                                 value = float(activations(model, image, [layer])[layer][0, c, y, xx])
                                 p = float(torch.softmax(model(image), 1)[0, predicted[n]])
                                 got = float(getattr(r, kind)[order][n, u, k]) * float(r.clean_activation[n, u])
                                 assert got == pytest.approx(value, rel=1e-4, abs=1e-5), (layer, order, n, kind, k)
-                                assert float(getattr(r, f"{kind}_probability")[order][n, u, k]) == pytest.approx(p, abs=1e-5)
+                                got = float(getattr(r, f"{kind}_probability")[order][n, u, k])
+                                assert got == pytest.approx(p, abs=1e-5), (layer, order, n, kind, k)
     assert torch.equal(result.predicted, predicted)
 
 
