@@ -16,10 +16,10 @@ Analyses and their result types: ``topk`` (``TopK``, Fig. 2), ``evolution`` (``E
 ``invariance`` (``Invariance``, Fig. 5), ``architecture`` (``ArchitectureRun``, Fig. 6),
 ``occlusion`` (``Occlusion``, Fig. 7), ``correspondence`` (``Correspondence``, Table 1), ``ablation``
 (``Ablation``, Table 3), ``transfer`` (``Transfer``, Tables 4/5), ``layer_features``
-(``LayerFeatures``, Table 7).
+(``LayerFeatures``, Table 7), and ``sanity`` (``Sanity``: can the projections be trusted?).
 """
-from . import (ablation, architecture, correspondence, evolution, invariance, layer_features, occlusion, topk,
-               train, transfer)
+from . import (ablation, architecture, correspondence, evolution, invariance, layer_features, occlusion, sanity,
+               topk, train, transfer)
 from .ablation import Ablation
 from .architecture import ArchitectureRun
 from .checkpoint import CheckpointInfo, load_checkpoint
@@ -32,6 +32,7 @@ from .invariance import Invariance
 from .layer_features import LayerFeatures
 from .models import ModelConfig, build_model
 from .occlusion import Occlusion
+from .sanity import Sanity
 from .subject import Subject, as_subject, load_subject
 from .topk import TopK
 from .train import TrainConfig, evaluate
@@ -42,4 +43,4 @@ __all__ = ["Subject", "load_subject", "as_subject", "build_model", "load_checkpo
            "ModelConfig", "open_source", "Preprocess", "TrainConfig", "train", "evaluate", "UserError", "Deconvnet",
            "topk", "TopK", "evolution", "Evolution", "invariance", "Invariance", "architecture", "ArchitectureRun",
            "occlusion", "Occlusion", "correspondence", "Correspondence", "ablation", "Ablation",
-           "transfer", "Transfer", "find_overlaps", "layer_features", "LayerFeatures"]
+           "transfer", "Transfer", "find_overlaps", "layer_features", "LayerFeatures", "sanity", "Sanity"]

@@ -18,6 +18,28 @@ def new_figure(rows: int = 1, cols: int = 1, figsize: tuple[float, float] | None
     return fig, fig.subplots(rows, cols, **kwargs)
 
 
+def _show_in_notebooks() -> None:
+    """Figures made without pyplot show themselves in IPython/Jupyter as PNGs (an analysis's ``draw_*``
+    returns one; ``%matplotlib inline`` is not needed)."""
+    import sys
+
+    if "IPython" not in sys.modules:
+        return
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is not None:
+        def png(fig: Figure) -> bytes:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+        shell.display_formatter.formatters["image/png"].for_type(Figure, png)
+
+
+_show_in_notebooks()
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> None:
     """Write ``fig`` as a PNG at ``path`` atomically."""
     buffer = io.BytesIO()

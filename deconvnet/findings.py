@@ -38,6 +38,12 @@ class Finding:
     threshold: float = 0.0
     if_not_held: str = ""
 
+    def _repr_html_(self) -> str:
+        """A notebook shows a finding as the report's row: claim, paper, ours with its interval, n, verdict."""
+        from .report import findings_html
+
+        return findings_html([self.to_json()])
+
     def __post_init__(self):
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")

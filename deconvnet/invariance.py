@@ -163,7 +163,7 @@ def invariance_findings(result: Invariance) -> list[Finding]:
         result_verdict = all_of([verdict(interval), verdict(share_interval)])
         words = {"estimate": estimate, "interval": interval, "n": n, "unit": unit}
         out.append(Finding(
-            f"a {small:g} px shift changes {low} relatively more than {high}",
+            f"a shift of {small:g} px changes {low} relatively more than {high}",
             "Fig. 5 a2/b2/c2 vs a3/b3/c3: small transformations change layer 1 a lot, layer 7 less",
             {"shift_px": small, "relative_distance": {k: float(v.mean()) for k, v in rel.items()},
              "share_of_largest_distance": {k: float(v.mean()) for k, v in share.items()},
@@ -177,7 +177,7 @@ def invariance_findings(result: Invariance) -> list[Finding]:
             + {"held": "The top layer is the more invariant, as in the paper.",
                "not held": "The top layer is not the more invariant here.",
                "inconclusive": "The intervals do not settle which layer is the more invariant."}[result_verdict],
-            quantity=f"relative feature distance under a {small:g} px shift, {low} minus {high}, mean over images "
+            quantity=f"relative feature distance under a shift of {small:g} px, {low} minus {high}, mean over images "
                      "(the share of the sweep's largest distance, low minus high, must lie above 0 too)",
             estimate=estimate, interval=interval, n=n, unit=unit,
             if_not_held="Of the scale: zfnet-small pools fewer times than ZFNet before layer 7, so at 28 px its "

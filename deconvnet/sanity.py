@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._analysis import eval_mode, strongest_units
+from ._analysis import callable_module, eval_mode, strongest_units
 from .deconvnet import RULES, Deconvnet
 from .errors import UserError
 from .figures import finish, new_figure
@@ -414,7 +414,8 @@ def sanity(subject: Subject, images: torch.Tensor, layers: list[str] | None = No
     Args:
         subject: the model under study (:class:`~deconvnet.subject.Subject`; an ``nn.Module`` is wrapped
             by :func:`~deconvnet.subject.as_subject`, ImageNet preprocessing at 224 px).
-        images: raw uint8 (N, C, S, S) at the subject's stored size (``subject.prepare`` makes the input).
+        images: image files or uint8 pixels (N, C, H, W), resized to the subject's stored size
+            (:meth:`Subject.images`); ``subject.prepare`` makes the input.
         layers: per-call layer names; default a middle stage and the top stage (``conv3`` and ``conv5``
             for ours, ``layer2`` and ``layer4`` for a ResNet). Name the output layer to randomise from
             the logits down (its unit: the predicted class).
@@ -430,6 +431,7 @@ def sanity(subject: Subject, images: torch.Tensor, layers: list[str] | None = No
     if not isinstance(subject, (Subject, nn.Module)):
         raise UserError(f"sanity takes the model under study (a Subject, or an nn.Module), got {type(subject).__name__}")
     subject = as_subject(subject)
+    images = subject.images(images)
     layers, rules = _check(subject, images, layers, rules, units_per_image, steps)
     model, other = subject.model, subject.other_activations
     with eval_mode(model):
@@ -953,3 +955,6 @@ def draw_deletion(result: Sanity, path=None) -> Figure:
     fig.suptitle(f"{result.model}: deletion and insertion for each image's strongest unit, "
                  f"mean over {len(result.predicted)} images with 95% intervals", fontsize=10)
     return finish(fig, path)
+
+
+callable_module(__name__, sanity)

@@ -170,7 +170,8 @@ class Subject:
         if self.info is None and tuple(chosen) not in self._said:
             self._said.add(tuple(chosen))
             print(f"deconvnet: layers chosen for {self.spec}: {', '.join(chosen)} "
-                  f"(override with --layer/--layers; `deconvnet inspect` lists all)", file=sys.stderr)
+                  "(name others with --layer/--layers, or layers= in Python; `deconvnet inspect` lists all)",
+                  file=sys.stderr)
         return chosen
 
     def feature_grid(self) -> int:
