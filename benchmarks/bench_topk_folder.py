@@ -5,7 +5,7 @@ against a bare loop on the same images, in one process.
     .venv/bin/python benchmarks/bench_topk_folder.py --images 500 --workers 2
 
 The JPEGs are made once (cached in ``~/.cache/deconvnet/bench-photos-N``) from the photos scikit-image
-and scikit-learn ship: random crops of 40-100% of a photo's short side, resized to 320-480 px, so every
+and scikit-learn ship: random crops of 40-100% of a photo's short side, resized to 320-480 px (``--side``), so every
 image is decoded, resized to 256 and center-cropped as a user's photos are. For each worker count:
 
 - bare: a ``torch.utils.data.DataLoader`` with those workers decoding the files (PIL, short side 256,
@@ -53,9 +53,9 @@ def photos() -> list[np.ndarray]:
     return found + list(load_sample_images().images)
 
 
-def jpeg_folder(count: int) -> Path:
-    """``count`` JPEGs in 8 class folders, made once."""
-    root = Path.home() / ".cache" / "deconvnet" / f"bench-photos-{count}"
+def jpeg_folder(count: int, side: tuple[int, int] = (320, 480)) -> Path:
+    """``count`` JPEGs in 8 class folders, their long side drawn from ``side``, made once."""
+    root = Path.home() / ".cache" / "deconvnet" / f"bench-photos-{count}-{side[0]}-{side[1]}"
     if (root / "done").is_file():
         return root
     rng = np.random.default_rng(0)
@@ -63,10 +63,10 @@ def jpeg_folder(count: int) -> Path:
     for i in range(count):
         image = sources[i % len(sources)]
         h, w = image.shape[:2]
-        side = int(min(h, w) * rng.uniform(0.4, 1.0))
-        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        crop = Image.fromarray(image[top:top + side, left:left + side])
-        out_side = int(rng.integers(320, 481))
+        cut = int(min(h, w) * rng.uniform(0.4, 1.0))
+        top, left = rng.integers(0, h - cut + 1), rng.integers(0, w - cut + 1)
+        crop = Image.fromarray(image[top:top + cut, left:left + cut])
+        out_side = int(rng.integers(side[0], side[1] + 1))
         folder = root / f"class{i % 8}"
         folder.mkdir(parents=True, exist_ok=True)
         crop.resize((out_side, int(out_side * rng.uniform(0.75, 1.33)))).save(folder / f"{i:05d}.jpg", quality=90)
@@ -102,10 +102,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--workers", default="0,2", help="worker counts to measure, comma-separated")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--side", default="320,480", help="the JPEGs' side in pixels, drawn from MIN,MAX "
+                                                          "(camera photos: e.g. 2000,3000)")
     args = parser.parse_args()
 
     import_torchvision()
-    root = jpeg_folder(args.images)
+    side = tuple(int(v) for v in args.side.split(","))
+    root = jpeg_folder(args.images, side)
     subject = load_subject("torchvision:resnet18", device="cpu")
     model, layers = subject.model, subject.stages
     source = subject.open_data(f"folder:{root}")
@@ -137,6 +140,7 @@ def main() -> None:
         rows[workers] = {"bare_images_per_s": round(timings["bare"], 1), "topk_images_per_s": round(timings["ours"], 1),
                          "ratio": round(timings["ours"] / timings["bare"], 3)}
     result = {"model": "torchvision:resnet18 (random weights)", "input": 224, "images": len(indices),
+              "jpeg_side": list(side),
               "layers": layers, "k": 9, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
               "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
               "load_average": [round(v, 1) for v in os.getloadavg()], "by_workers": rows}

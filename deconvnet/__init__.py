@@ -25,7 +25,7 @@ from .architecture import ArchitectureRun
 from .checkpoint import CheckpointInfo, load_checkpoint
 from .correspondence import Correspondence
 from .data import Preprocess, open_source
-from .deconvnet import Deconvnet
+from .deconvnet import Deconvnet, Projection, project
 from .errors import UserError
 from .evolution import Evolution
 from .invariance import Invariance
@@ -40,7 +40,8 @@ from .transfer import Transfer, find_overlaps
 
 __version__ = "0.1.0"
 __all__ = ["Subject", "load_subject", "as_subject", "build_model", "load_checkpoint", "CheckpointInfo",
-           "ModelConfig", "open_source", "Preprocess", "TrainConfig", "train", "evaluate", "UserError", "Deconvnet",
+           "ModelConfig", "open_source", "Preprocess", "TrainConfig", "train", "evaluate", "UserError",
+           "Deconvnet", "Projection", "project",
            "topk", "TopK", "evolution", "Evolution", "invariance", "Invariance", "architecture", "ArchitectureRun",
            "occlusion", "Occlusion", "correspondence", "Correspondence", "ablation", "Ablation",
            "transfer", "Transfer", "find_overlaps", "layer_features", "LayerFeatures", "sanity", "Sanity"]

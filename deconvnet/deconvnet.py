@@ -39,6 +39,7 @@ from .errors import UserError
 from .geometry import (Graph, Node, Ref, UnknownGeometry, boxes_below, graph_of, stride_of, unit_cone,
                        unpadded)
 from .probe import apply_at, hooks, module_calls, resolve
+from .runner import model_device
 from .figures import finish, new_figure
 
 if TYPE_CHECKING:
@@ -214,16 +215,18 @@ class Deconvnet:
         if len(units) != len(images):
             raise UserError(f"{len(units)} units for {len(images)} images; give one (channel, y, x) per image")
         request = _Request(self.model, layer, rule, self.other_activations)
+        given = images.device  # the projections go back where the images came from
+        images = images.to(model_device(self.model))
         why = "the layer has no spatial units"
         if units and all(len(u) == 3 for u in units):
             try:
-                return Projection(_project_cone(request, images, units), "cone")
+                return Projection(_project_cone(request, images, units).to(given), "cone")
             except _NoCone as e:
                 why = str(e)
             values = _project_crops(request, images, units)
             if values is not None:
-                return Projection(values, f"crop: {why}")
-        return Projection(_project_full_image(request, images, units), f"full image: {why}")
+                return Projection(values.to(given), f"crop: {why}")
+        return Projection(_project_full_image(request, images, units).to(given), f"full image: {why}")
 
 
 @dataclass(frozen=True)
@@ -526,6 +529,41 @@ def _crop_size(n: int, field: int, slack: int, stride: int) -> int:
 def _project_full_image(request: _Request, images: torch.Tensor, units: list[tuple]) -> torch.Tensor:
     """Projections computed by passes of the whole images through the model, ``_CHUNK`` at a time."""
     return torch.cat([request.run(images[i:i + _CHUNK], units[i:i + _CHUNK]) for i in range(0, len(images), _CHUNK)])
+
+
+def project(model, images, layer: str | None = None, units=None, rule: str = "deconvnet") -> torch.Tensor:
+    """Sec. 2.1 for a Python caller, as ``deconvnet project`` does it: one unit per image of ``layer``
+    projected to pixels.
+
+    Args:
+        model: the model under study (:class:`~deconvnet.subject.Subject`), or an ``nn.Module``
+            wrapped by :func:`~deconvnet.subject.as_subject`.
+        images: image files or uint8 pixels (N, C, H, W), preprocessed by the model's preprocessing;
+            or a float tensor, the model's input as it is (:meth:`Subject.inputs`).
+        layer: per-call layer name; default the model's top stage (``conv5`` for ours).
+        units: ``(channel, y, x)`` per image; default each image's strongest activation of ``layer``.
+        rule: ``deconvnet`` (Sec. 2.1), ``guided`` or ``gradient``.
+
+    Returns:
+        (N, C, H, W) projections in the model's input space, on the CPU (draw one with
+        :func:`draw_projection`).
+    """
+    from ._analysis import eval_mode, strongest_units
+    from .probe import activations
+    from .subject import as_subject
+
+    subject = as_subject(model, like=images)
+    pixels, to_input = subject.inputs(images)
+    x = to_input(pixels)
+    layer = subject.layers(layer)[-1]
+    with eval_mode(subject.model):
+        if units is None:
+            with torch.no_grad():
+                maps = activations(subject.model, x, layer)[layer].cpu()
+            if maps.dim() != 4:
+                raise UserError(f"layer {layer!r} has no feature maps; give units=[(channel,), ...]")
+            units = [strongest_units(m)[0] for m in maps]
+        return Deconvnet(subject.model, subject.other_activations).project(x.cpu(), layer, units, rule)
 
 
 def contrast_stretch(x: torch.Tensor) -> torch.Tensor:

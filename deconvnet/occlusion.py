@@ -38,6 +38,7 @@ from .errors import UserError
 from .findings import Finding
 from .geometry import Graph, Node, Ref, bound_arguments, graph_of, reach, replay, trace, unit_box, unpadded
 from .probe import hooks, resolve
+from .runner import model_device
 from .figures import finish, heatmap_pixels, label_colors, new_figure
 
 if TYPE_CHECKING:
@@ -98,12 +99,13 @@ def occlude_image(model: nn.Module, image: torch.Tensor, target: int | None = No
     if not 1 <= size <= min(height, width) or stride < 1:
         raise UserError(f"square size {size} must be in 1..{min(height, width)} and stride {stride} >= 1")
     fill = torch.zeros(channels) if fill is None else torch.as_tensor(fill, dtype=torch.float32).reshape(-1)
-    fill = fill.expand(channels).to(image.dtype)
+    device = model_device(model)  # runs where the model is; the result comes back on the CPU
+    fill = fill.expand(channels).to(device, image.dtype)
     # from the top-left corner in steps of ``stride`` until every pixel is covered: the last row and
     # column of squares may be cut by the border (as in Captum's Occlusion)
     tops, lefts = range(0, height - size + stride, stride), range(0, width - size + stride, stride)
     positions = [(t, l) for t in tops for l in lefts]
-    image = image.detach()
+    image = image.detach().to(device)
     resolve(model, layer)
 
     with eval_mode(model), torch.no_grad():
@@ -119,6 +121,8 @@ def occlude_image(model: nn.Module, image: torch.Tensor, target: int | None = No
             raise UserError(f"target class {target} is not in 0..{len(logits) - 1}")
         method, recomputed = "incremental", None
         try:
+            if device.type != "cpu":  # many small window ops: a GPU runs the batched direct pass instead
+                raise _Fallback(f"on {device.type}, batched forward passes of the occluded images")
             run = _Incremental(graph, node, feature, image, size, fill, positions)
             activity, scores = run.all()
             recomputed = run.recomputed()
@@ -136,13 +140,13 @@ def occlude_image(model: nn.Module, image: torch.Tensor, target: int | None = No
             projection = Deconvnet(model, other_activations).project(image[None], layer, units=[(feature, y, x)])[0]
         except UserError as e:
             missing = str(e)
-    probs = torch.softmax(scores, dim=1)
+    probs = torch.softmax(scores.float(), dim=1).cpu()
     grid = (len(tops), len(lefts))
     return Occlusion(
-        activity=activity.reshape(grid), probability=probs[:, target].reshape(grid),
+        activity=activity.cpu().reshape(grid), probability=probs[:, target].reshape(grid),
         label=probs.argmax(1).reshape(grid), positions=positions, feature=feature, unit=(feature, y, x),
-        receptive_field=unit_box(model, layer, y, x, (height, width)), projection=projection,
-        image=image, target=target, layer=layer, size=size, stride=stride,
+        receptive_field=unit_box(model, layer, y, x, (height, width)),
+        projection=None if projection is None else projection.cpu(), image=image.cpu(), target=target, layer=layer, size=size, stride=stride,
         clean_activity=float(maps[feature].sum()), clean_probability=float(torch.softmax(logits, 0)[target]),
         clean_label=int(logits.argmax()), projection_missing=missing, method=method, recomputed=recomputed)
 

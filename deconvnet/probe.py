@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .runner import model_device
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def apply_at(model: nn.Module, x: torch.Tensor, layers: list[str] | str,
 
     with hooks([m.register_forward_hook(hook) for m in modules.values()]):
         try:
-            model(x)
+            model(x.to(model_device(model)))  # the outputs ``fn`` sees are on the model's device
         except _Stop:
             pass
     missing = [n for n in layers if n not in results]

@@ -139,7 +139,7 @@ def analyse(subject: Subject, raw: torch.Tensor, layers: list[str] | None = None
     with lock or contextlib.nullcontext():
         output = subject.output  # the class scores (its first use traces the model)
         with torch.no_grad():
-            acts = activations(model, x, layers + [output])
+            acts = {name: a.cpu() for name, a in activations(model, x, layers + [output]).items()}
         probabilities = torch.softmax(acts[output][0], 0)
         projected = {name: _project_strongest(subject, name, x, acts[name][0]) for name in layers}
         target = int(probabilities.argmax()) if target is None else target
@@ -367,6 +367,27 @@ class Viewer:
         result = analyse(self.subject, self.source.get([index])[0], self.layers, self.to_model[label], self.lock)
         return {"image": {"index": index, "label": self.source.classes[label]}, **result}
 
+    def randomisation(self, index: int, layer: str) -> dict:
+        """The sanity checks of data set image ``index``'s strongest unit of ``layer``
+        (:func:`deconvnet.sanity.sanity`): its randomisation strip (rows: rules; columns: the trained
+        projection, then each layer re-initialised from ``layer`` down) and each rule's rank correlation
+        with the trained projection once every layer below is re-initialised."""
+        from .figures import save_figure
+        from .sanity import draw_sanity, sanity, sanity_to_json
+
+        if not 0 <= index < len(self.source):
+            raise UserError(f"image {index} is outside {self.data}'s {len(self.source)} images")
+        if layer not in self.layers:
+            raise UserError(f"unknown layer {layer!r}; use one of {', '.join(self.layers)}")
+        with self.lock:
+            result = sanity(self.subject, self.source.get([index]), layers=[layer], steps=2)
+        buffer = io.BytesIO()
+        draw_sanity(result, layer=layer).savefig(buffer, format="png", dpi=80)
+        spearman = sanity_to_json(result)["per_layer"][layer]["cascade"]["spearman"]
+        return {"layer": layer, "image": index,
+                "strip": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
+                "all_randomised": {rule: steps[-1][0][0] for rule, steps in spearman.items()}}
+
     def upload(self, data: bytes) -> dict:
         """:func:`analyse` of an uploaded PNG/JPEG, prepared as the model's data are."""
         raw = decode_upload(data, self.preprocess.stored_size, self.preprocess.channels)
@@ -384,7 +405,8 @@ def create_app(viewer: Viewer) -> Starlette:
 
     ``GET /api/info``, ``GET /api/topk`` (progress), ``GET /api/topk/{layer}/{feature}`` (Fig. 2),
     ``GET /api/images?offset=&count=`` (thumbnails), ``GET /api/images/{index}`` and
-    ``POST /api/upload`` (the image file as the body; one image's analysis). Errors are
+    ``POST /api/upload`` (the image file as the body; one image's analysis),
+    ``GET /api/sanity/{index}/{layer}`` (the randomisation strip of the image's strongest unit). Errors are
     ``{"error": message}`` with status 400 (bad input), 409 (top-k not ready) or 413 (too large).
     """
     def threaded(method):  # the model work runs in the thread pool, off the event loop
@@ -425,6 +447,7 @@ def create_app(viewer: Viewer) -> Starlette:
         Route("/api/topk/{layer}/{feature:int}", threaded(viewer.feature)),
         Route("/api/images", images),
         Route("/api/images/{index:int}", threaded(viewer.dataset_image)),
+        Route("/api/sanity/{index:int}/{layer}", threaded(viewer.randomisation)),
         Route("/api/upload", upload, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC)),
     ]

@@ -116,3 +116,20 @@ def test_images_from_files_and_bad_inputs(tmp_path):
         subject.images(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
     with pytest.raises(UserError, match="targets for"):
         deconvnet.occlusion(subject, torch.zeros(2, 1, 28, 28, dtype=torch.uint8), targets=[1])
+
+
+def test_project_matches_the_deconvnet_on_each_images_strongest_unit():
+    from deconvnet.deconvnet import Deconvnet
+    from deconvnet.probe import activations
+
+    model = deconvnet.build_model("zfnet-small", 10).eval()
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    got = deconvnet.project(model, images, "conv3", rule="guided")
+    subject = as_subject(model)
+    x = subject.prepare(images)
+    with torch.no_grad():
+        maps = activations(model, x, "conv3")["conv3"]
+    units = [(int(m.flatten(1).amax(1).argmax()), *divmod(int(m[int(m.flatten(1).amax(1).argmax())].argmax()), m.shape[-1]))
+             for m in maps]
+    torch.testing.assert_close(got, Deconvnet(model).project(x, "conv3", units, "guided"))
+    assert deconvnet.project(model, images).shape == (2, 1, 28, 28)  # the top stage, conv5

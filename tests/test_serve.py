@@ -148,6 +148,20 @@ def test_other_bad_requests_get_json_errors(server):
     assert call(server, "/api/nothing")[0] == 404
 
 
+def test_randomisation_strip_of_a_units_panel(server):
+    """The sanity checks of image 3's strongest conv2 unit: the strip and each rule's correlation once
+    every layer from conv2 down is re-initialised, as deconvnet.sanity computes them directly."""
+    from deconvnet.sanity import sanity, sanity_to_json
+
+    status, result = call(server, "/api/sanity/3/conv2")
+    assert status == 200 and result["strip"].startswith("data:image/png;base64,")
+    viewer = server["viewer"]
+    direct = sanity(viewer.subject, viewer.source.get([3]), layers=["conv2"], steps=2)
+    spearman = sanity_to_json(direct)["per_layer"]["conv2"]["cascade"]["spearman"]
+    assert result["all_randomised"] == {rule: steps[-1][0][0] for rule, steps in spearman.items()}
+    assert call(server, "/api/sanity/3/fc6")[0] == 400
+
+
 def test_analysis_matches_direct_evaluation(server):
     viewer = server["viewer"]
     status, result = call(server, "/api/images/5")

@@ -139,7 +139,8 @@ function drawAnalysis(result, caption) {
     el("td", {textContent: `${(100 * p.probability).toFixed(1)}%`}),
     el("td", {}, el("div", {className: "bar", style: `width: ${Math.round(150 * p.probability)}px`})))));
   $("layers").replaceChildren(...result.layers.map((layer) => el("div", {className: "layer"},
-    el("div", {className: "name", textContent: layer.layer}),
+    el("div", {className: "name", textContent: layer.layer},
+      result.image && result.image.index !== undefined ? sanityButton(result.image.index, layer.layer) : ""),
     el("div", {className: "features"}, ...layer.features.map((f) => {
       const card = el("div", {className: "feature", title: `show the top 9 of ${layer.layer} map ${f.feature} over the data set`},
         el("div", {className: "title", textContent: `map ${f.feature}: ${f.value.toFixed(3)}`}),
@@ -163,6 +164,26 @@ function drawAnalysis(result, caption) {
     figure(o.probability, `(d) p(${o.target_name}), 0 (blue) to 1 (red)`, "pix big"),
     el("figure", {}, el("img", {src: o.label, className: "pix big", alt: "most probable label"}),
       el("figcaption", {textContent: "(e) most probable label"}), legend));
+}
+
+// The sanity checks of the strongest unit of a layer: its randomisation strip (Adebayo et al. 2018).
+function sanityButton(index, layer) {
+  const strip = el("div", {className: "strip"});
+  const button = el("button", {textContent: "randomisation strip", title:
+    "re-initialise the layers from this one down, one at a time, and re-project its strongest unit by each rule"});
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    strip.replaceChildren(el("span", {textContent: " randomising ..."}));
+    try {
+      const r = await api(`/api/sanity/${index}/${encodeURIComponent(layer)}`);
+      const rho = Object.entries(r.all_randomised).map(([rule, v]) => `${rule} ${v === null ? "-" : v.toFixed(2)}`).join(", ");
+      strip.replaceChildren(figure(r.strip, `rank correlation with the trained projection once every layer is re-initialised: ${rho}`, "strip-img"));
+    } catch (e) {
+      strip.replaceChildren(el("span", {className: "error", textContent: e.message}));
+    }
+    button.disabled = false;
+  });
+  return el("span", {}, " ", button, strip);
 }
 
 function upload() {
