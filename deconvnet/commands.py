@@ -160,6 +160,7 @@ def train(out: Out, resume: bool = False, json_output: Json = False, **config) -
     from .train import train as run_training
 
     final = run_training(TrainConfig(**config), out, resume=resume)
+    _warn_if_at_chance(out, final)
     if json_output:
         print(json.dumps({"run": str(out), **final}))
     elif final:
@@ -169,6 +170,20 @@ def train(out: Out, resume: bool = False, json_output: Json = False, **config) -
 
 
 train.CONFIG = TrainConfig  # train's other options: the documented fields of TrainConfig
+
+
+def _warn_if_at_chance(out: str, final: dict) -> None:
+    """One line on stderr when a run ends no better than guessing (a diverged run: every later analysis
+    of it would measure a dead network)."""
+    from .checkpoint import read_checkpoint
+
+    path = Path(out) / "final.pt"
+    if not final or "val_top1" not in final or not path.is_file():
+        return
+    classes = len(read_checkpoint(path).get("classes") or []) or 0
+    if classes > 1 and final["val_top1"] <= 1.2 / classes:
+        print(f"deconvnet: warning: {out} ended at chance accuracy ({100 * final['val_top1']:.1f}% top-1 over "
+              f"{classes} classes): the run diverged or did not learn; try a lower --lr", file=sys.stderr)
 
 
 def evaluate(data: str, limit: Positive | None = None, ten_crop: bool = False, workers: int | None = None,
@@ -683,14 +698,11 @@ def transfer(out: Out, target: str = "digits", per_class: list[int] = (1, 2, 3, 
              pretrain_data: str | None = None, seed: int = 0, scratch_steps: Positive = 300, json_output: Json = False, **model) -> list[dict]:
     """Fixed pretrained layers 1-7 + a new softmax vs the same net trained from scratch (Tables 4/5, Fig. 9).
 
+    The target data and its folds: the options of the transfer protocol (Sec. 5.2), shared with
+    ``layer_features`` (:data:`deconvnet.options.SHARED_HELP`).
+
     Args:
         out: output directory (transfer.png + transfer.json)
-        target: target data: digits, a class subset such as fashion-mnist[2,3,6,7,8]:test (the classes B of
-            a model pretrained on fashion-mnist[0,1,4,5,9]), or folder:PATH (e.g. Caltech-101)
-        per_class: training images per class
-        folds: random train/test folds
-        pretrain_data: data searched for target images it also holds (default: the checkpoint's training data)
-        seed: seed of the folds
         scratch_steps: SGD steps of each from-scratch training (default 300; demo 100)
     """
     from .transfer import draw_transfer, transfer as run_transfer, transfer_to_json
@@ -715,12 +727,6 @@ def layer_features(out: Out, target: str = "digits", per_class: list[int] = (15,
 
     Args:
         out: output directory (layers.png + layers.json)
-        target: target data: digits, a class subset such as fashion-mnist[2,3,6,7,8]:test (the classes B of
-            a model pretrained on fashion-mnist[0,1,4,5,9]), or folder:PATH (e.g. Caltech-101)
-        per_class: training images per class
-        folds: random train/test folds
-        pretrain_data: data searched for target images it also holds (default: the checkpoint's training data)
-        seed: seed of the folds
     """
     from .layer_features import draw_layer_features, layer_features as measure, layer_features_to_json
 

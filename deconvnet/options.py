@@ -45,7 +45,14 @@ SHARED_HELP = {"json_output": "print the result as JSON (for scripts) instead of
                "workers": "processes decoding folder images for the pass over the data (default: one per core "
                           "but one, at most 8; 0: in the main process)",
                "batch_size": "images per forward pass",
-               "device": "auto (CUDA when available), cpu, cuda or cuda:N: where the model runs"}
+               "device": "auto (CUDA when available), cpu, cuda or cuda:N: where the model runs",
+               # the transfer protocol of Sec. 5.2 (transfer, layer-features)
+               "target": "target data: digits, a class subset such as fashion-mnist[2,3,6,7,8]:test (the classes B "
+                         "of a model pretrained on fashion-mnist[0,1,4,5,9]), or folder:PATH (e.g. Caltech-101)",
+               "per_class": "training images per class",
+               "folds": "random train/test folds",
+               "pretrain_data": "data searched for target images it also holds (default: the checkpoint's "
+                                "training data)"}
 
 
 @dataclass

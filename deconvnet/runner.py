@@ -85,7 +85,9 @@ def device_of(spec: str | torch.device | None = "auto") -> torch.device:
         return spec
     spec = spec or "auto"
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        spec = f"cuda:{_local_rank()}"  # under torchrun: each process on the GPU of its local rank
     try:
         device = torch.device(spec)
     except RuntimeError:
@@ -116,20 +118,37 @@ def world() -> tuple[int, int]:
 
 
 def init_distributed() -> bool:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+    """Join the torchrun process group when launched by torchrun: NCCL where there is CUDA (each
+    process on the GPU of its LOCAL_RANK), gloo on the CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(_local_rank())
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
         return True
     return False
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def collective_device() -> torch.device:
+    """Where tensors of a collective (all_reduce, all_gather) must be: this process's GPU under NCCL,
+    else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_sum(values: list[float]) -> list[float]:
     """Sum ``values`` over the torchrun processes (identity in a single process)."""
     if world()[1] == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 @contextlib.contextmanager

@@ -18,8 +18,6 @@ import base64
 import contextlib
 import copy
 import io
-import json
-import os
 import threading
 from pathlib import Path
 
@@ -372,7 +370,6 @@ class Viewer:
         (:func:`deconvnet.sanity.sanity`): its randomisation strip (rows: rules; columns: the trained
         projection, then each layer re-initialised from ``layer`` down) and each rule's rank correlation
         with the trained projection once every layer below is re-initialised."""
-        from .figures import save_figure
         from .sanity import draw_sanity, sanity, sanity_to_json
 
         if not 0 <= index < len(self.source):

@@ -27,7 +27,8 @@ from .errors import UserError
 from .findings import Finding, pct
 from .geometry import layer_field, unit_box
 from .probe import apply_at
-from .runner import cache_dir, cache_key, cached, load_cached, model_device, model_fingerprint, progress, world
+from .runner import (cache_dir, cache_key, cached, collective_device, load_cached, model_device, model_fingerprint,
+                     progress, world)
 from .figures import finish, new_figure
 
 if TYPE_CHECKING:
@@ -82,12 +83,12 @@ def _add_batch(table: TopK, a: torch.Tensor, indices: torch.Tensor, k: int) -> T
 
 def _gather_ranks(table: TopK, k: int) -> TopK:
     """Merge the tables of all ``torchrun`` processes; every process gets the same result."""
-    size = dist.get_world_size()
+    size, where = dist.get_world_size(), collective_device()  # NCCL gathers on the GPU
     parts = []
     for t in (table.values, table.images, table.ys, table.xs):
-        out = [torch.empty_like(t) for _ in range(size)]
-        dist.all_gather(out, t.contiguous())
-        parts.append(out)
+        out = [torch.empty_like(t, device=where) for _ in range(size)]
+        dist.all_gather(out, t.contiguous().to(where))
+        parts.append([o.cpu() for o in out])
     merged = _empty(table.values.shape[0], k)
     for values, images, ys, xs in zip(*parts):
         merged = _merge(merged, TopK(values, images, ys, xs), k)

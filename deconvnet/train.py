@@ -33,7 +33,7 @@ from torch import nn
 
 from ._analysis import callable_module
 from .checkpoint import CheckpointInfo, read_checkpoint, save_checkpoint
-from .data import DataError, Preprocess, Source, batches, mean_image, open_source, preprocess_for
+from .data import Preprocess, Source, batches, mean_image, open_source, preprocess_for
 from .errors import UserError
 from .options import Flag, Positive
 from .models import MODELS, build_model, model_config, renormalise_filters
