@@ -139,9 +139,9 @@ def test_demo_steps_are_sized_from_one_measured_speed():
         # analyses' fixed sizes (200 images for Figs. 5 and 7, ...) overrun the 20 minutes by at most 10%
         limit = 20 * 60 if train_rate >= 348 else 22 * 60
         assert sum(demo["estimates"].values()) + OVERHEAD <= limit, (train_rate, demo)
-        if train_rate >= 1200:  # the main training and the pretraining on classes A keep the larger part
+        if train_rate >= 1200:  # the main training and the pretraining on classes A keep at least 40%
             sizes = demo["sizes"]
-            assert sizes["train"] + sizes["pretrain-a"] >= 0.45 * 20, (train_rate, demo)
+            assert sizes["train"] + sizes["pretrain-a"] >= 0.4 * 20, (train_rate, demo)
             assert sizes["train"] == pytest.approx(3 * sizes["pretrain-a"], abs=0.02), (train_rate, demo)
     fast = size_demo({"train_images_per_s": 4100, "eval_images_per_s": 3500})["sizes"]
     slow = size_demo({"train_images_per_s": 1200, "eval_images_per_s": 1400})["sizes"]
