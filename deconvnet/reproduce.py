@@ -58,7 +58,7 @@ BUDGETS = {
                 "tables4-5": {},  # + scratch_steps (sized)
                 "tables4-5-digits": dict(per_class=[1, 5, 15]),  # + scratch_steps (sized)
                 "table7": {},
-                "table7-digits": {}},
+                "table7-digits": dict(folds=5)},
     "full": {"train": dict(epochs=60, snapshots=[1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60]),
              "fig2": dict(maps=16),
              "sanity": dict(count=100),
@@ -89,12 +89,16 @@ ABLATE_LIMIT, SCRATCH_STEPS, FIG6_EPOCHS, TRAIN_EPOCHS = 20000, 300, 3, 30
 OVERHEAD = 26  # seconds: start-up of 17 commands, the calibration, the report
 PRETRAIN_SHARE = 0.25  # of the time left for training, for the pretraining on classes A (Tables 4/5, 7)
 START = 8  # seconds of a budgeted training run before its first epoch: data, mean image, its own measurement
+SLOW_EVAL = 0.5  # below half the reference evaluation speed the analyses shrink with it ...
+SHRUNK = {"sanity": {"count": 8}, "fig4": {"limit": 500, "probe": 200}, "fig5": {"count": 40},  # ... these
+          "fig7": {"count": 40}, "table7-digits": {"folds": 2}}  # options of theirs, each to at least this
 
 
 def size_demo(speed: dict, minutes: float = DEMO_MINUTES, data_images: int = 60000, val_images: int = 10000) -> dict:
     """Every step's size and estimated seconds for a ``minutes`` demo at the measured ``speed``.
 
-    The analyses keep their sizes (they take seconds); the Fig. 6 runs, the ablation and transfer's
+    The analyses keep their sizes (they take seconds) down to half the reference evaluation speed and
+    shrink with it below (their image counts scaled by ``sizes["analyses"]``); the Fig. 6 runs, the ablation and transfer's
     from-scratch baseline keep theirs where the machine is fast enough and shrink together where it is
     not; the main training gets the rest as its --time-budget (at most 30 epochs), less the share
     PRETRAIN_SHARE of it that pretrains on classes A for Tables 4/5 and 7 (on half the images an epoch
@@ -103,14 +107,15 @@ def size_demo(speed: dict, minutes: float = DEMO_MINUTES, data_images: int = 600
     f = speed["train_images_per_s"] / REFERENCE["train_images_per_s"]
     g = speed["eval_images_per_s"] / REFERENCE["eval_images_per_s"]
     total = minutes * 60
-    estimates = {name: s / g for name, s in ANALYSES.items()}
+    shrink = min(1.0, g / SLOW_EVAL)  # a slow machine looks at fewer images in the analyses
+    estimates = {name: s / g * (shrink if name in SHRUNK else 1.0) for name, s in ANALYSES.items()}
     epoch = data_images / speed["train_images_per_s"] + val_images / speed["eval_images_per_s"]
     fig6 = {name: START + FIG6_EPOCHS * epoch * (0.4 if name == "fig6-alexnet" else 1.0)  # alexnet-small's
             for name in ("fig6-zfnet", "fig6-alexnet", "fig6-norenorm")}  # strided conv1: ~0.4x the work
     left = total - OVERHEAD - sum(estimates.values())
     wanted = sum(fig6.values()) + (SCALED["table3"] + SCALED["tables4-5"] + SCALED["tables4-5-digits"]) / f
     share = max(0.0, min(1.0, 0.45 * left / wanted))  # the main training keeps at least 55% of what is left
-    sizes = {}
+    sizes = {"analyses": round(shrink, 3)}
     for name, whole in fig6.items():
         least = START + 2 * val_images / speed["eval_images_per_s"] + 10  # a few steps and their evaluation
         budget = max(least, whole * share / 0.9)  # room for the trainer's margin: a run that fits is not cut
@@ -158,6 +163,10 @@ def plan(data: str, model: str, budget: str, sizes: dict | None = None, device: 
         b["table3"]["limit"] = sizes["table3"]
         b["tables4-5"]["scratch_steps"] = b["tables4-5-digits"]["scratch_steps"] = sizes["tables4-5"]
         b["pretrain-a"]["time_budget"] = sizes["pretrain-a"]
+        for name, options in SHRUNK.items():  # a slow machine: fewer images in the analyses
+            for option, least in options.items():
+                if option in b[name] and sizes.get("analyses", 1.0) < 1.0:
+                    b[name][option] = max(least, int(b[name][option] * sizes["analyses"]))
     ckpt = "train/final.pt"
     # Tables 4/5 and 7 transfer from classes A of Fashion-MNIST to its disjoint classes B (the analogue of
     # ImageNet -> Caltech-101, data.SPLIT_A/SPLIT_B), pretrained by the step pretrain-a whatever --data is;

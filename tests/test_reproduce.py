@@ -135,9 +135,10 @@ def test_demo_steps_are_sized_from_one_measured_speed():
     for train_rate, eval_rate in [(20000, 20000), (4100, 3500), (1200, 1400), (641, 1645), (500, 700), (348, 835),
                                  (329, 518)]:
         demo = size_demo({"train_images_per_s": train_rate, "eval_images_per_s": eval_rate}, minutes=20)
-        # (329, 518): an AVX2-only machine under a load of ~12, at a quarter of its idle speed; there the
-        # analyses' fixed sizes (200 images for Figs. 5 and 7, ...) overrun the 20 minutes by at most 10%
-        limit = 20 * 60 if train_rate >= 348 else 22 * 60
+        # (329, 518): an AVX2-only machine under a load of ~12, at a quarter of its idle speed; there, and on
+        # any machine with less than about a third of the reference evaluation speed, the analyses' fixed
+        # sizes (200 images for Figs. 5 and 7, ...) overrun the 20 minutes by at most 10%
+        limit = 20 * 60 if eval_rate >= 1000 else 22 * 60
         assert sum(demo["estimates"].values()) + OVERHEAD <= limit, (train_rate, demo)
         if train_rate >= 1200:  # the main training and the pretraining on classes A keep at least 40%
             sizes = demo["sizes"]
