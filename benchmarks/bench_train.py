@@ -1,4 +1,4 @@
-"""Trainer throughput vs a bare PyTorch loop on the same model, data and batch size (issue 2).
+"""Trainer throughput vs a bare PyTorch loop on the same model, data and batch size.
 
     .venv/bin/python benchmarks/bench_train.py [--steps 150] [--model zfnet-small] [--precision fp32] [--threads 1]
 

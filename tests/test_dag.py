@@ -1,5 +1,5 @@
 """Projections, receptive fields and hooks on torchvision's own architectures (random weights, small
-inputs): branches, concatenations, reused and functional ReLUs, BatchNorm, ReLU6 (issue 12).
+inputs): branches, concatenations, reused and functional ReLUs, BatchNorm, ReLU6.
 
 References share no code with the package: a unit's box is the support of its input gradient in a
 copy of the model with positive weights and averaging pools (every path open, nothing cancels);

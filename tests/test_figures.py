@@ -1,4 +1,4 @@
-"""Renderers return Figures and never touch matplotlib's global backend (issue 13: a notebook user
+"""Renderers return Figures and never touch matplotlib's global backend (a notebook user
 who calls a figure function keeps the inline backend)."""
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""Incremental occlusion on torchvision's architectures (issue 12): residual additions, concatenations,
+"""Incremental occlusion on torchvision's architectures: residual additions, concatenations,
 BatchNorm, adaptive pools, chains split over containers; every cell equals a direct forward pass of
 the occluded image; panel (c) is an extra that may be missing, with the reason."""
 from __future__ import annotations
