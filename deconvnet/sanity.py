@@ -68,6 +68,7 @@ from .deconvnet import RULES, Deconvnet
 from .errors import UserError
 from .figures import finish, new_figure
 from .findings import Finding, interval_text, unmeasured
+from .geometry import layer_calls
 from .probe import activations, apply_at, hooks, resolve
 from .runner import model_device
 
@@ -368,25 +369,16 @@ def _project(model: nn.Module, other: str, x: torch.Tensor, layer: str, pairs: l
 
 def _forward(model: nn.Module, xs: torch.Tensor, layers: list[str],
              take: Callable[[str, torch.Tensor], torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One forward pass of ``xs``: ``({layer: take(layer, output)}, class scores (B, K))``, on the CPU."""
-    wanted: dict[tuple[int, int], list[str]] = {}
-    modules: dict[int, nn.Module] = {}
-    for name in layers:
-        module, call = resolve(model, name)
-        wanted.setdefault((id(module), call), []).append(name)
-        modules[id(module)] = module
-    taken: dict[str, torch.Tensor] = {}
-    calls: dict[int, int] = {}
+    """One forward pass of ``xs`` (:func:`probe.apply_at` up to the class scores): ``({layer: take(layer,
+    output)}, class scores (B, K))``, on the CPU; ``take`` runs as each layer's call returns."""
+    output = layer_calls(model, tuple(xs.shape[-2:]), xs.shape[1])[-1].name  # the class scores
 
-    def hook(module, _inputs, output):
-        call = calls.get(id(module), 0)
-        calls[id(module)] = call + 1
-        for name in wanted.get((id(module), call), []):
-            taken[name] = take(name, output)
+    def both(name: str, out: torch.Tensor):
+        return (take(name, out) if name in layers else None), (out.flatten(1).clone() if name == output else None)
 
-    with hooks([m.register_forward_hook(hook) for m in modules.values()]):
-        scores = model(xs.contiguous(memory_format=torch.channels_last) if xs.dim() == 4 else xs)
-    return {name: v.cpu() for name, v in taken.items()}, scores.flatten(1).cpu()
+    x = xs.contiguous(memory_format=torch.channels_last) if xs.dim() == 4 else xs
+    got = apply_at(model, x, list(dict.fromkeys([*layers, output])), both)
+    return {name: got[name][0].cpu() for name in layers}, got[output][1].cpu()
 
 
 def _unit_values(units: dict[str, list[list[tuple]]]) -> Callable:

@@ -21,6 +21,7 @@ from deconvnet.occlusion import occlude_image
 from deconvnet.subject import as_subject, load_subject
 from deconvnet.topk import topk_pass
 from deconvnet.train import evaluate
+from tv import import_torchvision
 
 DEVICES = [pytest.param("cpu"),
            pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -78,6 +79,7 @@ def test_topk_with_workers_equals_topk_in_the_main_process(tmp_path, tiny_checkp
         (folder / source.classes[int(source.labels[i])].replace("/", "-")).mkdir(parents=True, exist_ok=True)
         Image.fromarray(source.get([i])[0, 0].numpy()).save(folder / source.classes[int(source.labels[i])].replace(
             "/", "-") / f"{i}.png")
+    import_torchvision()
     subject = load_subject("torchvision:resnet18?num_classes=3", input_size=32, preprocess="unit")
     data = subject.open_data(f"folder:{folder}")
     zero = topk_pass(subject.model, data, subject.preprocess, subject.stages, k=4, batch_size=8, workers=0)
