@@ -160,7 +160,6 @@ def train(out: Out, resume: bool = False, json_output: Json = False, **config) -
     from .train import train as run_training
 
     final = run_training(TrainConfig(**config), out, resume=resume)
-    _warn_if_at_chance(out, final)
     if json_output:
         print(json.dumps({"run": str(out), **final}))
     elif final:
@@ -170,20 +169,6 @@ def train(out: Out, resume: bool = False, json_output: Json = False, **config) -
 
 
 train.CONFIG = TrainConfig  # train's other options: the documented fields of TrainConfig
-
-
-def _warn_if_at_chance(out: str, final: dict) -> None:
-    """One line on stderr when a run ends no better than guessing (a diverged run: every later analysis
-    of it would measure a dead network)."""
-    from .checkpoint import read_checkpoint
-
-    path = Path(out) / "final.pt"
-    if not final or "val_top1" not in final or not path.is_file():
-        return
-    classes = len(read_checkpoint(path).get("classes") or []) or 0
-    if classes > 1 and final["val_top1"] <= 1.2 / classes:
-        print(f"deconvnet: warning: {out} ended at chance accuracy ({100 * final['val_top1']:.1f}% top-1 over "
-              f"{classes} classes): the run diverged or did not learn; try a lower --lr", file=sys.stderr)
 
 
 def evaluate(data: str, limit: Positive | None = None, ten_crop: bool = False, workers: int | None = None,
@@ -583,20 +568,17 @@ def evolution(out: Out, run: str, data: str | None = None, limit: Positive = 200
         seed: seed of the random choice of maps
     """
     from .evolution import draw_evolution, draw_evolution_cka, draw_evolution_layer, evolution as measure, evolution_to_json
-    from .evolution import load_snapshots
 
     options = _options(locals())
-    info = load_snapshots(run)[1]
-    spec = data or info.train_config.get("data") or "fashion-mnist"
-    probe_spec = info.train_config.get("val") or spec  # the run's validation data: images it did not train on
-    result = measure(run, spec, limit=limit, maps=maps, probe=probe, probe_data=probe_spec, seed=seed, device=device)
+    # default data: the run's training data; probe: its validation data, images it did not train on
+    result = measure(run, data, limit=limit, maps=maps, probe=probe, seed=seed, device=device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for n in result.layers:
         draw_evolution_layer(result, n, out / f"evolution-layer{n}.png")
     draw_evolution(result, out / "evolution.png")
     draw_evolution_cka(result, out / "evolution-cka.png")
-    body = {"data": spec, "probe_data": probe_spec, **evolution_to_json(result)}
+    body = {"data": result.data, "probe_data": result.probe_data, **evolution_to_json(result)}
     _write_result(out, "evolution.json", options, json_output=json_output, body=body, epochs=result.epochs)
     return body["findings"]
 

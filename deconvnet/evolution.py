@@ -108,6 +108,8 @@ class Evolution:
     epochs: list[int]
     layers: dict[int, LayerEvolution]  # by layer number 1..5
     cka: CkaEvolution | None = None  # the same snapshots measured by CKA (see :func:`cka_evolution`)
+    data: str = ""  # the data searched and the probe data, where given as specs
+    probe_data: str = ""
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -323,6 +325,7 @@ def evolution(snapshots, data=None, limit: int = 2000, maps: int = 5, probe: int
     source, probe_source = opened(data), opened(probe_data)
     result = projection_evolution(models, preprocess, source, range(min(limit, len(source))), maps=maps, seed=seed)
     result.cka = cka_evolution(models, preprocess, probe_source, range(min(probe, len(probe_source))))
+    result.data, result.probe_data = (spec if isinstance(spec, str) else spec.name for spec in (data, probe_data))
     return result
 
 CLAIM = "lower layers converge within a few epochs, upper layers only later"

@@ -304,12 +304,6 @@ def randomisation_steps(model: nn.Module, names: list[str]) -> list[list[int]]:
 # ----------------------------------------------------------------------------- the analysis
 
 def _check(subject, images: torch.Tensor, layers, rules, units_per_image: int, steps: int) -> tuple[list[str], list[str]]:
-    pre = subject.preprocess
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-        raise UserError("images: give raw uint8 pixels (N, C, S, S) at the model's stored size")
-    if images.shape[1] != pre.channels or tuple(images.shape[2:]) != (pre.stored_size, pre.stored_size):
-        raise UserError(f"images are {tuple(images.shape[1:])}; the model takes uint8 "
-                        f"({pre.channels}, {pre.stored_size}, {pre.stored_size}) at its stored size")
     if len(images) == 0:
         raise UserError("give at least one image")
     rules = [rules] if isinstance(rules, str) else list(rules)

@@ -275,9 +275,10 @@ def _load(spec, weights, classes, preprocess, input_size, mean, std) -> Subject:
             raise UserError(f"{spec} is a deconvnet checkpoint: it carries its weights, classes and "
                             "preprocessing; --weights/--classes/--preprocess/--input-size/--mean/--std do not apply")
         return subject
-    model = _build(spec, weights, classes)
+    state = _state_dict(weights) if weights else None  # read once: it may also give the class count
+    model = _build(spec, state, classes)
     if weights:
-        load_weights(model, weights)
+        load_weights(model, weights, state)
     model.eval()
     subject = Subject(model, _preprocess(model, preprocess, input_size, mean, std), [], spec, [], {}, weights=weights)
     outputs = _outputs(subject)
@@ -328,14 +329,14 @@ def as_subject(model: Subject | nn.Module, preprocess: str | None = None, input_
     return subject
 
 
-def _build(spec: str, weights: str | None = None, classes: str | None = None) -> nn.Module:
+def _build(spec: str, state: dict | None = None, classes: str | None = None) -> nn.Module:
     """``torchvision:NAME``, ``package.module:CALLABLE`` or ``file.py:CALLABLE`` -> the built module."""
     if ":" not in spec:
         raise UserError(f"unknown model spec {spec!r}; give a deconvnet checkpoint (.pt or run directory), "
                         "torchvision:NAME, package.module:CALLABLE or path/to/file.py:CALLABLE")
     where, _, attr = spec.rpartition(":")
     if where == "torchvision":
-        return _torchvision(attr, weights, classes)
+        return _torchvision(attr, state, classes)
     if not where or not attr:
         raise UserError(f"model spec {spec!r}: give MODULE:CALLABLE, e.g. mypackage.nets:build or nets.py:Net")
     if where.endswith(".py") or "/" in where or "\\" in where:
@@ -393,7 +394,7 @@ def import_torchvision():
     return torchvision
 
 
-def _torchvision(name: str, weights: str | None = None, classes: str | None = None) -> nn.Module:
+def _torchvision(name: str, state: dict | None = None, classes: str | None = None) -> nn.Module:
     """``torchvision:NAME`` or ``torchvision:NAME?ARG=VALUE&...`` (constructor arguments, e.g.
     ``resnet18?num_classes=2``, ``googlenet?aux_logits=false&init_weights=true``), built with
     ``weights=None``. Without ``num_classes`` it follows the weights file's classifier (a model
@@ -412,7 +413,7 @@ def _torchvision(name: str, weights: str | None = None, classes: str | None = No
             raise UserError(f"torchvision:{name}?{query}: give constructor arguments as NAME=VALUE joined by &")
         arguments[key] = _literal(text)
     if "num_classes" not in arguments:
-        count = _classifier_rows(weights) if weights else None
+        count = _classifier_rows(state) if state else None
         if count is None and classes:
             count = len(read_class_names(classes))
         if count is not None and count != 1000:
@@ -436,23 +437,20 @@ def _literal(text: str):
     return text
 
 
-def _classifier_rows(path: str) -> int | None:
-    """The number of outputs of the last 2-D weight in a weights file (its classifier), if readable."""
-    try:
-        state = _state_dict(path)
-    except UserError:
-        return None  # load_weights says why, with the model at hand
+def _classifier_rows(state: dict) -> int | None:
+    """The number of outputs of the last 2-D weight of a state_dict (its classifier)."""
     matrices = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
     return int(matrices[-1].shape[0]) if matrices else None
 
 
 # ----------------------------------------------------------------------------- weights, classes
 
-def load_weights(model: nn.Module, path: str) -> None:
+def load_weights(model: nn.Module, path: str, state: dict | None = None) -> None:
     """Load a weights file into ``model``: a state_dict, or a dict holding one under ``state_dict`` or
     ``model``; ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes stripped. A
-    one-line error names the first missing, unexpected and mis-shaped keys and their counts."""
-    state = _state_dict(path)
+    one-line error names the first missing, unexpected and mis-shaped keys and their counts. ``state``:
+    the file's state_dict when already read (:func:`_state_dict`)."""
+    state = _state_dict(path) if state is None else state
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

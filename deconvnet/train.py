@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -792,6 +793,11 @@ def _finish(run: _Run) -> dict:
     run.preprocess.mean = run.preprocess.mean.cpu()
     if rank == 0:
         save_checkpoint(run.out / "final.pt", run.model, run.info)
+        classes = len(run.info.classes)
+        if run.metrics and classes > 1 and run.metrics[-1]["val_top1"] <= 1.2 / classes:
+            print(f"deconvnet: warning: {run.out} ended at chance accuracy ({100 * run.metrics[-1]['val_top1']:.1f}% "
+                  f"top-1 over {classes} classes): the run diverged or did not learn; try a lower --lr",
+                  file=sys.stderr, flush=True)
         if "top1_10crop" in run.info.accuracy:
             print(f"final: val top-1 {run.info.accuracy['top1']:.4f} (center crop), "
                   f"{run.info.accuracy['top1_10crop']:.4f} (10 crops)", flush=True)
