@@ -190,11 +190,11 @@ def run_setting(name: str, args) -> dict:
         methods.add(projection.method)
     crops, crops_s = {}, 0.0
     for layer in LAYERS:  # the path the cone replaced (still the fallback)
-        crops[layer], s, _ = best(lambda: _project_crops(_Request(model, layer), x, jobs[layer]), args.repeats)
+        crops[layer], s, _ = best(lambda: _project_crops(_Request(model, layer), x, jobs[layer])[0], args.repeats)
         crops_s += s
     full, full_s = {}, 0.0
     for layer in LAYERS:  # batching alone: the same passes over whole images
-        full[layer], s, _ = best(lambda: _Request(model, layer).run(x, jobs[layer]), 1)
+        full[layer], s, _ = best(lambda: _Request(model, layer).run(x, jobs[layer])[0], 1)
         full_s += s
 
     with CountFlops() as counter:
@@ -239,7 +239,7 @@ def interleaved(name: str, args) -> dict:
     dn = Deconvnet(model)
     fns = {"captum": lambda: captum_projections(model, x, jobs),
            "ours": lambda: {l: dn.project(x, l, jobs[l]) for l in LAYERS},
-           "crops": lambda: {l: _project_crops(_Request(model, l), x, jobs[l]) for l in LAYERS}}
+           "crops": lambda: {l: _project_crops(_Request(model, l), x, jobs[l])[0] for l in LAYERS}}
     warnings.filterwarnings("ignore")
     flops, wall, cpu, outputs = {}, {k: [] for k in fns}, {k: [] for k in fns}, {}
     for k, f in fns.items():

@@ -204,8 +204,18 @@ class Deconvnet:
 
     def projection(self, images: torch.Tensor, layer: str, units, rule: str = "deconvnet") -> Projection:
         """:meth:`project`'s projections with the strategy that computed them (:class:`Projection`)."""
-        if rule not in RULES:
-            raise UserError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
+        return self.projections(images, layer, units, (rule,))[rule]
+
+    def projections(self, images: torch.Tensor, layer: str, units, rules=RULES) -> dict[str, Projection]:
+        """:meth:`projection` for several rules at once: one forward pass, one pass down per rule
+        (the rules differ only on the way down, Sec. 2.1). ``{rule: Projection}``, each equal to
+        ``projection(images, layer, units, rule)``."""
+        rules = tuple(dict.fromkeys(rules))
+        for rule in rules:
+            if rule not in RULES:
+                raise UserError(f"unknown rule {rule!r}; use one of {', '.join(RULES)}")
+        if not rules:
+            raise UserError(f"no rule given; use some of {', '.join(RULES)}")
         if self.model.training:
             raise UserError("the model is in training mode; call model.eval() before projecting")
         resolve(self.model, layer)
@@ -214,34 +224,38 @@ class Deconvnet:
         units = [tuple(int(v) for v in u) for u in units]
         if len(units) != len(images):
             raise UserError(f"{len(units)} units for {len(images)} images; give one (channel, y, x) per image")
-        request = _Request(self.model, layer, rule, self.other_activations)
+        request = _Request(self.model, layer, rules, self.other_activations)
         given = images.device  # the projections go back where the images came from
         images = images.to(model_device(self.model))
+
+        def result(values: torch.Tensor, method: str) -> dict[str, Projection]:
+            return {rule: Projection(v.to(given), method) for rule, v in zip(rules, values)}
+
         why = "the layer has no spatial units"
         if units and all(len(u) == 3 for u in units):
             try:
-                return Projection(_project_cone(request, images, units).to(given), "cone")
+                return result(_project_cone(request, images, units), "cone")
             except _NoCone as e:
                 why = str(e)
             values = _project_crops(request, images, units)
             if values is not None:
-                return Projection(values.to(given), f"crop: {why}")
-        return Projection(_project_full_image(request, images, units).to(given), f"full image: {why}")
+                return result(values, f"crop: {why}")
+        return result(_project_full_image(request, images, units), f"full image: {why}")
 
 
 @dataclass(frozen=True)
 class _Request:
-    """What the three strategies share: the model, the (per-call) layer projected from, the rule, and
+    """What the three strategies share: the model, the (per-call) layer projected from, the rules, and
     what activations the paper has no rule for do (:class:`Deconvnet`)."""
 
     model: nn.Module
     layer: str
-    rule: str = "deconvnet"
+    rules: tuple[str, ...] = ("deconvnet",)
     other_activations: str = "error"
 
     def run(self, x: torch.Tensor, units: list[tuple], crop: bool = False) -> torch.Tensor | None:
-        """One forward/backward pass through the model itself. On a crop (``crop``): None if a unit
-        falls outside the map."""
+        """One forward pass through the model itself and one pass down per rule: (rules, N, C, H, W).
+        On a crop (``crop``): None if a unit falls outside the map."""
         x = x.detach().clone().requires_grad_(True)  # a leaf of our own (also from inference-mode tensors)
         names: dict = {}  # autograd node -> per-call name of the module whose output it made
 
@@ -263,37 +277,44 @@ class _Request:
             return self.down(out, x, units, names)
 
     def down(self, out: torch.Tensor, x: torch.Tensor, units: list[tuple], names: dict) -> torch.Tensor:
-        """The pass down from ``out`` (N, ...), the layer's output computed from the leaf ``x``: the seed
-        is each unit's own value, every ReLU on the way gets the rule. ``names``: autograd node ->
-        layer name, for errors."""
-        layer, rule = self.layer, self.rule
+        """The passes down from ``out`` (N, ...), the layer's output computed from the leaf ``x``, one
+        per rule: (rules, N, ...) like ``x``. The seed is each unit's own value, every ReLU on the way
+        gets the rule. ``names``: autograd node -> layer name, for errors."""
+        layer = self.layer
         if out.grad_fn is None:
             raise UserError(f"{layer!r} does not depend on the input")
-        node_handles: list = []
-        with torch.enable_grad(), hooks(node_handles):
+        index = (torch.arange(len(x)), *zip(*units))
+        seed = torch.zeros_like(out)
+        seed[index] = out.detach()[index]
+        with torch.enable_grad():
             on_path = [node for node, leads in _leads_to(out.grad_fn, x).items() if leads]
-            if rule != "gradient":
-                others = [n for n in on_path if _other_kind(n)]
-                if others and self.other_activations == "error":
-                    first = max(others, key=lambda n: n._sequence_nr())  # the first the signal meets going down
-                    raise UserError(f"the signal from {layer!r} passes a {_other_kind(first)} at {_where(first, names)}, "
-                                    f"which the paper has no {rule} rule for; use --rule gradient, or treat such "
-                                    "activations as the gradient does (other_activations='gradient')")
-                hook = _relu_hook(rule)
-                node_handles.extend(n.register_hook(hook) for n in on_path if n.name() in _RELU_NODES)
-            index = (torch.arange(len(x)), *zip(*units))
-            seed = torch.zeros_like(out)
-            seed[index] = out.detach()[index]
-            (grad,) = torch.autograd.grad(out, x, seed)
-        return grad
+        relus = [n for n in on_path if n.name() in _RELU_NODES]
+        grads = []
+        for i, rule in enumerate(self.rules):
+            node_handles: list = []
+            with torch.enable_grad(), hooks(node_handles):
+                if rule != "gradient":
+                    others = [n for n in on_path if _other_kind(n)]
+                    if others and self.other_activations == "error":
+                        first = max(others, key=lambda n: n._sequence_nr())  # the first the signal meets going down
+                        raise UserError(f"the signal from {layer!r} passes a {_other_kind(first)} at {_where(first, names)}, "
+                                        f"which the paper has no {rule} rule for; use --rule gradient, or treat such "
+                                        "activations as the gradient does (other_activations='gradient')")
+                    hook = _relu_hook(rule)
+                    node_handles.extend(n.register_hook(hook) for n in relus)
+                # the graph of the one forward pass serves every rule: kept until the last
+                (grad,) = torch.autograd.grad(out, x, seed, retain_graph=i < len(self.rules) - 1)
+            grads.append(grad)
+        return torch.stack(grads)
 
 
 # ----------------------------------------------------------------------------- the cone
 
 def _project_cone(request: _Request, images: torch.Tensor, units: list[tuple]) -> torch.Tensor:
-    """Projections computed over the units' cones; :class:`_NoCone` where the cone does not apply."""
+    """Projections computed over the units' cones, (rules, N, C, H, W); :class:`_NoCone` where the cone
+    does not apply."""
     plan = _Cone.plan(request.model, images, request.layer, units)
-    result = torch.zeros_like(images)
+    result = images.new_zeros(len(request.rules), *images.shape)
     (top, bottom), (left, right) = plan.margin
     (sy, sx), origins = plan.size[0], plan.origin[0].tolist()
     for start in range(0, len(units), _CHUNK):
@@ -305,10 +326,10 @@ def _project_cone(request: _Request, images: torch.Tensor, units: list[tuple]) -
         with torch.enable_grad():
             out, names = plan.forward(x, chunk)
             grads = request.down(out, x, [(units[i][0], 0, 0) for i in chunk], names)
-        for grad, i in zip(grads, chunk):  # paste the part inside the image
+        for k, i in enumerate(chunk):  # paste the part inside the image
             y0, x0 = origins[i]
             y1, x1 = min(y0 + sy, images.shape[2]), min(x0 + sx, images.shape[3])
-            result[i, :, max(y0, 0):y1, max(x0, 0):x1] = grad[:, max(-y0, 0):y1 - y0, max(-x0, 0):x1 - x0]
+            result[:, i, :, max(y0, 0):y1, max(x0, 0):x1] = grads[:, k, :, max(-y0, 0):y1 - y0, max(-x0, 0):x1 - x0]
     return result
 
 
@@ -447,12 +468,13 @@ class _Cone:
 # ----------------------------------------------------------------------------- receptive-field crops
 
 def _project_crops(request: _Request, images: torch.Tensor, units: list[tuple]) -> torch.Tensor | None:
-    """Projections computed on receptive-field crops; None where the full image must run."""
+    """Projections computed on receptive-field crops, (rules, N, C, H, W); None where the full image must
+    run."""
     plan = _crop_plan(request.model, images, request.layer, units)
     if plan is None:
         return None
     crop_h, crop_w, origins, (sy, sx) = plan
-    result = torch.zeros_like(images)
+    result = images.new_zeros(len(request.rules), *images.shape)
     for start in range(0, len(units), _CHUNK):
         chunk = range(start, min(start + _CHUNK, len(units)))
         crops = torch.stack([images[i, :, origins[i][0]:origins[i][0] + crop_h,
@@ -462,8 +484,8 @@ def _project_crops(request: _Request, images: torch.Tensor, units: list[tuple]) 
         grads = request.run(crops, crop_units, crop=True)
         if grads is None:
             return None
-        for grad, i in zip(grads, chunk):
-            result[i, :, origins[i][0]:origins[i][0] + crop_h, origins[i][1]:origins[i][1] + crop_w] = grad
+        for k, i in enumerate(chunk):
+            result[:, i, :, origins[i][0]:origins[i][0] + crop_h, origins[i][1]:origins[i][1] + crop_w] = grads[:, k]
     return result
 
 
@@ -527,8 +549,9 @@ def _crop_size(n: int, field: int, slack: int, stride: int) -> int:
 # ----------------------------------------------------------------------------- the full image
 
 def _project_full_image(request: _Request, images: torch.Tensor, units: list[tuple]) -> torch.Tensor:
-    """Projections computed by passes of the whole images through the model, ``_CHUNK`` at a time."""
-    return torch.cat([request.run(images[i:i + _CHUNK], units[i:i + _CHUNK]) for i in range(0, len(images), _CHUNK)])
+    """Projections computed by passes of the whole images through the model, ``_CHUNK`` at a time:
+    (rules, N, C, H, W)."""
+    return torch.cat([request.run(images[i:i + _CHUNK], units[i:i + _CHUNK]) for i in range(0, len(images), _CHUNK)], 1)
 
 
 def project(model, images, layer: str | None = None, units=None, rule: str = "deconvnet") -> torch.Tensor:

@@ -355,10 +355,12 @@ def _box(model: nn.Module, layer: str, unit: tuple[int, ...], hw: tuple[int, int
 
 
 def _project(model: nn.Module, other: str, x: torch.Tensor, layer: str, pairs: list[tuple[int, tuple]],
-             rule: str) -> torch.Tensor:
-    """Projections of (image index, unit) ``pairs`` of ``layer`` on images ``x``: (len(pairs), C, H, W)."""
+             rules) -> dict[str, torch.Tensor]:
+    """Projections of (image index, unit) ``pairs`` of ``layer`` on images ``x`` by each rule, from one
+    forward pass (:meth:`Deconvnet.projections`): ``{rule: (len(pairs), C, H, W)}``."""
     images = x[torch.tensor([n for n, _ in pairs], dtype=torch.long, device=x.device)]
-    return Deconvnet(model, other).project(images, layer, [u for _, u in pairs], rule).cpu()
+    got = Deconvnet(model, other).projections(images, layer, [u for _, u in pairs], rules)
+    return {rule: p.values.cpu() for rule, p in got.items()}
 
 
 def _forward(model: nn.Module, xs: torch.Tensor, layers: list[str],
@@ -430,8 +432,7 @@ def sanity(subject: Subject, images: torch.Tensor, layers: list[str] | None = No
         units = {layer: [u[:u_count] for u in per] for layer, per in units.items()}
         boxes = {layer: [[_box(model, layer, u, hw) for u in per] for per in units[layer]] for layer in layers}
         pairs = {layer: [(n, u) for n in range(n_images) for u in units[layer][n]] for layer in layers}
-        projections = {layer: {rule: _project(model, other, x, layer, pairs[layer], rule) for rule in rules}
-                       for layer in layers}
+        projections = {layer: _project(model, other, x, layer, pairs[layer], rules) for layer in layers}
 
         cascade = _cascade(model, other, x, layers, rules, pairs, boxes, projections, seed)
         specific = _specificity(model, other, x, layers, rules, maps, units, boxes, projections)
@@ -504,8 +505,9 @@ def _cascade(model, other, x, layers, rules, pairs, boxes, projections, seed) ->
             for i in group:
                 reinitialise(named[modules[i]], seed + i)
             for layer, t in due.get(s, []):
+                randomised_projections = _project(randomised, other, x, layer, pairs[layer], rules)
                 for rule in rules:
-                    p = _project(randomised, other, x, layer, pairs[layer], rule)
+                    p = randomised_projections[rule]
                     for j, box in enumerate(out[layer]["_boxes"]):
                         rho, structural, signed = _similarity(projections[layer][rule][j], p[j], box)
                         out[layer]["spearman"][rule][t, j] = rho
@@ -537,8 +539,9 @@ def _specificity(model, other, x, layers, rules, maps, units, boxes, projections
             pairs += [((n + 1) % n_images, firsts[n]) for n in range(n_images)]
         u_count = len(units[layer][0])
         out[layer] = {"other_units": {}, "edges": {}, "other_images": {}}
+        projected = _project(model, other, x, layer, pairs, rules) if pairs else {}
         for rule in rules:
-            p = _project(model, other, x, layer, pairs, rule) if pairs else torch.zeros(0, *x.shape[1:])
+            p = projected.get(rule, torch.zeros(0, *x.shape[1:]))
             other_units, edge, other_image = [], [], []
             at = 0
             for n in range(n_images):

@@ -157,11 +157,16 @@ def _project_strongest(subject: Subject, layer: str, x: torch.Tensor, maps: torc
     ``(c, y, x)`` and, per rule, the peaks projected from input ``x`` (1, C, H, W)."""
     units = strongest_units(maps, STRONGEST)
     batch = x.expand(len(units), -1, -1, -1)
+    deconvnet = Deconvnet(subject.model, subject.other_activations)
+    try:  # every rule from one forward pass
+        return units, {rule: p.values for rule, p in deconvnet.projections(batch, layer, units, RULES).items()}
+    except UserError:  # e.g. an activation some rule has no definition for: each rule alone, the error in the page
+        pass
     projections = {}
     for rule in RULES:
         try:
-            projections[rule] = Deconvnet(subject.model, subject.other_activations).project(batch, layer, units, rule)
-        except UserError as e:  # e.g. an activation the rule has no definition for: say so in the page
+            projections[rule] = deconvnet.project(batch, layer, units, rule)
+        except UserError as e:
             projections[rule] = str(e)
     return units, projections
 

@@ -181,12 +181,12 @@ def test_cone_and_crops_on_a_resnet_equal_the_full_image(monkeypatch):
 
     monkeypatch.setattr(_Request, "run", recorded)
     dn = Deconvnet(model)
-    full = run(_Request(model, "layer1"), images, units)
+    full = run(_Request(model, "layer1"), images, units)[0]
     projection = dn.projection(images, "layer1", units)  # residual additions (in place), BatchNorm, in-place ReLUs
     out = projection.values
     assert projection.method == "cone" and shapes == []
     assert (out - full).abs().max() <= 1e-5 * full.abs().max()
-    out = _project_crops(_Request(model, "layer1"), images, units)  # the fallback
+    out = _project_crops(_Request(model, "layer1"), images, units)[0]  # the fallback
     assert shapes == [(3, 3, 48, 48)]  # the 43 px field from a multiple of 4: 48 px of 112
     assert (out - full).abs().max() <= 1e-5 * full.abs().max()
 

@@ -342,7 +342,7 @@ def test_cone_equals_the_full_image_with_padding_and_ceil_mode_pools(rule, monke
         projection = dn.projection(images, layer, units, rule=rule)
         out = projection.values
         assert projection.method == "cone" and shapes == []  # no pass through the model itself
-        full = run(_Request(model, layer, rule), images, units)
+        full = run(_Request(model, layer, (rule,)), images, units)[0]
         assert (out - full).abs().max() <= 1e-12 * full.abs().max(), layer
 
 
@@ -354,13 +354,13 @@ def test_cone_and_crops_on_zfnet_equal_the_full_image(monkeypatch):
     shapes, run = record_runs(monkeypatch)
     for layer, crop, last in (("conv1", 8, 109), ("conv3", 96, 12), ("conv5", 160, 12)):
         units = strongest(model, images, layer, at={0: (0, 0), 2: (5, last)})  # a corner, the right border
-        full = run(_Request(model, layer), images, units)
+        full = run(_Request(model, layer), images, units)[0]
         projection = dn.projection(images, layer, units)
         out = projection.values
         assert projection.method == "cone"
         assert (out - full).abs().max() <= 1e-5 * full.abs().max()
         shapes.clear()
-        out = _project_crops(_Request(model, layer), images, units)  # the fallback where the cone does not apply
+        out = _project_crops(_Request(model, layer), images, units)[0]  # the fallback where the cone does not apply
         assert shapes == [(3, 3, crop, crop)]  # one batch of equal crops; ZFNet fields 7, 75, 139 px
         assert (out - full).abs().max() <= 1e-5 * full.abs().max()
 
@@ -385,12 +385,12 @@ def test_a_branching_model_runs_its_cone_or_crops_equal_to_the_full_image(monkey
     units = [(1, 3, 4), (2, 7, 0)]
     shapes, run = record_runs(monkeypatch)
     dn = Deconvnet(model)
-    full = run(_Request(model, "conv2"), images, units)
+    full = run(_Request(model, "conv2"), images, units)[0]
     projection = dn.projection(images, "conv2", units)
     out = projection.values  # the skip reads a part of the input's box
     assert projection.method == "cone" and torch.allclose(out, full, atol=1e-6)
     shapes.clear()
-    out = _project_crops(_Request(model, "conv2"), images, units)
+    out = _project_crops(_Request(model, "conv2"), images, units)[0]
     # conv2's field: 3 pooled positions (6 px of conv1's map) under conv1's 3x3: 8 px, the skip's 5 px
     # (1x1 at stride 2) inside it; crops start at even pixels, one more for the odd start: 10 px
     assert shapes == [(2, 1, 10, 10)]
@@ -425,9 +425,31 @@ def test_where_the_cone_does_not_apply_crops_or_the_full_image_run(ceil, method,
     projection = dn.projection(images, "conv2", units)
     out = projection.values
     assert projection.method.startswith(method)
-    full = run(_Request(model, "conv2"), images, units)
+    full = run(_Request(model, "conv2"), images, units)[0]
     assert (out - full).abs().max() <= 1e-6 * full.abs().max()
     assert shapes[0][2:] == ((9, 9) if ceil else (15, 15))  # a crop (the 8 px field, aligned), or the image
+
+
+@pytest.mark.parametrize("model, layer, size, method, passes", [(_small_net, "7", 47, "cone", 0),
+                                                                (lambda: _Gated(True), "conv2", 15, "crop", 1),
+                                                                (lambda: _Gated(False), "conv2", 15, "full image", 1)])
+def test_several_rules_share_one_forward_pass_and_equal_each_rule_alone(model, layer, size, method, passes,
+                                                                        monkeypatch):
+    torch.manual_seed(8)
+    model = model().double().eval()
+    channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    images = torch.randn(3, channels, size, size, dtype=torch.float64)
+    units = strongest(model, images, layer, at={0: (0, 0), 1: (2, 3)})
+    shapes, _ = record_runs(monkeypatch)
+    together = Deconvnet(model).projections(images, layer, units, RULES)
+    assert list(together) == list(RULES) and len(shapes) == passes  # one pass through the model for all rules
+    for rule in RULES:
+        alone = Deconvnet(model).projection(images, layer, units, rule)
+        assert together[rule].method.startswith(method) and together[rule].method == alone.method
+        assert torch.equal(together[rule].values, alone.values), rule
+    assert not torch.equal(together["deconvnet"].values, together["gradient"].values)  # the rules do differ here
+    with pytest.raises(UserError, match="unknown rule 'smooth'"):
+        Deconvnet(model).projections(images, layer, units, ("gradient", "smooth"))
 
 
 # ----------------------------------------------------------------------------- errors and hooks
