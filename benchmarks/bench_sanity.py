@@ -5,17 +5,20 @@
 
     .venv/bin/python benchmarks/bench_sanity.py [--images 4] [--threads 1]
 
-The straightforward way computes every number ``sanity`` returns, with the same helpers for the
-measures (Spearman, SSIM, pixel orders, seeds), but:
+The straightforward way computes every number ``sanity`` returns, with the same helpers for pixel
+orders, seeds and specificity, but:
 
 - cascading randomisation: for every layer, rule and step, a fresh ``copy.deepcopy`` of the model,
   re-initialised from the layer down to that step, then the layer's units projected (the images in
   one ``Deconvnet.project`` call, as ours);
+- the measures one pair of maps at a time with SciPy's ``spearmanr`` and scikit-image's
+  ``structural_similarity`` (Gaussian window, sigma 1.5, as ``sanity.ssim``);
 - deletion and insertion: one forward pass per image, curve and step (batch 1, the curves' ends and
   random insertion included), the unit's activation and the class scores from the same pass.
 
 Ours shares one randomised copy between the layers (``layer2``'s modules are a prefix of
-``layer4``'s), re-initialises each module once, projects every rule on each copy, runs each modified
+``layer4``'s), re-initialises each module once, projects every rule from one forward pass on each
+copy (``Deconvnet.projections``), computes the measures batched in PyTorch, runs each modified
 image once (the clean and all-mean images once per image, random insertion reusing random
 deletion's images) in batches of 16, channels-last. Specificity is the same code on both sides.
 Every number is asserted equal (Spearman/SSIM to 1e-3: float rounding can swap near-ties; curve
@@ -27,17 +30,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import sys
 import time
+import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from deconvnet.data import open_source
 from deconvnet.deconvnet import RULES, Deconvnet
 from deconvnet.probe import activations, resolve
-from deconvnet.sanity import (_box, _similarity, _specificity, _units, modified, parametrised_modules, pixel_order,
+from deconvnet.sanity import (_box, _specificity, _units, modified, parametrised_modules, pixel_order,
                               randomisation_steps, reinitialise, sanity, step_counts)
 from deconvnet.subject import as_subject
 
@@ -55,6 +62,48 @@ def rescale_logits(model, x: torch.Tensor) -> None:
         scale = 4 / float(model(x).std())
         model.fc.weight.mul_(scale)
         model.fc.bias.mul_(scale)
+
+
+class CountModelFlops(TorchDispatchMode):
+    """FLOPs of the model's convolutions and linear layers run inside, forward and backward, by
+    ``torch.utils.flop_counter``'s formulas (the measures' matrix products are not counted)."""
+
+    OPS = {torch.ops.aten.convolution, torch.ops.aten.convolution_backward, torch.ops.aten.addmm}
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._overloadpacket in self.OPS:
+            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        elif func._overloadpacket is torch.ops.aten._slow_conv2d_backward:  # the image conv's input gradient
+            grad, _, weight = args[:3]
+            self.total += 2 * grad.numel() * weight[0].numel()
+        return out
+
+
+def similarity(original: torch.Tensor, other: torch.Tensor, box) -> tuple[float, float, float]:
+    """The three measures of one pair of projections (C, H, W) within ``box``, as ``sanity`` defines
+    them, with SciPy and scikit-image."""
+    import numpy as np
+    from scipy.stats import spearmanr
+    from skimage.metrics import structural_similarity
+
+    top, left, bottom, right = box
+    a = original[:, top:bottom + 1, left:right + 1].double().numpy()
+    b = other[:, top:bottom + 1, left:right + 1].double().numpy()
+    abs_a, abs_b = np.abs(a).sum(0), np.abs(b).sum(0)
+    structural = math.nan
+    if abs_a.max() > 0 and abs_b.max() > 0:
+        structural = structural_similarity(abs_a / abs_a.max(), abs_b / abs_b.max(), gaussian_weights=True,
+                                           sigma=1.5, use_sample_covariance=False, data_range=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant map: NaN, as sanity's
+        return (float(spearmanr(abs_a.ravel(), abs_b.ravel())[0]), float(structural),
+                float(spearmanr(a.sum(0).ravel(), b.sum(0).ravel())[0]))
 
 
 @torch.no_grad()
@@ -85,7 +134,7 @@ def straightforward(subject, raw: torch.Tensor, layers: list[str], rules, steps:
                         reinitialise(named[names[i]], seed + i)
                 p = Deconvnet(randomised, other).project(x, layer, flat_units[layer], rule)
                 for n in range(n_images):
-                    sims = _similarity(projections[layer][rule][n], p[n], boxes[layer][n][0])
+                    sims = similarity(projections[layer][rule][n], p[n], boxes[layer][n][0])
                     for key, v in zip(("spearman", "ssim", "signed"), sims):
                         values[key][t, n, 0] = v
             for key in values:
@@ -155,6 +204,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--flops", action="store_true",
+                        help="also count each side's model FLOPs (runs both once more, untimed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -180,6 +231,14 @@ def main() -> None:
     report["speedup"] = round(report["straightforward_s"] / report["ours_s"], 2)
     report["max_differences"] = compare(ours, theirs, layers, RULES)
     report["randomisation_steps"] = {layer: len(ours.per_layer[layer].randomised) for layer in layers}
+    if args.flops:  # what each side asks of the model: the floor of its time where FLOPs set the pace
+        with CountModelFlops() as ours_count:
+            sanity(subject, raw, layers=layers, steps=args.steps, seed=0)
+        with CountModelFlops() as theirs_count:
+            straightforward(subject, raw, layers, RULES, args.steps, 0)
+        report["model_gflops"] = {"ours": round(ours_count.total / 1e9, 1),
+                                  "straightforward": round(theirs_count.total / 1e9, 1),
+                                  "ratio": round(theirs_count.total / ours_count.total, 2)}
     report["load_average_after"] = os.getloadavg()
     d = report["max_differences"]
     report["same_numbers"] = (d["similarity"] <= 1e-3 and d["specificity"] <= 1e-6 and d["curve_relative"] <= 1e-4

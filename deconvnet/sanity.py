@@ -80,7 +80,7 @@ if TYPE_CHECKING:
 THRESHOLD = 0.5  # a projection "depends on the learned weights" when its rank correlation after
 # randomising every layer below falls under this (Adebayo et al. 2018 read 0.5 as clearly changed)
 OTHER_UNITS = 3  # specificity: the 2nd..4th strongest channels at the unit's position
-CHUNK = 16  # modified images per forward pass
+CHUNK = 16  # modified images per forward pass on the CPU (4x that on an accelerator, where batches pay)
 SHOWN_STEPS = 12  # randomisation steps drawn at most per row of draw_sanity (the last always)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
           nn.LocalResponseNorm)
@@ -161,65 +161,88 @@ class Sanity:
 
 # ----------------------------------------------------------------------------- measures
 
-def spearman(a, b) -> float:
-    """Spearman rank correlation of two arrays of equal size (flattened; ties get their mean rank);
-    NaN when either is constant. NumPy/SciPy, single-threaded: these are many small maps."""
-    from scipy.stats import rankdata
-
-    ra = rankdata(np.asarray(a, dtype=np.float64).ravel())
-    rb = rankdata(np.asarray(b, dtype=np.float64).ravel())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = math.sqrt(float(ra @ ra) * float(rb @ rb))
-    return float(ra @ rb) / den if den > 0 else math.nan
-
-
-def _window_mean(x: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """``x`` (h, w) filtered by the separable window ``g`` (outer(g, g)) at every position where it fits."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    rows = sliding_window_view(x, len(g), axis=1) @ g  # (h, w - n + 1)
-    return sliding_window_view(rows, len(g), axis=0) @ g  # (h - n + 1, w - n + 1)
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..P along the last axis of ``x`` (B, P), ties given their mean rank (SciPy's
+    ``rankdata``), in float64."""
+    b, p = x.shape
+    values, where = x.sort(dim=1, stable=True)
+    new = torch.ones_like(values, dtype=torch.bool)
+    new[:, 1:] = values[:, 1:] != values[:, :-1]
+    group = (new.cumsum(1) - 1 + torch.arange(b, device=x.device)[:, None] * p).flatten()  # tie groups, per row
+    position = torch.arange(1, p + 1, dtype=torch.float64, device=x.device).repeat(b)
+    total = torch.zeros(b * p, dtype=torch.float64, device=x.device).index_add_(0, group, position)
+    count = torch.zeros(b * p, dtype=torch.float64, device=x.device).index_add_(0, group, torch.ones_like(position))
+    mean = (total / count.clamp_min(1))[group].reshape(b, p)
+    return torch.empty_like(mean).scatter_(1, where, mean)
 
 
-def ssim(a, b) -> float:
-    """Structural similarity (Wang et al. 2004) of two maps (h, w) in [0, 1]: a Gaussian window of 11
-    pixels, sigma 1.5 (the largest odd size that fits where a map is smaller), C1 = 0.01^2,
-    C2 = 0.03^2; the mean of the SSIM map over the window positions inside the maps."""
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    size = min(_SSIM_WINDOW, x.shape[0], x.shape[1])
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of each row of ``a`` and ``b`` (B, ...), flattened per row (ties get
+    their mean rank): (B,) float64, NaN where either row is constant."""
+    ra, rb = _ranks(a.flatten(1).double()), _ranks(b.flatten(1).double())
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    den = ((ra * ra).sum(1) * (rb * rb).sum(1)).sqrt()
+    return torch.where(den > 0, (ra * rb).sum(1) / den.clamp_min(1e-300), torch.full_like(den, math.nan))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) of maps ``a``, ``b`` (B, h, w) in [0, 1]: a Gaussian
+    window of 11 pixels, sigma 1.5 (the largest odd size that fits where a map is smaller),
+    C1 = 0.01^2, C2 = 0.03^2; the mean of the SSIM map over the window positions inside the maps.
+    (B,) float64."""
+    x, y = a.double()[:, None], b.double()[:, None]
+    size = min(_SSIM_WINDOW, x.shape[2], x.shape[3])
     size -= 1 - size % 2
-    g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * _SSIM_SIGMA ** 2))
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64, device=x.device) - (size - 1) / 2) ** 2)
+                  / (2 * _SSIM_SIGMA ** 2))
     g = g / g.sum()
-    mx, my = _window_mean(x, g), _window_mean(y, g)
-    vx = _window_mean(x * x, g) - mx * mx
-    vy = _window_mean(y * y, g) - my * my
-    cov = _window_mean(x * y, g) - mx * my
+
+    def mean(t: torch.Tensor) -> torch.Tensor:  # the window's weighted mean at every position where it fits
+        return (t.unfold(3, size, 1) @ g).unfold(2, size, 1) @ g
+
+    mx, my = mean(x), mean(y)
+    vx, vy, cov = mean(x * x) - mx * mx, mean(y * y) - my * my, mean(x * y) - mx * my
     s = ((2 * mx * my + _SSIM_C1) * (2 * cov + _SSIM_C2)) / ((mx * mx + my * my + _SSIM_C1) * (vx + vy + _SSIM_C2))
-    return float(s.mean())
+    return s.mean((1, 2, 3))
 
 
-def _scaled(m: np.ndarray) -> np.ndarray | None:
-    """A map divided by its maximum (to [0, 1]); None when it is all 0."""
-    top = float(m.max())
-    return m / top if top > 0 else None
+def _by_shape(a: list[torch.Tensor], b: list[torch.Tensor], measure: Callable) -> torch.Tensor:
+    """``measure`` of each pair ``(a[i], b[i])`` of maps, batched over the pairs of one shape: (len(a),)."""
+    out = torch.full((len(a),), math.nan, dtype=torch.float64)
+    shapes: dict[tuple, list[int]] = {}
+    for i, m in enumerate(a):
+        shapes.setdefault(tuple(m.shape), []).append(i)
+    for members in shapes.values():
+        index = torch.tensor(members)
+        out[index] = measure(torch.stack([a[i] for i in members]), torch.stack([b[i] for i in members])).cpu()
+    return out
 
 
-def _similarity(original: torch.Tensor, other: torch.Tensor, box) -> tuple[float, float, float]:
-    """(Spearman of |.|, SSIM of |.| scaled, Spearman of the signed maps), maps (C, H, W) summed over
-    channels within ``box``."""
-    top, left, bottom, right = box
-    a = original[:, top:bottom + 1, left:right + 1].double().numpy()
-    b = other[:, top:bottom + 1, left:right + 1].double().numpy()
-    abs_a, abs_b = np.abs(a).sum(0), np.abs(b).sum(0)
-    sa, sb = _scaled(abs_a), _scaled(abs_b)
-    structural = ssim(sa, sb) if sa is not None and sb is not None else math.nan
-    return spearman(abs_a, abs_b), structural, spearman(a.sum(0), b.sum(0))
+def _similarity(original: torch.Tensor, other: torch.Tensor, boxes: list) -> torch.Tensor:
+    """(Spearman of |.|, SSIM of |.| each scaled to [0, 1] by its maximum, Spearman of the signed maps)
+    of projections ``original[i]`` and ``other[i]`` (B, C, H, W), summed over channels within
+    ``boxes[i]``: (B, 3) float64 (SSIM NaN where a map is all 0)."""
+    def crops(p: torch.Tensor, i: int) -> torch.Tensor:
+        top, left, bottom, right = boxes[i]
+        return p[i, :, top:bottom + 1, left:right + 1].double()
+
+    a = [crops(original, i) for i in range(len(boxes))]
+    b = [crops(other, i) for i in range(len(boxes))]
+    abs_a, abs_b = [m.abs().sum(0) for m in a], [m.abs().sum(0) for m in b]
+
+    def scaled_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        top_x, top_y = x.flatten(1).amax(1), y.flatten(1).amax(1)
+        value = ssim(x / top_x.clamp_min(1e-300)[:, None, None], y / top_y.clamp_min(1e-300)[:, None, None])
+        return torch.where((top_x > 0) & (top_y > 0), value, torch.full_like(value, math.nan))
+
+    return torch.stack([_by_shape(abs_a, abs_b, rank_correlation), _by_shape(abs_a, abs_b, scaled_ssim),
+                        _by_shape([m.sum(0) for m in a], [m.sum(0) for m in b], rank_correlation)], 1)
 
 
 def edge_map(x: torch.Tensor) -> torch.Tensor:
     """Sobel gradient magnitude of images (N, C, H, W), summed over channels: (N, H, W) (borders
     replicated)."""
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype)
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device)
     kernels = torch.stack([kx, kx.t()])[:, None].repeat(x.shape[1], 1, 1, 1)  # (2C, 1, 3, 3)
     g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels, groups=x.shape[1])
     g = g.reshape(len(x), x.shape[1], 2, *x.shape[2:])
@@ -357,10 +380,10 @@ def _box(model: nn.Module, layer: str, unit: tuple[int, ...], hw: tuple[int, int
 def _project(model: nn.Module, other: str, x: torch.Tensor, layer: str, pairs: list[tuple[int, tuple]],
              rules) -> dict[str, torch.Tensor]:
     """Projections of (image index, unit) ``pairs`` of ``layer`` on images ``x`` by each rule, from one
-    forward pass (:meth:`Deconvnet.projections`): ``{rule: (len(pairs), C, H, W)}``."""
+    forward pass (:meth:`Deconvnet.projections`): ``{rule: (len(pairs), C, H, W)}`` on ``x``'s device."""
     images = x[torch.tensor([n for n, _ in pairs], dtype=torch.long, device=x.device)]
     got = Deconvnet(model, other).projections(images, layer, [u for _, u in pairs], rules)
-    return {rule: p.values.cpu() for rule, p in got.items()}
+    return {rule: p.values for rule, p in got.items()}
 
 
 def _forward(model: nn.Module, xs: torch.Tensor, layers: list[str],
@@ -452,7 +475,7 @@ def sanity(subject: Subject, images: torch.Tensor, layers: list[str] | None = No
             layer=layer, units=units[layer], boxes=boxes[layer], randomised=cascade[layer]["randomised"],
             spearman=cascade[layer]["spearman"], ssim=cascade[layer]["ssim"], signed=cascade[layer]["signed"],
             vanished=cascade[layer]["vanished"],
-            shown=cascade[layer]["shown"], projections={r: p.reshape(shape) for r, p in projections[layer].items()},
+            shown=cascade[layer]["shown"], projections={r: p.reshape(shape).cpu() for r, p in projections[layer].items()},
             other_units=specific[layer]["other_units"], edges=specific[layer]["edges"],
             other_images=specific[layer]["other_images"], clean_activation=clean[layer], fractions=fractions,
             **deletion[layer])
@@ -485,7 +508,7 @@ def _cascade(model, other, x, layers, rules, pairs, boxes, projections, seed) ->
                 out[layer][key][rule] = torch.full((len(groups), len(flat_boxes)), math.nan)
             out[layer]["vanished"][rule] = torch.zeros(len(groups), len(flat_boxes), dtype=torch.bool)
             top, left, bottom, right = first
-            original = projections[layer][rule][0, :, top:bottom + 1, left:right + 1].abs().sum(0)
+            original = projections[layer][rule][0, :, top:bottom + 1, left:right + 1].abs().sum(0).cpu()
             out[layer]["shown"][rule] = torch.zeros(len(groups) + 1, *original.shape)
             out[layer]["shown"][rule][0] = original
     for modules, members in chains:
@@ -506,17 +529,16 @@ def _cascade(model, other, x, layers, rules, pairs, boxes, projections, seed) ->
                 reinitialise(named[modules[i]], seed + i)
             for layer, t in due.get(s, []):
                 randomised_projections = _project(randomised, other, x, layer, pairs[layer], rules)
+                boxes_of = out[layer]["_boxes"]
                 for rule in rules:
                     p = randomised_projections[rule]
-                    for j, box in enumerate(out[layer]["_boxes"]):
-                        rho, structural, signed = _similarity(projections[layer][rule][j], p[j], box)
-                        out[layer]["spearman"][rule][t, j] = rho
-                        out[layer]["ssim"][rule][t, j] = structural
-                        out[layer]["signed"][rule][t, j] = signed
-                        top, left, bottom, right = box
+                    sims = _similarity(projections[layer][rule], p, boxes_of).float()
+                    for k, key in enumerate(("spearman", "ssim", "signed")):
+                        out[layer][key][rule][t] = sims[:, k]
+                    for j, (top, left, bottom, right) in enumerate(boxes_of):
                         out[layer]["vanished"][rule][t, j] = not bool(p[j, :, top:bottom + 1, left:right + 1].any())
-                    top, left, bottom, right = out[layer]["_boxes"][0]
-                    out[layer]["shown"][rule][t + 1] = p[0, :, top:bottom + 1, left:right + 1].abs().sum(0)
+                    top, left, bottom, right = boxes_of[0]
+                    out[layer]["shown"][rule][t + 1] = p[0, :, top:bottom + 1, left:right + 1].abs().sum(0).cpu()
     n_images = len(x)
     for layer in layers:
         shape = (out[layer]["_steps"], n_images, len(out[layer]["_boxes"]) // n_images)
@@ -529,7 +551,7 @@ def _specificity(model, other, x, layers, rules, maps, units, boxes, projections
     """Per layer and rule, per image: Spearman of |projection| of the strongest unit with other units
     at its position, with the edge map, and with the same unit on the next image (in the field)."""
     n_images = len(x)
-    edges = edge_map(x).cpu()
+    edges = edge_map(x)
     out = {}
     for layer in layers:
         firsts = [units[layer][n][0] for n in range(n_images)]
@@ -540,32 +562,35 @@ def _specificity(model, other, x, layers, rules, maps, units, boxes, projections
         u_count = len(units[layer][0])
         out[layer] = {"other_units": {}, "edges": {}, "other_images": {}}
         projected = _project(model, other, x, layer, pairs, rules) if pairs else {}
+        crops = []
+        for n in range(n_images):
+            top, left, bottom, right = boxes[layer][n][0]
+            crops.append((slice(None), slice(top, bottom + 1), slice(left, right + 1)))
         for rule in rules:
-            p = projected.get(rule, torch.zeros(0, *x.shape[1:]))
-            other_units, edge, other_image = [], [], []
-            at = 0
+            p = projected.get(rule, x.new_zeros(0, *x.shape[1:]))
+            mine = [projections[layer][rule][n * u_count][crops[n]].abs().sum(0) for n in range(n_images)]
+            owner, theirs = [], []  # the other units' projections come first in p, image by image
             for n in range(n_images):
-                top, left, bottom, right = boxes[layer][n][0]
-                crop = (slice(None), slice(top, bottom + 1), slice(left, right + 1))
-                mine = projections[layer][rule][n * u_count][crop].abs().sum(0)
-                values = [spearman(mine, p[at + k][crop].abs().sum(0)) for k in range(len(others[n]))]
-                at += len(others[n])
-                other_units.append(float(np.nanmean(values)) if any(math.isfinite(v) for v in values) else math.nan)
-                edge.append(spearman(mine, edges[n][crop[1:]]))
-            for n in range(n_images if n_images > 1 else 0):
-                top, left, bottom, right = boxes[layer][n][0]
-                crop = (slice(None), slice(top, bottom + 1), slice(left, right + 1))
-                mine = projections[layer][rule][n * u_count][crop].abs().sum(0)
-                other_image.append(spearman(mine, p[at + n][crop].abs().sum(0)))
+                for _ in others[n]:
+                    theirs.append(p[len(owner)][crops[n]].abs().sum(0))
+                    owner.append(n)
+            rho = _by_shape([mine[n] for n in owner], theirs, rank_correlation).numpy()
+            owner = np.array(owner, dtype=int)
+            other_units = [float(np.nanmean(rho[owner == n])) if np.isfinite(rho[owner == n]).any() else math.nan
+                           for n in range(n_images)]
             out[layer]["other_units"][rule] = torch.tensor(other_units)
-            out[layer]["edges"][rule] = torch.tensor(edge)
-            out[layer]["other_images"][rule] = torch.tensor(other_image) if other_image else torch.full((n_images,), math.nan)
+            out[layer]["edges"][rule] = _by_shape(mine, [edges[n][crops[n][1:]] for n in range(n_images)],
+                                                  rank_correlation).float()
+            at = len(owner)
+            out[layer]["other_images"][rule] = (
+                _by_shape(mine, [p[at + n][crops[n]].abs().sum(0) for n in range(n_images)], rank_correlation).float()
+                if n_images > 1 else torch.full((n_images,), math.nan))
     return out
 
 
 def _deletion(model, x, fill, layers, rules, units, projections, random_order, counts) -> tuple[dict, dict, torch.Tensor]:
     """Deletion and insertion curves (module docstring, 3.): every modified image runs once, in
-    batches of :data:`CHUNK`, each pass giving every layer's units and the class scores."""
+    batches (:data:`CHUNK` images on the CPU), each pass giving every layer's units and the class scores."""
     n_images, channels = x.shape[:2]
     pixels, steps = x.shape[2] * x.shape[3], len(counts) - 1
     u_count = len(units[layers[0]][0])
@@ -598,7 +623,7 @@ def _deletion(model, x, fill, layers, rules, units, projections, random_order, c
             for n in range(n_images):
                 for u in range(u_count):
                     key = (layer, rule, n, u)
-                    order = pixel_order(projections[layer][rule][n * u_count + u])
+                    order = pixel_order(projections[layer][rule][n * u_count + u]).cpu()
                     ranks[key] = torch.empty(pixels, dtype=torch.long)
                     ranks[key][order] = torch.arange(pixels)
                     jobs += [(n, key, counts[k], insert) for insert in (False, True) for k in range(1, steps)]
@@ -606,8 +631,9 @@ def _deletion(model, x, fill, layers, rules, units, projections, random_order, c
     values = {layer: torch.empty(len(jobs), u_count) for layer in layers}
     probability = torch.empty(len(jobs), dtype=torch.float64)
     flat = x.flatten(2)  # (N, C, P)
-    for begin in range(0, len(jobs), CHUNK):
-        chunk = jobs[begin:begin + CHUNK]
+    size = CHUNK if x.device.type == "cpu" else 4 * CHUNK
+    for begin in range(0, len(jobs), size):
+        chunk = jobs[begin:begin + size]
         rows = torch.tensor([n for n, _, _, _ in chunk])
         moved = torch.stack([ranks[key] < count for _, key, count, _ in chunk])[:, None].to(x.device)  # (B, 1, P)
         insert = torch.tensor([ins for _, _, _, ins in chunk])[:, None, None].to(x.device)

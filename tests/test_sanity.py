@@ -247,3 +247,38 @@ def test_bad_input_is_one_line_user_error(tiny_run):
     with pytest.raises(UserError, match="uint8"):
         sanity(subject, raw.float())
     assert subject.images(raw[:, :, :16, :16]).shape == raw.shape  # other sizes are resized, as files are
+
+
+def test_the_measures_equal_scipy_and_scikit_image_pair_by_pair():
+    from skimage.metrics import structural_similarity
+
+    from deconvnet.sanity import _similarity, rank_correlation, ssim
+
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(4, 30, 40, generator=g).relu().round(decimals=1)  # many ties: zeros and repeated values
+    b = (a + 0.5 * torch.randn(4, 30, 40, generator=g)).relu().round(decimals=1)
+    got = rank_correlation(a, b)
+    for i in range(4):
+        assert float(got[i]) == pytest.approx(spearmanr(a[i].ravel(), b[i].ravel())[0], abs=1e-12)
+    assert torch.isnan(rank_correlation(torch.ones(1, 9), torch.randn(1, 9))).all()  # a constant map
+    x = torch.rand(3, 25, 33, generator=g, dtype=torch.float64)
+    y = (x + 0.3 * torch.rand(3, 25, 33, generator=g, dtype=torch.float64)).clamp(0, 1)
+    got = ssim(x, y)
+    for i in range(3):
+        expected = structural_similarity(x[i].numpy(), y[i].numpy(), gaussian_weights=True, sigma=1.5,
+                                         use_sample_covariance=False, data_range=1.0)
+        assert float(got[i]) == pytest.approx(expected, abs=1e-12)
+    # several boxes of different shapes in one call; an all-zero projection has no SSIM
+    original, other = torch.randn(3, 2, 20, 20, generator=g), torch.randn(3, 2, 20, 20, generator=g)
+    other[2] = 0
+    boxes = [(0, 0, 19, 19), (3, 4, 15, 17), (0, 0, 19, 19)]
+    got = _similarity(original, other, boxes)
+    for i, (top, left, bottom, right) in enumerate(boxes[:2]):
+        p, q = (m[i, :, top:bottom + 1, left:right + 1].double() for m in (original, other))
+        pa, qa = p.abs().sum(0), q.abs().sum(0)
+        expected = structural_similarity((pa / pa.max()).numpy(), (qa / qa.max()).numpy(), gaussian_weights=True,
+                                         sigma=1.5, use_sample_covariance=False, data_range=1.0)
+        assert float(got[i, 0]) == pytest.approx(spearmanr(pa.ravel(), qa.ravel())[0], abs=1e-12)
+        assert float(got[i, 1]) == pytest.approx(expected, abs=1e-12)
+        assert float(got[i, 2]) == pytest.approx(spearmanr(p.sum(0).ravel(), q.sum(0).ravel())[0], abs=1e-12)
+    assert torch.isnan(got[2]).all()  # constant maps: no rank correlation, no SSIM
