@@ -3,7 +3,7 @@
 224 px, a few Fashion-MNIST test images (grey, resized, ImageNet preprocessing), the default layers
 (``layer2``, ``layer4``), the three rules, 10 deletion steps, the strongest unit per image.
 
-    .venv/bin/python benchmarks/bench_sanity.py [--images 4] [--threads 1]
+    .venv/bin/python benchmarks/bench_sanity.py [--images 4] [--threads 1] [--device cuda] [--flops]
 
 The straightforward way computes every number ``sanity`` returns, with the same helpers for pixel
 orders, seeds and specificity, but:
@@ -93,8 +93,8 @@ def similarity(original: torch.Tensor, other: torch.Tensor, box) -> tuple[float,
     from skimage.metrics import structural_similarity
 
     top, left, bottom, right = box
-    a = original[:, top:bottom + 1, left:right + 1].double().numpy()
-    b = other[:, top:bottom + 1, left:right + 1].double().numpy()
+    a = original[:, top:bottom + 1, left:right + 1].double().cpu().numpy()
+    b = other[:, top:bottom + 1, left:right + 1].double().cpu().numpy()
     abs_a, abs_b = np.abs(a).sum(0), np.abs(b).sum(0)
     structural = math.nan
     if abs_a.max() > 0 and abs_b.max() > 0:
@@ -110,7 +110,8 @@ def similarity(original: torch.Tensor, other: torch.Tensor, box) -> tuple[float,
 def straightforward(subject, raw: torch.Tensor, layers: list[str], rules, steps: int, seed: int) -> dict:
     """Every number of ``sanity`` the straightforward way (module docstring)."""
     model, other = subject.model, subject.other_activations
-    x = subject.prepare(raw).float()
+    device = next(model.parameters()).device
+    x = subject.prepare(raw).float().to(device)
     n_images, channels, height, width = x.shape
     pixels = height * width
     maps = activations(model, x, layers)
@@ -156,7 +157,7 @@ def straightforward(subject, raw: torch.Tensor, layers: list[str], rules, steps:
                     if order == "random" and kind == "insertion":
                         ranking = ranking.flip(0)
                     for k, count in enumerate(counts):
-                        image = modified(x[n], ranking, count, fill, kind == "insertion")
+                        image = modified(x[n].cpu(), ranking, count, fill, kind == "insertion").to(device)
                         seen = []
 
                         def hook(_m, _i, output):
@@ -204,19 +205,21 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="where the model runs, both sides (cpu, cuda, cuda:N)")
     parser.add_argument("--flops", action="store_true",
                         help="also count each side's model FLOPs (runs both once more, untimed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = build()
+    model = build().to(args.device)
     subject = as_subject(model)
     source = open_source("fashion-mnist:test", subject.preprocess.stored_size, 3)
     raw = source.get(list(range(args.images)))
-    rescale_logits(model, subject.prepare(raw))
+    rescale_logits(model, subject.prepare(raw).to(args.device))
     layers = [subject.stages[len(subject.stages) // 2], subject.stages[-1]]
-    report = {"device": f"{platform.machine()} {platform.processor() or ''}".strip()
-                        + f", {os.cpu_count()} cores, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
+    where = (torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda")
+             else f"{platform.machine()} {platform.processor() or ''}".strip())
+    report = {"device": where + f", {os.cpu_count()} cores, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
               "model": "resnet18 (random weights), 224 px", "images": args.images, "layers": layers,
               "rules": list(RULES), "steps": args.steps, "load_average_before": os.getloadavg()}
 
