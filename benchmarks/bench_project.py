@@ -106,16 +106,17 @@ def best(fn, repeats: int):
 class CountFlops(TorchDispatchMode):
     """FLOPs of the convolutions and matmuls run inside (forward and backward), by
     ``torch.utils.flop_counter``'s formulas; without its module tracking, whose hooks
-    ``torch.autograd.grad`` refuses."""
+    ``torch.autograd.grad`` refuses. ``ops``: count only these (``torch.ops.aten`` packets)."""
 
-    def __init__(self):
+    def __init__(self, ops=None):
         super().__init__()
         self.total = 0
+        self.ops = set(flop_registry) if ops is None else set(ops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func._overloadpacket in flop_registry:
+        if func._overloadpacket in self.ops:
             self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
         elif func._overloadpacket is torch.ops.aten._slow_conv2d_backward:  # the image conv's input gradient
             grad, _, weight = args[:3]

@@ -38,9 +38,8 @@ import time
 import warnings
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
+from bench_project import CountFlops
 from deconvnet.data import open_source
 from deconvnet.deconvnet import RULES, Deconvnet
 from deconvnet.probe import activations, resolve
@@ -64,25 +63,9 @@ def rescale_logits(model, x: torch.Tensor) -> None:
         model.fc.bias.mul_(scale)
 
 
-class CountModelFlops(TorchDispatchMode):
-    """FLOPs of the model's convolutions and linear layers run inside, forward and backward, by
-    ``torch.utils.flop_counter``'s formulas (the measures' matrix products are not counted)."""
-
-    OPS = {torch.ops.aten.convolution, torch.ops.aten.convolution_backward, torch.ops.aten.addmm}
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func._overloadpacket in self.OPS:
-            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
-        elif func._overloadpacket is torch.ops.aten._slow_conv2d_backward:  # the image conv's input gradient
-            grad, _, weight = args[:3]
-            self.total += 2 * grad.numel() * weight[0].numel()
-        return out
+MODEL_OPS = (torch.ops.aten.convolution, torch.ops.aten.convolution_backward, torch.ops.aten.addmm)
+"""The model's convolutions and linear layers, forward and backward (the measures' matrix products are
+not counted)."""
 
 
 def similarity(original: torch.Tensor, other: torch.Tensor, box) -> tuple[float, float, float]:
@@ -235,9 +218,9 @@ def main() -> None:
     report["max_differences"] = compare(ours, theirs, layers, RULES)
     report["randomisation_steps"] = {layer: len(ours.per_layer[layer].randomised) for layer in layers}
     if args.flops:  # what each side asks of the model: the floor of its time where FLOPs set the pace
-        with CountModelFlops() as ours_count:
+        with CountFlops(MODEL_OPS) as ours_count:
             sanity(subject, raw, layers=layers, steps=args.steps, seed=0)
-        with CountModelFlops() as theirs_count:
+        with CountFlops(MODEL_OPS) as theirs_count:
             straightforward(subject, raw, layers, RULES, args.steps, 0)
         report["model_gflops"] = {"ours": round(ours_count.total / 1e9, 1),
                                   "straightforward": round(theirs_count.total / 1e9, 1),
