@@ -250,18 +250,18 @@ def occlusion(out: Out, image: Files = None, data: str | None = None, index: lis
     raw, labels, names = select_images(subject, image, data, index, count=count)
     followed = [_class_index(target, subject.classes) if target is not None else label for label in labels]
     results = measure(subject, raw, followed, size=size, stride=stride, layer=layer)
-    pictures, out = subject.pictures(raw), Path(out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (result, name, pic) in enumerate(zip(results, names, pictures)):
+    for i, (result, name) in enumerate(zip(results, names)):
         if draw is None or i < draw:
-            draw_occlusion(result, out / f"occlusion-{name}.png", pic, subject.classes)
+            draw_occlusion(result, out / f"occlusion-{name}.png")  # the result carries its picture and classes
     # object masks by threshold hold for Fashion-MNIST's black backgrounds, not for photos
-    objects = list(foreground(pictures)) if subject.info is not None else []
+    objects = list(foreground(subject.pictures(raw))) if subject.info is not None else []
     findings = to_json(occlusion_findings(results, objects))
     covers = [cover_statistics(r, m) for r, m in zip(results, objects)] or [None] * len(results)
     _write_result(out, "occlusion.json", options, json_output=json_output, body={
         "model": subject.describe(), "findings": findings,
-        "images": [{"name": n, "true_label": l, **occlusion_to_json(r, subject.classes), "cover": c}
+        "images": [{"name": n, "true_label": l, **occlusion_to_json(r), "cover": c}
                    for n, l, r, c in zip(names, labels, results, covers)]})
     return findings
 

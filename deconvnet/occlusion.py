@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import itertools
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,8 @@ class Occlusion:
     projection_missing: str | None = None  # why (c) could not be computed
     method: str = "incremental"  # or "direct: <why>"
     recomputed: float | None = None  # share of the forward pass's multiply-adds recomputed per square
+    picture: torch.Tensor | None = None  # (C, H, W) in [0, 1]: the user's own pixels, for panel (a)
+    classes: list[str] | None = None  # the model's class names, for the titles and the JSON
 
 
 def occlude_image(model: nn.Module, image: torch.Tensor, target: int | None = None, size: int | None = None,
@@ -717,7 +719,10 @@ def occlusion_findings(results: list[Occlusion], objects: list[torch.Tensor]) ->
 
 
 def occlusion_to_json(result: Occlusion, classes: list[str] | None = None) -> dict:
-    """The numbers of :class:`Occlusion` as plain JSON types; class names when ``classes`` is given."""
+    """The numbers of :class:`Occlusion` as plain JSON types; class names from ``classes``, default the
+    result's own."""
+    classes = classes or result.classes
+
     def name(k: int):
         return classes[k] if classes else k
 
@@ -739,14 +744,18 @@ def draw_occlusion(result: Occlusion, path=None, picture: torch.Tensor | None = 
     """Fig. 7's row as a PNG: (a) the image with the square where p(target) is lowest, (b) activity,
     (c) projection with its receptive field, (d) p(target), (e) most probable label.
 
-    ``picture``: the image to show, (C, H, W) in [0, 1]; default ``result.image`` rescaled.
+    ``picture``: the image to show, (C, H, W) in [0, 1]; default the result's own ``picture`` (set by
+    :func:`occlusion` for pixels or files), else ``result.image`` rescaled. ``classes``: class names,
+    default the result's own.
     """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.patches import Patch, Rectangle
 
     img = result.image
+    picture = result.picture if picture is None else picture
     picture = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-12) if picture is None else picture
+    classes = classes or result.classes
     rows, cols = result.activity.shape
     t0, l0 = result.positions[0]
     t1, l1 = result.positions[-1]
@@ -810,6 +819,9 @@ def occlusion(model, images, targets=None, size: int | None = None, stride: int 
             predicted class.
         size, stride, fill: as in :func:`occlude_image` (default the paper's 35 and 14 at 224 px).
         layer: default the model's top stage (``conv5`` for ours; ``layer4`` for a ResNet).
+
+    Each result carries the image as the user sees it (``picture``, for files and pixels) and the
+    model's class names, so ``draw_occlusion(result, path)`` needs nothing else.
     """
     from .subject import as_subject
 
@@ -821,9 +833,10 @@ def occlusion(model, images, targets=None, size: int | None = None, stride: int 
     targets = list(targets)
     if len(targets) != len(pixels):
         raise UserError(f"{len(targets)} targets for {len(pixels)} images")
-    return [occlude_image(subject.model, x, target, size=size, stride=stride, layer=layer, fill=fill,
-                          other_activations=subject.other_activations)
-            for x, target in zip(to_input(pixels), targets)]
+    pictures = [None] * len(pixels) if pixels.is_floating_point() else subject.pictures(pixels)
+    return [replace(occlude_image(subject.model, x, target, size=size, stride=stride, layer=layer, fill=fill,
+                                  other_activations=subject.other_activations), picture=shown, classes=subject.classes)
+            for x, target, shown in zip(to_input(pixels), targets, pictures)]
 
 
 callable_module(__name__, occlusion)

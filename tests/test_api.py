@@ -44,6 +44,23 @@ def test_occlusion_of_a_torchvision_resnet_with_no_layer_given():
     assert results[1].target == int(model(x[1:2]).argmax())
 
 
+def test_an_occlusion_result_carries_its_picture_and_class_names(tmp_path):
+    model = torchvision_model("resnet18", num_classes=3)
+    images = torch.randint(0, 256, (1, 3, 40, 50), dtype=torch.uint8)
+    subject = as_subject(model, input_size=64, classes=["cat", "dog", "fox"])
+    result = deconvnet.occlusion(subject, images, size=16, stride=16)[0]
+    assert torch.equal(result.picture, subject.pictures(subject.images(images))[0])  # the pixels, not the input
+    assert result.classes == ["cat", "dog", "fox"]
+    figure = deconvnet.occlusion.draw_occlusion(result, tmp_path / "fig7.png")
+    assert (tmp_path / "fig7.png").stat().st_size > 0
+    assert figure.axes[0].get_title().endswith(f"class followed: {result.classes[result.target]}")
+    assert np.array_equal(figure.axes[0].images[0].get_array(), result.picture.permute(1, 2, 0).numpy())  # as it is
+    data = deconvnet.occlusion.occlusion_to_json(result)
+    assert data["target_name"] == result.classes[result.target]
+    x = subject.prepare(subject.images(images))  # the model's input as it is: nothing to show but the input
+    assert deconvnet.occlusion(subject, x, size=16, stride=16)[0].picture is None
+
+
 def test_float_inputs_are_the_models_input_as_they_are():
     model = torchvision_model("resnet18", num_classes=5)
     x = torch.randn(2, 3, 64, 64)
