@@ -199,7 +199,7 @@ def ablation_findings(result: Ablation) -> list[Finding]:
         out.append(Finding(
             claim, paper, extra, verdict(interval),
             "Extra test top-1 error over the baseline: " + ", ".join(f"{k} {v:+.1f}" for k, v in extra.items())
-            + f" (paper: +7.0, +4.3, +30.8); removing both pairs minus the two removals added: "
+            + " (paper: +7.0, +4.3, +30.8); removing both pairs minus the two removals added: "
             + _interval_words(estimate, interval) + ".",
             quantity="extra test error of no-3-4-6-7 minus those of no-3-4 and no-6-7 added (points)",
             estimate=estimate, interval=interval, n=seeds, unit=unit,

@@ -404,7 +404,7 @@ def _torchvision(name: str, state: dict | None = None, classes: str | None = Non
     available = tv.models.list_models(module=tv.models)
     if name not in available:
         close = difflib.get_close_matches(name, available, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; see torchvision.models.list_models()"
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
         raise UserError(f"torchvision has no model {name!r}{hint}")
     arguments = {}
     for pair in filter(None, query.split("&")):

@@ -90,7 +90,7 @@ def test_compare_runs_and_findings(tmp_path):
     claims = architecture_findings(runs)
     assert runs[0].aliasing == 0.0 and runs[1].aliasing > 0  # conv1 stride 1 vs 2
     assert len(claims) == 7 and all(c.verdict in VERDICTS and c.reading and c.quantity and c.if_not_held for c in claims)
-    assert [c.unit for c in claims] == ["filters"] * 4 + ["maps", f"seeds (Table 3's baseline) and 10000 test images",
+    assert [c.unit for c in claims] == ["filters"] * 4 + ["maps", "seeds (Table 3's baseline) and 10000 test images",
                                                           "filters"]
     assert [c.n for c in claims[:5]] == [64, 64, 62, 62, 8]  # the planted all-zero filters have no spectrum
     assert all(c.interval is not None for c in claims[:5])

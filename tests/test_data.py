@@ -1,7 +1,6 @@
 """Data sources: Fashion-MNIST (system files and the checked download), digits, folders, preprocessing."""
 import functools
 import http.server
-import os
 import shutil
 import threading
 from pathlib import Path

@@ -5,7 +5,7 @@ from torch import nn
 
 from deconvnet import build_model
 from deconvnet.errors import UserError
-from deconvnet.models import MODELS, Conv, ModelConfig, model_config, renormalise_filters
+from deconvnet.models import MODELS, ModelConfig, model_config, renormalise_filters
 from deconvnet.probe import activations, find_module
 
 NAMES = ["conv1", "relu1", "pool1", "norm1", "conv2", "relu2", "pool2", "norm2", "conv3", "relu3", "conv4",

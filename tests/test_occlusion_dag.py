@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from deconvnet import UserError
 from deconvnet.occlusion import occlude_image, occlusion_to_json

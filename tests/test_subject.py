@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from deconvnet.cli import main
 from deconvnet.errors import UserError
