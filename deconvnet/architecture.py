@@ -58,9 +58,9 @@ def band_energy(x: torch.Tensor) -> torch.Tensor:
     """
     size = max(SPECTRUM_SIZE, x.shape[-1], x.shape[-2])
     power = torch.fft.fft2(x.double(), s=(size, size)).abs().pow(2).sum(1)  # (N, size, size)
-    f = torch.fft.fftfreq(size, dtype=torch.float64)
+    f = torch.fft.fftfreq(size, dtype=torch.float64, device=x.device)
     radius = (f[:, None] ** 2 + f[None, :] ** 2).sqrt()
-    band = torch.bucketize(radius, torch.tensor(BAND_EDGES, dtype=torch.float64), right=True)  # 0, 1, 2
+    band = torch.bucketize(radius, torch.tensor(BAND_EDGES, dtype=torch.float64, device=x.device), right=True)
     energy = torch.stack([power[:, band == b].sum(1) for b in range(len(BANDS))], 1)
     return (energy / energy.sum(1, keepdim=True)).float()  # NaN for an all-zero image
 
@@ -71,7 +71,7 @@ def aliased_shares(weights: torch.Tensor, stride: int) -> torch.Tensor:
     back onto lower frequencies. 0 for stride 1; NaN for an all-zero filter. (F,) float64."""
     size = max(SPECTRUM_SIZE, weights.shape[-1])
     power = torch.fft.fft2(weights.detach().double(), s=(size, size)).abs().pow(2).sum(1)  # (F, size, size)
-    f = torch.fft.fftfreq(size, dtype=torch.float64).abs()
+    f = torch.fft.fftfreq(size, dtype=torch.float64, device=weights.device).abs()
     above = (f[:, None] > 0.5 / stride) | (f[None, :] > 0.5 / stride)
     return power[:, above].sum(1) / power.sum((1, 2))
 
@@ -148,7 +148,7 @@ def architecture_run(model, source: Source, indices, maps: int = 16, seed: int =
     projections = shown.projections[:, 0]  # (M, C, R, R), NaN outside the image
     high = band_energy(projections.nan_to_num(0.0))[:, 2] if chosen else torch.zeros(0)
     layer2_high = float(high.nanmean()) if chosen else float("nan")
-    filters = conv1.weight.detach().clone()
+    filters = conv1.weight.detach().cpu().clone()  # results come back to the CPU
     metrics = filter_metrics(filters)
     rms = metrics.pop("rms").tolist()
     silent = tables[layer1].values[:, 0] <= 0

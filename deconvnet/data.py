@@ -334,7 +334,7 @@ class Preprocess:
     def train(self, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
         """Sub-crop ``which[i]`` (0..9, drawn at random by the trainer) of each sample (Sec. 3)."""
         x = self.normalise(x)
-        out = torch.empty(len(x), x.shape[1], self.input_size, self.input_size)
+        out = torch.empty(len(x), x.shape[1], self.input_size, self.input_size, dtype=x.dtype, device=x.device)
         for w in which.unique().tolist():
             sel = (which == w).nonzero().flatten()
             out[sel] = self.crop(x[sel], w)

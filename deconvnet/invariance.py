@@ -70,10 +70,11 @@ def transform(raw: torch.Tensor, kind: str, amount: float) -> torch.Tensor:
                 out[:, :, :shift] = x[:, :, -shift:]
         return out
     if kind == "scale":
-        theta = torch.tensor([[1 / amount, 0.0, 0.0], [0.0, 1 / amount, 0.0]])
+        theta = torch.tensor([[1 / amount, 0.0, 0.0], [0.0, 1 / amount, 0.0]], dtype=x.dtype, device=x.device)
     else:
         a = math.radians(amount)
-        theta = torch.tensor([[math.cos(a), math.sin(a), 0.0], [-math.sin(a), math.cos(a), 0.0]])
+        theta = torch.tensor([[math.cos(a), math.sin(a), 0.0], [-math.sin(a), math.cos(a), 0.0]],
+                             dtype=x.dtype, device=x.device)
     grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

@@ -714,7 +714,7 @@ def _train_epoch(run: _Run) -> _Epoch:
         x = run.preprocess.train(run.source.get(idx).to(run.device), which[rank::procs].to(run.device))
         x = x.contiguous(memory_format=torch.channels_last)
         loss = sgd_step(run.cfg, run.net, run.optimizer, run.scheduler, x, run.source.labels[idx].to(run.device))
-        run.total_loss += loss
+        run.total_loss = run.total_loss.to(loss.device) + loss.double()  # on the model's device: no sync per step
         bar.update(1)
         if s % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
