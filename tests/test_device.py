@@ -70,6 +70,21 @@ def test_a_subject_on_the_device_runs_every_per_image_analysis(tiny_checkpoint, 
     assert deconvnet.invariance(subject, raw, amounts={"rotation": [0.0, 30.0]}).probability["rotation"].shape == (3, 2)
     result = deconvnet.sanity(subject, raw[:2], layers=["conv5"], rules=("deconvnet",), steps=2)
     assert result.per_layer["conv5"].spearman["deconvnet"].device.type == "cpu"
+    x = subject.prepare(raw).to(device)  # float inputs already on the device: Fig. 5's grids follow them
+    moved = deconvnet.invariance(subject, x, amounts={"rotation": [0.0, 30.0], "scale": [1.0, 1.2]})
+    assert moved.probability["rotation"].device.type == "cpu" and moved.probability["scale"].shape == (3, 2)
+    run = deconvnet.architecture.architecture_run(subject, subject.open_data("fashion-mnist:test"), list(range(8)), maps=2)
+    assert run.filters.device.type == "cpu" and len(run.per_filter["dead_or_silent"]) == len(run.filters)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_runs_on_the_device(tmp_path, device):
+    from deconvnet.train import TrainConfig, train
+
+    metrics = train(TrainConfig(model="zfnet-small", data="fashion-mnist", limit=64, batch_size=32, epochs=1,
+                                device=device), tmp_path / "run")
+    assert metrics["train_loss"] > 0 and (tmp_path / "run" / "final.pt").exists()
+    assert next(load_checkpoint(tmp_path / "run" / "final.pt")[0].parameters()).device.type == "cpu"
 
 
 def test_topk_with_workers_equals_topk_in_the_main_process(tmp_path, tiny_checkpoint):
