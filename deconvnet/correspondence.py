@@ -161,12 +161,13 @@ def pair_matrix(hamming: torch.Tensor, n: int) -> np.ndarray:
     return out
 
 
-def image_bootstrap(difference: np.ndarray) -> tuple[float, tuple[float, float]]:
+def image_bootstrap(difference: np.ndarray) -> tuple[float, tuple[float, float] | None]:
     """The mean of ``difference`` (n, n) over pairs of distinct images and its 95% interval, resampling
     images, not pairs (:func:`stats.unit_interval`: a bootstrap of images, the jackknife below 20): the
     pairs share images, so they are not independent. A resample's pairs are those of two different draws
     of two different images; a resample of one image drawn n times has no pair and counts as 0 (no
-    difference), which can only widen the interval to 0."""
+    difference), which can only widen the interval to 0. No interval for two images: leaving one out
+    leaves no pair."""
     from .stats import unit_interval
 
     def mean_over_pairs(picked: np.ndarray) -> float:
@@ -203,7 +204,8 @@ def correspondence_findings(result: Correspondence) -> list[Finding]:
         gaps[layer] = {p: image_bootstrap(random - pair_matrix(result.hamming[p][layer], n)) for p in parts}
     verdicts = {p: verdict(gaps[low][p][1]) for p in parts}
     overall = all_of(list(verdicts.values()))
-    worst = min(parts, key=lambda p: gaps[low][p][1][0])  # the part with the lowest interval decides
+    # the part with the lowest interval decides; one without an interval (too few images) first of all
+    worst = min(parts, key=lambda p: -np.inf if gaps[low][p][1] is None else gaps[low][p][1][0])
     estimate, interval = gaps[low][worst]
 
     def cell(layer: str) -> str:
@@ -216,7 +218,8 @@ def correspondence_findings(result: Correspondence) -> list[Finding]:
                          "not held": "A part changes the features less consistently than random boxes.",
                          "inconclusive": "Not every part's interval lies above 0 at this number of images."}[overall])
     ours = {"mean_hamming": mean,
-            "random_minus_part": {layer: {p: {"estimate": e, "interval": list(i)} for p, (e, i) in by.items()}
+            "random_minus_part": {layer: {p: {"estimate": e, "interval": list(i) if i else None}
+                                          for p, (e, i) in by.items()}
                                   for layer, by in gaps.items()},
             "part_verdicts": verdicts}
     return [Finding(claim, paper, ours, overall, reading,

@@ -337,6 +337,13 @@ IF_NOT_HELD = ("A property of the set-up more than of the scale: the small recip
                "and the run's own last snapshot stands in for 'converged'.")
 
 
+def _epochs(estimate: float, interval: tuple[float, float] | None) -> str:
+    """``+3.0 epochs [+1.0, +5.0]``, or why there is no interval."""
+    if interval is None:
+        return f"{estimate:+.1f} epochs (no interval: no spread measured)"
+    return f"{estimate:+.1f} epochs [{interval[0]:+.1f}, {interval[1]:+.1f}]"
+
+
 def _span(values: dict[int, float]) -> str:
     return ", ".join(f"layer {n} {v:.1f}" for n, v in values.items())
 
@@ -355,7 +362,7 @@ def evolution_findings(result: Evolution) -> list[Finding]:
             claim, PAPER, {f"layer{n}": round(v, 2) for n, v in stable.items()}, verdict(interval),
             f"Mean epoch from which a map's strongest image and its projection stop changing, over snapshots at "
             f"epochs {', '.join(map(str, result.epochs))}: {_span(stable)}; layers 4-5 minus 1-2: "
-            f"{estimate:+.1f} epochs [{interval[0]:+.1f}, {interval[1]:+.1f}] over {len(low) + len(high)} maps "
+            f"{_epochs(estimate, interval)} over {len(low) + len(high)} maps "
             "(the interval covers the choice of maps, not the training run's seed).",
             quantity="stable epoch of the maps of layers 4-5 minus of layers 1-2 (means over maps)",
             estimate=estimate, interval=interval, n=len(low) + len(high), unit="maps", if_not_held=IF_NOT_HELD))
@@ -376,8 +383,8 @@ def evolution_findings(result: Evolution) -> list[Finding]:
     out.append(Finding(
         claim, PAPER, ours, verdict(interval),
         f"Epoch from which each layer's linear CKA with the last snapshot stays >= {cka.threshold:g}, on "
-        f"{cka.probe} probe images: {_span(settled)}; layers 4-5 minus 1-2: {estimate:+.1f} epochs "
-        f"[{interval[0]:+.1f}, {interval[1]:+.1f}] over {cka.resamples} resamples of the probe images (the "
+        f"{cka.probe} probe images: {_span(settled)}; layers 4-5 minus 1-2: {_epochs(estimate, interval)} "
+        f"over {cka.resamples} resamples of the probe images (the "
         "interval covers the choice of probe images, not the training run's seed).",
         quantity=f"epoch from which CKA with the last snapshot stays >= {cka.threshold:g}, mean of layers 4-5 "
                  "minus mean of layers 1-2",

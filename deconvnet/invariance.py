@@ -251,6 +251,7 @@ def draw_invariance(result: Invariance, path=None, classes: list[str] | None = N
                 ax.plot(x, y.numpy(), lw=0.8, alpha=0.7, label=f"{i}: {name}")
             if n > 1:
                 bands = [mean_interval(ys[:, a].tolist()) for a in range(len(x))]
+                bands = [(m, i or (m, m)) for m, i in bands]  # no spread (e.g. at the identity): no band
                 ax.fill_between(x, [b[1][0] for b in bands], [b[1][1] for b in bands], color="0.6", alpha=0.4,
                                 lw=0, label="95% interval")
                 ax.plot(x, [b[0] for b in bands], color="k", lw=2, label=f"mean of {n}")

@@ -105,7 +105,10 @@ def summary_html(root: Path, sections: list[Section]) -> str:
     return (f'<section id="summary"><h2>Summary: {len(rows)} claims, {tally}</h2>'
             "<p>Each verdict is decided by the 95% interval of the compared quantity over what varies (images, "
             "pairs, maps, folds or seeds): <i>held</i> when the whole interval lies on the claim's side, <i>not held"
-            "</i> when it lies wholly on the other side, <i>inconclusive</i> when it contains the threshold.</p>"
+            "</i> when it lies wholly on the other side, <i>inconclusive</i> when it contains the threshold. "
+            f"Each interval is at 95% on its own, not jointly: of {len(rows)} claims tested at once, about "
+            f"{0.05 * len(rows):.0f} could be decided by chance alone if none of the effects were real, so read a "
+            "single verdict whose interval barely clears its threshold with that in mind.</p>"
             "<table><tr><th>section</th><th>claim</th><th>paper</th><th>ours [95% interval]</th><th>n</th>"
             f"<th>verdict</th></tr>{''.join(rows)}</table></section>")
 

@@ -698,6 +698,11 @@ def _paired(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a[keep], b[keep]
 
 
+def _left_out(total: int, used: int, why: str) -> str:
+    """The reading's note on images a finding could not use, counted (empty when none was left out)."""
+    return f" {total - used} of {total} images left out ({why})." if used < total else ""
+
+
 def sanity_findings(result: Sanity) -> list[Finding]:
     """The paper's reading of a projection, "it shows what the unit learned (Sec. 2.1)", assumed and
     not tested there, checked per layer and rule three ways, each with a 95% interval over images:
@@ -718,6 +723,7 @@ def sanity_findings(result: Sanity) -> list[Finding]:
     from .stats import difference_interval, mean_interval, verdict
 
     paper = "assumed, not tested (Sec. 2.1 reads a projection as what the unit learned)"
+    total = len(result.predicted)
     out: list[Finding] = []
     for layer in result.layers:
         r = result.per_layer[layer]
@@ -753,7 +759,7 @@ def sanity_findings(result: Sanity) -> list[Finding]:
                         f"{paper}; Adebayo et al. 2018 (Sec. 3, Fig. 2) find guided backprop nearly unchanged",
                         {"rank_correlation": mean, "rank_correlation_interval": list(interval) if interval else None,
                          "ssim": structural, "signed_rank_correlation": signed, "steps": steps,
-                         "vanished_units": int(gone.sum()),
+                         "vanished_units": int(gone.sum()), "images": total, "left_out": total - len(rho),
                          "first_step_rank_correlation": float(np.nanmean(_per_image(r.spearman[rule][0])))},
                         v,
                         f"After re-initialising all {steps} parametrised layers up to {layer}, the {rule} projection "
@@ -765,7 +771,8 @@ def sanity_findings(result: Sanity) -> list[Finding]:
                         + {"held": "The picture depends on the learned weights.",
                            "not held": "The picture survives the loss of the learned weights: it shows the "
                                        "architecture and the image more than what the unit learned.",
-                           "inconclusive": f"The interval contains {1 - result.threshold:g}: the data cannot tell."}[v],
+                           "inconclusive": f"The interval contains {1 - result.threshold:g}: the data cannot tell."}[v]
+                        + _left_out(total, len(rho), "a constant projection has no rank correlation"),
                         quantity=f"1 - Spearman rank correlation of |projection| with the trained model's after "
                                  f"re-initialising every layer up to {layer}, mean over images (held when above "
                                  f"{1 - result.threshold:g}: correlation below {result.threshold:g})",
@@ -793,7 +800,8 @@ def sanity_findings(result: Sanity) -> list[Finding]:
                      "random_insertion_auc": float(ins_random.mean()) if len(ins_random) else None,
                      "class_probability_deletion_auc": float(np.nanmean(_per_image(probability_aucs[rule]))),
                      "random_class_probability_deletion_auc":
-                         float(np.nanmean(_per_image(probability_aucs["random"])))},
+                         float(np.nanmean(_per_image(probability_aucs["random"]))),
+                     "images": total, "left_out": total - len(ours)},
                     v,
                     f"Removing pixels in the {rule} projection's order leaves the unit an area of {ours.mean():.2f} "
                     f"of its clean activation, random order {random.mean():.2f}; random minus projection "
@@ -801,7 +809,8 @@ def sanity_findings(result: Sanity) -> list[Finding]:
                     "at random. "
                     + {"held": "The projection ranks the pixels the unit depends on first.",
                        "not held": "Random pixels matter more to the unit than the projection's first ones.",
-                       "inconclusive": "The interval contains 0."}[v],
+                       "inconclusive": "The interval contains 0."}[v]
+                    + _left_out(total, len(ours), "the unit does not fire on the clean image"),
                     quantity="deletion AUC of the unit's activation (divided by its clean value) over the fraction "
                              "removed: random order minus the projection's, paired over images",
                     estimate=diff, interval=interval, n=len(ours), unit="images",
@@ -822,7 +831,7 @@ def sanity_findings(result: Sanity) -> list[Finding]:
                     "units on the same image",
                     f"{paper}; Nie et al. 2018 show guided backprop and the deconvnet reconstruct the image",
                     {"same_unit_other_image": float(same.mean()), "other_units_same_image": float(others.mean()),
-                     "edge_map": edge},
+                     "edge_map": edge, "images": total, "left_out": total - len(same)},
                     v,
                     f"In the unit's field, |projection| correlates {others.mean():.2f} with other units' on the same "
                     f"image, {same.mean():.2f} with the same unit's on another image"
@@ -830,7 +839,9 @@ def sanity_findings(result: Sanity) -> list[Finding]:
                     + f"; same unit minus other units {interval_text(words)}. "
                     + {"held": "The projection follows the unit more than the image.",
                        "not held": "The projection follows the image more than the unit.",
-                       "inconclusive": "The interval contains 0."}[v],
+                       "inconclusive": "The interval contains 0."}[v]
+                    + _left_out(total, len(same), "the unit does not fire on the next image, or a projection is "
+                                                  "constant"),
                     quantity="Spearman of |projection| in the unit's field: same unit on the next image minus the "
                              f"{OTHER_UNITS} next strongest channels at the unit's position on the same image, paired "
                              "over images",

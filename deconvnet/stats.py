@@ -66,13 +66,16 @@ SMALL = 20  # below this many values, a mean's interval is Student's t (the perc
 
 def mean_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, tuple[float, float] | None]:
     """The mean of ``values`` and its 95% interval: the percentile bootstrap from :data:`SMALL` values
-    on, Student's t below (5 folds, 3 seeds); None for a single value (no spread to measure)."""
+    on, Student's t below (5 folds, 3 seeds); None for a single value, or for fewer than :data:`SMALL`
+    values that are all equal (no spread measured: a zero-width interval would claim certainty)."""
     v = np.asarray(values, dtype=float)
     if len(v) == 0:
         raise ValueError("mean_interval needs at least one value")
     if len(v) == 1:
         return float(v[0]), None
     if len(v) < SMALL:
+        if float(v.std(ddof=1)) == 0.0:
+            return float(v.mean()), None
         half = t_quantile(len(v) - 1, level) * float(v.std(ddof=1)) / math.sqrt(len(v))
         return float(v.mean()), (float(v.mean()) - half, float(v.mean()) + half)
     return bootstrap(np.mean, v, level=level)
@@ -81,11 +84,23 @@ def mean_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float,
 def difference_interval(a: Sequence[float], b: Sequence[float], paired: bool = True,
                         level: float = LEVEL) -> tuple[float, tuple[float, float] | None]:
     """mean(a) - mean(b) and its 95% interval: over pairs when ``paired`` (a[i], b[i] measured on the
-    same image, fold or map; :func:`mean_interval` of the differences), else a bootstrap over two
-    independent groups (the maps of two layers)."""
+    same image, fold or map; :func:`mean_interval` of the differences), else over two independent
+    groups (the maps of two layers): a bootstrap of each group from :data:`SMALL` values on, Welch's t
+    interval below (no interval with a group of one value, or no spread in either)."""
     if paired:
         return mean_interval(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), level)
-    return bootstrap(lambda x, y: np.mean(x) - np.mean(y), a, b, paired=False, level=level)
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if min(len(x), len(y)) >= SMALL:
+        return bootstrap(lambda u, v: np.mean(u) - np.mean(v), x, y, paired=False, level=level)
+    estimate = float(x.mean() - y.mean())
+    if min(len(x), len(y)) < 2:
+        return estimate, None
+    vx, vy = float(x.var(ddof=1)) / len(x), float(y.var(ddof=1)) / len(y)
+    if vx + vy == 0.0:
+        return estimate, None
+    df = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))  # Welch-Satterthwaite
+    half = t_quantile(df, level) * math.sqrt(vx + vy)
+    return estimate, (estimate - half, estimate + half)
 
 
 def unit_interval(statistic: Callable[[np.ndarray], float], n: int,
@@ -95,18 +110,20 @@ def unit_interval(statistic: Callable[[np.ndarray], float], n: int,
     the percentile bootstrap of the units; below, the jackknife (leave one unit out) standard error with
     Student's t on n - 1 degrees of freedom, since a bootstrap of a few units is too narrow."""
     units = np.arange(n)
-    if n < 2:
+    if n < 3:  # leaving one of two units out leaves no pair: no spread to measure
         return float(statistic(units)), None
     if n >= SMALL:
         return bootstrap(lambda picked: statistic(picked.astype(int)), units, level=level)
     estimate = float(statistic(units))
     leave_one_out = np.array([statistic(np.delete(units, i)) for i in range(n)], dtype=float)
+    if not np.isfinite(leave_one_out).all() or float(leave_one_out.std()) == 0.0:
+        return estimate, None
     se = math.sqrt((n - 1) / n * float(((leave_one_out - leave_one_out.mean()) ** 2).sum()))
     half = t_quantile(n - 1, level) * se
     return estimate, (estimate - half, estimate + half)
 
 
-def t_quantile(df: int, level: float = LEVEL) -> float:
+def t_quantile(df: float, level: float = LEVEL) -> float:
     """The two-sided Student t quantile for ``df`` degrees of freedom."""
     from scipy.stats import t  # scipy comes with scikit-learn
 

@@ -235,6 +235,12 @@ def test_findings_carry_intervals_and_verdicts(tiny_run, tmp_path):
     draw_sanity(result, tmp_path / "sanity.png")
     draw_deletion(result, tmp_path / "deletion.png")
     assert (tmp_path / "sanity.png").stat().st_size > 0 and (tmp_path / "deletion.png").stat().st_size > 0
+    # an image a test cannot use is counted and said, never dropped silently
+    r = copy.deepcopy(result)
+    r.per_layer["conv3"].other_images["guided"][1] = float("nan")  # the unit did not fire on the next image
+    specific = next(f for f in sanity_findings(r) if "guided projections of conv3 are specific" in f.claim)
+    assert specific.n == 2 and specific.ours["images"] == 3 and specific.ours["left_out"] == 1
+    assert "1 of 3 images left out" in specific.reading
 
 
 def test_bad_input_is_one_line_user_error(tiny_run):

@@ -97,6 +97,7 @@ def test_report_renders_intervals_and_leads_with_the_summary(tmp_path):
     (tmp_path / section.step / section.result).write_text(json.dumps({"findings": [held, not_held]}))
     page = summary_html(tmp_path, [section, BY_STEP["fig5"]])  # fig5 has not run: left out
     assert "2 claims, 1 held, 1 not held, 0 inconclusive" in page
+    assert "at 95% on its own, not jointly: of 2 claims tested at once" in page  # the family is said
     assert 'href="#fig7"' in page and "q1: 0.3 [0.1, 0.5]" in page and "<td>200 images</td>" in page
     cells = findings_html([held, not_held])
     assert "<td class=held>held</td>" in cells and "<td class=not>not held</td>" in cells
@@ -112,3 +113,25 @@ def test_unit_interval_jackknife_of_a_mean_is_students_t():
     assert estimate == pytest.approx(mean) and (low, high) == pytest.approx(interval)
     many = np.random.default_rng(6).normal(0, 1, 200)  # from 20 units on, the bootstrap of the units
     assert stats.unit_interval(lambda idx: many[idx].mean(), 200)[1] == pytest.approx(stats.mean_interval(many)[1])
+
+
+def test_small_independent_groups_get_welchs_t_interval():
+    from scipy.stats import ttest_ind
+
+    a, b = np.array([0.31, 0.12, 0.25]), np.array([0.05, 0.14, 0.02, 0.11])
+    d, (low, high) = stats.difference_interval(a, b, paired=False)
+    expected = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert d == pytest.approx(a.mean() - b.mean())
+    assert (low, high) == pytest.approx((expected.low, expected.high))
+    assert stats.difference_interval([0.3], [0.1, 0.2], paired=False)[1] is None  # a group of one: no spread
+    assert stats.difference_interval([0.3, 0.3], [0.1, 0.1], paired=False)[1] is None  # no spread in either
+
+
+def test_no_zero_width_interval_from_a_few_equal_values_or_two_units():
+    assert stats.mean_interval([1.0, 1.0, 1.0]) == (1.0, None)  # a t interval of width 0 would claim certainty
+    assert stats.difference_interval([1.0, 2.0], [0.0, 1.0]) == (1.0, None)  # paired: every difference 1
+    pairs = np.array([[0.0, 0.05], [0.05, 0.0]])  # two images, one pair: leaving one out leaves no pair
+    estimate, interval = stats.unit_interval(lambda idx: pairs[np.ix_(idx, idx)].sum() / max(len(idx) * (len(idx) - 1), 1),
+                                             2)
+    assert estimate == pytest.approx(0.05) and interval is None
+    assert stats.verdict(interval) == stats.INCONCLUSIVE
