@@ -94,6 +94,10 @@ def device_of(spec: str | torch.device | None = "auto") -> torch.device:
         raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+    if (device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and device.index not in (None, _local_rank())):  # every rank on one GPU would stall NCCL
+        raise UserError(f"--device {spec} under torchrun: each process takes the GPU of its local rank; "
+                        "use --device cuda (or auto)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {spec}: this PyTorch build sees no CUDA device (torch {torch.__version__}); "

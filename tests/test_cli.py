@@ -89,6 +89,18 @@ def test_cuda_device_without_cuda_is_a_user_error(capsys, tmp_path):
     assert code == 2 and "sees no CUDA device" in err and err.count("\n") == 1
 
 
+def test_a_fixed_gpu_under_torchrun_is_a_user_error(monkeypatch):
+    from deconvnet.errors import UserError
+    from deconvnet.runner import device_of
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: rank 1 of 2, on the GPU of its local rank
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="each process takes the GPU of its local rank") as e:
+        device_of("cuda:0")
+    assert "\n" not in str(e.value)
+    assert device_of("cpu").type == "cpu"
+
+
 def test_old_command_names_still_work_with_a_deprecation_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["occlude", "--help"])
