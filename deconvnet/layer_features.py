@@ -140,7 +140,8 @@ def layer_features_findings(result: LayerFeatures) -> list[Finding]:
         reading = (f"{where}{kind}, {n}/class, accuracy (%) by layer {cells}; layer {top} "
                    f"minus layer {lower}: {estimate:+.1f} points"
                    + (f", 95% interval over {result.folds} folds [{interval[0]:+.1f}, {interval[1]:+.1f}]: {decided}."
-                      if interval else f", no interval ({result.folds} fold): {decided}."))
+                      if interval else f", no interval ({result.folds} fold): {decided}.")
+                   + (" The interval covers the folds, not the one pretraining run." if not out else ""))
         out.append(Finding(claim=f"{claim} ({'far-domain control, ' if result.target == 'digits' else ''}{result.target})",
                            paper=paper, ours=acc, verdict=decided, reading=reading,
                            quantity=f"{kind} mean per-class accuracy of layer {top} minus layer {lower} (points), "

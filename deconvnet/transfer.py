@@ -316,7 +316,8 @@ def transfer_findings(result: Transfer) -> list[Finding]:
     reading = (f"Transfer {setting}.{classes} Mean per-class accuracy (%), pretrained + softmax vs from scratch "
                f"({result.scratch_steps} steps), by images per class: {cells}. Pretrained minus scratch, mean over "
                f"N = {small}: {estimate:+.1f} points, 95% interval over {result.folds} folds "
-               + (f"[{interval[0]:+.1f}, {interval[1]:+.1f}]: {decided}." if interval else f"not measurable: {decided}."))
+               + (f"[{interval[0]:+.1f}, {interval[1]:+.1f}]: {decided}." if interval else f"not measurable: {decided}.")
+               + " The interval covers the folds (splits and scratch seeds), not the one pretraining run.")
     return [Finding(
         claim=f"a softmax on the fixed pretrained layers beats the same model trained from scratch at small N "
               f"({'far-domain control, ' if result.target == 'digits' else ''}{result.target})",
