@@ -88,6 +88,23 @@ def test_cka_findings_on_constructed_runs():
     assert evolution_findings(Evolution(epochs, {}, same))[-1].verdict != HELD
 
 
+def test_cka_bands_are_the_percentiles_of_linear_cka_on_resampled_images():
+    """Every resample at once equals linear CKA recomputed on each resample's duplicated rows."""
+    from deconvnet.stats import SEED
+
+    rng = np.random.default_rng(5)
+    n, epochs = 40, [1, 2, 5]
+    final = rng.normal(size=(n, 6))
+    features = [final + rng.normal(size=(n, 6)) * s for s in (2.0, 0.5)] + [final]
+    result = cka_from_grams(epochs, {1: [centred_gram(f) for f in features]}, resamples=30)
+    draws = np.random.default_rng(SEED)  # the bootstrap's resamples: the same seed, the same draws
+    picks = [draws.integers(0, n, n) for _ in range(30)]
+    for s in range(2):
+        by_hand = [linear_cka(features[s][p], final[p]) for p in picks]
+        assert result.band[1][s] == pytest.approx(np.percentile(by_hand, [2.5, 97.5]), rel=1e-9)
+        assert result.cka[1][s] == pytest.approx(linear_cka(features[s], final), rel=1e-12)
+
+
 def _layer(stable: list[int]) -> LayerEvolution:
     m = len(stable)
     return LayerEvolution("x", list(range(m)), np.zeros((m, 2)), np.zeros((m, 2)), torch.zeros(m, 2, 1, 1, 1),
