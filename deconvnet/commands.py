@@ -809,7 +809,9 @@ def report(out: Out, data: str, target: str | None = None, images: Positive = 30
     subject = subject_of(model)  # fails fast on a bad spec, before any step runs
     images = min(images, len(subject.open_data(data)))
     inputs = subject.files() + ([model["classes"]] if model.get("classes") else [])
-    model_report(out, absolute_model_options(model), inputs, data, subject.describe(), images=images, limit=limit,
+    described = subject.describe()
+    del subject  # every step loads the model itself: not a second copy on the GPU meanwhile
+    model_report(out, absolute_model_options(model), inputs, data, described, images=images, limit=limit,
                  target=target)
 
 

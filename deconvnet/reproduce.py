@@ -204,16 +204,17 @@ def plan(data: str, model: str, budget: str, sizes: dict | None = None, device: 
     return steps
 
 
-def calibration(root: Path, model: str, data: str) -> dict:
-    """This machine's measured speed, cached in ``root/calibration.json`` so a rerun plans the same steps."""
+def calibration(root: Path, model: str, data: str, device: str = "auto") -> dict:
+    """This machine's measured speed on ``device`` (where the steps will run), cached in
+    ``root/calibration.json`` so a rerun plans the same steps."""
     from .train import TrainConfig, calibrate
 
     path = root / "calibration.json"
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("model") == model and cached.get("data") == data:
+        if (cached.get("model"), cached.get("data"), cached.get("device")) == (model, data, str(device_of(device))):
             return cached
-    speed = calibrate(TrainConfig(model=model, data=data))
+    speed = calibrate(TrainConfig(model=model, data=data, device=device))
     atomic_write_json(path, speed)
     return speed
 
@@ -239,7 +240,7 @@ def reproduce(out: str | Path = "report", quick: bool = False, data: str = "fash
     started = time.time()
     demo = None
     if budget == "default":
-        speed = calibration(root, model, data)
+        speed = calibration(root, model, data, device)
         demo = size_demo(speed, DEMO_MINUTES if minutes is None else minutes)
         import torch
 

@@ -219,3 +219,21 @@ def test_a_code_edit_redoes_only_the_steps_that_run_it(tmp_path, monkeypatch):
     (tmp_path / "train" / "final.pt").write_bytes(b"another checkpoint")  # the analyses read the checkpoint
     changed = {name: step_key(step, tmp_path) for name, step in steps.items()}
     assert changed["train"] == edited["train"] and changed["fig2"] != edited["fig2"] != changed["fig7"]
+
+
+def test_the_speed_is_measured_on_the_device_the_steps_run_on(tmp_path, monkeypatch):
+    import deconvnet.train
+    from deconvnet.reproduce import calibration
+
+    measured = []
+
+    def calibrate(cfg):  # stands in for the 4 s measurement: records where it would run
+        measured.append(cfg.device)
+        return {"model": cfg.model, "data": cfg.data, "device": str(cfg.resolved().device), "train_images_per_s": 1.0}
+
+    monkeypatch.setattr(deconvnet.train, "calibrate", calibrate)
+    (tmp_path / "calibration.json").write_text(json.dumps(
+        {"model": "zfnet-small", "data": "fashion-mnist", "device": "cuda:0", "train_images_per_s": 9e9}))
+    speed = calibration(tmp_path, "zfnet-small", "fashion-mnist", "cpu")  # a GPU's speed is not this run's
+    assert measured == ["cpu"] and speed["device"] == "cpu" and speed["train_images_per_s"] == 1.0
+    assert calibration(tmp_path, "zfnet-small", "fashion-mnist", "cpu") == speed and measured == ["cpu"]  # cached
