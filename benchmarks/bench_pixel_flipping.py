@@ -61,8 +61,9 @@ def main() -> None:
     if pixels % args.steps:
         raise SystemExit(f"--steps must divide the {pixels} pixels")
     with torch.no_grad():
-        maps = activations(model, x, [layer])
-        predicted = model(x).argmax(1)
+        first = activations(model, x, [layer, subject.output])
+        maps, scores = {layer: first[layer]}, first[subject.output].flatten(1)
+        predicted = scores.argmax(1)
     units = {layer: [_units(maps[layer][n], 1) for n in range(n_images)]}
     projections = {layer: {rule: p.values for rule, p in Deconvnet(model).projections(
         x, layer, [u[0] for u in units[layer]], RULES).items()}}
@@ -73,7 +74,8 @@ def main() -> None:
 
     start = time.perf_counter()
     with torch.no_grad():
-        ours, _, _ = _deletion(model, x, fill, [layer], RULES, units, projections, random_order, counts)
+        ours, _ = _deletion(model, x, subject.output, maps, scores, fill, [layer], RULES, units, projections,
+                            random_order, counts)
     ours_s = time.perf_counter() - start
 
     attributions = {rule: projections[layer][rule].abs().sum(1, keepdim=True).numpy() for rule in RULES}

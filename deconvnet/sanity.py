@@ -68,7 +68,6 @@ from .deconvnet import RULES, Deconvnet
 from .errors import UserError
 from .figures import finish, new_figure
 from .findings import Finding, interval_text, unmeasured
-from .geometry import layer_calls
 from .probe import activations, apply_at, hooks, resolve
 from .runner import model_device
 
@@ -386,12 +385,11 @@ def _project(model: nn.Module, other: str, x: torch.Tensor, layer: str, pairs: l
     return {rule: p.values for rule, p in got.items()}
 
 
-def _forward(model: nn.Module, xs: torch.Tensor, layers: list[str],
+def _forward(model: nn.Module, xs: torch.Tensor, layers: list[str], output: str,
              take: Callable[[str, torch.Tensor], torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One forward pass of ``xs`` (:func:`probe.apply_at` up to the class scores): ``({layer: take(layer,
-    output)}, class scores (B, K))``, on the CPU; ``take`` runs as each layer's call returns."""
-    output = layer_calls(model, tuple(xs.shape[-2:]), xs.shape[1])[-1].name  # the class scores
-
+    """One forward pass of ``xs`` (:func:`probe.apply_at` up to ``output``, the class scores'
+    layer): ``({layer: take(layer, output)}, class scores (B, K))``, on the CPU; ``take`` runs as each
+    layer's call returns."""
     def both(name: str, out: torch.Tensor):
         return (take(name, out) if name in layers else None), (out.flatten(1).clone() if name == output else None)
 
@@ -449,7 +447,9 @@ def sanity(subject: Subject, images: torch.Tensor, layers: list[str] | None = No
         x = subject.prepare(images).float().to(model_device(model))  # results come back to the CPU
         n_images, channels, height, width = x.shape
         hw, pixels = (height, width), height * width
-        maps = activations(model, x, layers)
+        output = subject.output  # the class scores, read in the same pass as the layers
+        first = activations(model, x, list(dict.fromkeys([*layers, output])))
+        maps, scores = {layer: first[layer] for layer in layers}, first[output].flatten(1).cpu()
         units = {layer: [_units(maps[layer][n], units_per_image) for n in range(n_images)] for layer in layers}
         u_count = min(len(u) for per in units.values() for u in per)
         units = {layer: [u[:u_count] for u in per] for layer, per in units.items()}
@@ -463,7 +463,8 @@ def sanity(subject: Subject, images: torch.Tensor, layers: list[str] | None = No
         random_order = torch.stack([torch.randperm(pixels, generator=generator) for _ in range(n_images)])
         fill = torch.zeros(channels)  # the mean pixel after mean subtraction, as occlusion's square
         counts = step_counts(pixels, steps)
-        deletion, clean, scores = _deletion(model, x, fill, layers, rules, units, projections, random_order, counts)
+        deletion, clean = _deletion(model, x, output, maps, scores, fill, layers, rules, units, projections,
+                                    random_order, counts)
 
     fractions = torch.tensor(counts, dtype=torch.float64) / pixels
     probs = torch.softmax(scores.double(), 1)
@@ -588,20 +589,23 @@ def _specificity(model, other, x, layers, rules, maps, units, boxes, projections
     return out
 
 
-def _deletion(model, x, fill, layers, rules, units, projections, random_order, counts) -> tuple[dict, dict, torch.Tensor]:
-    """Deletion and insertion curves (module docstring, 3.): every modified image runs once, in
-    batches (:data:`CHUNK` images on the CPU), each pass giving every layer's units and the class scores."""
+def _deletion(model, x, output, maps, scores, fill, layers, rules, units, projections, random_order,
+              counts) -> tuple[dict, dict]:
+    """Deletion and insertion curves (module docstring, 3.) and the units' clean values: every
+    modified image runs once, in batches (:data:`CHUNK` images on the CPU), each pass giving every
+    layer's units and the class scores (``output``'s). The clean images' pass is the caller's: ``maps``
+    of ``layers`` and class ``scores`` (N, K)."""
     n_images, channels = x.shape[:2]
     pixels, steps = x.shape[2] * x.shape[3], len(counts) - 1
     u_count = len(units[layers[0]][0])
     take = _unit_values(units)
     take.rows = torch.arange(n_images)
-    clean, scores = _forward(model, x, layers, take)
+    clean = {layer: take(layer, maps[layer]).cpu() for layer in layers}
     predicted = scores.argmax(1)
     # the all-mean image, the same for every image: once, every image's units read from its maps
     fill = fill.to(x.device)
     full, fill_scores = _forward(model, fill[None, :, None, None].expand(1, channels, *x.shape[2:]).clone(),
-                                 layers, lambda _name, output: output.clone())
+                                 layers, output, lambda _name, out: out.clone())
     at_fill = {}
     for layer in layers:
         index = torch.tensor(units[layer], dtype=torch.long)  # (N, U, d)
@@ -641,7 +645,7 @@ def _deletion(model, x, fill, layers, rules, units, projections, random_order, c
         background = fill[None, :, None].expand_as(source)
         batch = torch.where(moved == insert, source, background).reshape(len(chunk), *x.shape[1:])
         take.rows = rows
-        taken, s = _forward(model, batch, layers, take)
+        taken, s = _forward(model, batch, layers, output, take)
         for layer in layers:
             values[layer][begin:begin + len(chunk)] = taken[layer]
         probability[begin:begin + len(chunk)] = torch.softmax(s.double(), 1)[torch.arange(len(chunk)), predicted[rows]]
@@ -678,7 +682,7 @@ def _deletion(model, x, fill, layers, rules, units, projections, random_order, c
                 curves[kind][order] = act
                 curves[f"{kind}_probability"][order] = prob
         result[layer] = curves
-    return result, clean, scores
+    return result, clean
 
 
 # ----------------------------------------------------------------------------- findings, JSON, figures
