@@ -256,7 +256,7 @@ def occlusion(out: Out, image: Files = None, data: str | None = None, index: lis
         if draw is None or i < draw:
             draw_occlusion(result, out / f"occlusion-{name}.png")  # the result carries its picture and classes
     # object masks by threshold hold for Fashion-MNIST's black backgrounds, not for photos
-    objects = list(foreground(subject.pictures(raw))) if subject.info is not None else []
+    objects = [foreground(r.picture[None])[0] for r in results] if subject.info is not None else []
     findings = to_json(occlusion_findings(results, objects))
     covers = [cover_statistics(r, m) for r, m in zip(results, objects)] or [None] * len(results)
     _write_result(out, "occlusion.json", options, json_output=json_output, body={
