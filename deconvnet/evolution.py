@@ -147,13 +147,20 @@ def centred_gram(x) -> np.ndarray:
     return (x @ x.T).numpy()
 
 
+def _hsic_many(k: np.ndarray, l: np.ndarray, w: np.ndarray, wk: np.ndarray, wl: np.ndarray) -> np.ndarray:
+    """:func:`hsic` for many count vectors at once: ``w`` (R, n) resamples' image counts, ``wk`` = w K and
+    ``wl`` = w L (Gram matrices are symmetric; shared between calls): (R,)."""
+    total = w.sum(1)
+    u, v = wk / total[:, None], wl / total[:, None]
+    return ((w @ (k * l)) * w).sum(1) - 2 * total * (w * u * v).sum(1) + (w * u).sum(1) * (w * v).sum(1)
+
+
 def hsic(k: np.ndarray, l: np.ndarray, w: np.ndarray) -> float:
     """sum_ij w_i w_j Kc_ij Lc_ij, with Kc = (I - 1 w'/N) K (I - w 1'/N): the (unnormalised) HSIC of
     two Gram matrices whose images count ``w`` times each (a bootstrap resample's counts; ones for the
     plain centring HKH), written out so no resampled copy is made. ``N`` = sum(w)."""
-    total = w.sum()
-    u, v = k @ w / total, l @ w / total
-    return float(w @ ((k * l) @ w) - 2 * total * (w * u * v).sum() + (w @ u) * (w @ v))
+    w = np.asarray(w, dtype=float)[None]
+    return float(_hsic_many(k, l, w, w @ k, w @ l)[0])
 
 
 def gram_cka(k: np.ndarray, l: np.ndarray, w: np.ndarray | None = None) -> float:
@@ -171,26 +178,17 @@ def linear_cka(x, y) -> float:
     return gram_cka(centred_gram(x), centred_gram(y))
 
 
-def _hsic_many(k: np.ndarray, l: np.ndarray, w: np.ndarray, wk: np.ndarray, wl: np.ndarray) -> np.ndarray:
-    """:func:`hsic` for many count vectors at once: ``w`` (R, n) resamples' image counts, ``wk`` = w K and
-    ``wl`` = w L (shared between calls): (R,)."""
-    total = w.sum(1)
-    u, v = wk / total[:, None], wl / total[:, None]
-    return ((w @ (k * l)) * w).sum(1) - 2 * total * (w * u * v).sum(1) + (w * u).sum(1) * (w * v).sum(1)
-
-
 def cka_from_grams(epochs: list[int], grams: dict[int, list[np.ndarray]], threshold: float = CKA_THRESHOLD,
                    resamples: int = CKA_RESAMPLES) -> CkaEvolution:
     """:class:`CkaEvolution` from each layer's centred Gram matrices, one per snapshot (the last is the
     reference). Every interval comes from one set of bootstrap resamples of the probe images, the
     resamples :func:`stats.bootstrap` draws (its seed), each resample's CKA curves computed for all
     resamples at once (matrix products over their image counts) and shared by every statistic."""
-    from .stats import LEVEL, SEED, _percentiles
+    from .stats import percentile_interval, resamples_of
 
     layers = list(grams)
     n = len(grams[layers[0]][0])
-    rng = np.random.default_rng(SEED)
-    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(float)
+    counts = np.stack([np.bincount(pick, minlength=n) for pick in resamples_of(n, resamples)]).astype(float)
     everyone = np.ones((1, n))
 
     def curves(w: np.ndarray) -> np.ndarray:
@@ -214,12 +212,12 @@ def cka_from_grams(epochs: list[int], grams: dict[int, list[np.ndarray]], thresh
 
     def interval(statistic) -> tuple[float, tuple[float, float]]:
         """The statistic of the curves on every image, with its percentile interval over the resamples."""
-        return float(statistic(full)), _percentiles(np.array([statistic(c) for c in drawn]), LEVEL)
+        return float(statistic(full)), percentile_interval(np.array([statistic(c) for c in drawn]))
 
     cka, band, when = {}, {}, {}
     for i, m in enumerate(layers):
         cka[m] = full[i]
-        band[m] = np.array([_percentiles(drawn[:, i, s], LEVEL) for s in range(len(epochs))])
+        band[m] = np.array([percentile_interval(drawn[:, i, s]) for s in range(len(epochs))])
         when[m] = interval(lambda c, i=i: settled(c, i))
     difference = None
     low, high = [layers.index(m) for m in LOW if m in layers], [layers.index(m) for m in HIGH if m in layers]

@@ -16,7 +16,7 @@ t interval from the measured seed-to-seed spread (:func:`seed_interval`).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -28,10 +28,18 @@ HELD, NOT_HELD, INCONCLUSIVE = "held", "not held", "inconclusive"
 VERDICTS = (HELD, NOT_HELD, INCONCLUSIVE)
 
 
-def _percentiles(draws: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_interval(draws: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap ``draws`` (percentile bootstrap)."""
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(draws, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def resamples_of(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> Iterator[np.ndarray]:
+    """The resamples :func:`bootstrap` draws for ``n`` paired values, one (n,) array of indices each."""
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        yield rng.integers(0, n, n)
 
 
 def bootstrap(statistic: Callable[..., float], *samples: Sequence, level: float = LEVEL,
@@ -48,17 +56,15 @@ def bootstrap(statistic: Callable[..., float], *samples: Sequence, level: float 
     if paired and len({len(a) for a in arrays}) != 1:
         raise ValueError("paired samples must have the same length")
     estimate = float(statistic(*arrays))
-    rng = np.random.default_rng(seed)
     draws = np.empty(resamples)
     if paired:
-        n = len(arrays[0])
-        for r in range(resamples):
-            pick = rng.integers(0, n, n)
+        for r, pick in enumerate(resamples_of(len(arrays[0]), resamples, seed)):
             draws[r] = statistic(*(a[pick] for a in arrays))
     else:
+        rng = np.random.default_rng(seed)
         for r in range(resamples):
             draws[r] = statistic(*(a[rng.integers(0, len(a), len(a))] for a in arrays))
-    return estimate, _percentiles(draws, level)
+    return estimate, percentile_interval(draws, level)
 
 
 SMALL = 20  # below this many values, a mean's interval is Student's t (the percentile bootstrap is too narrow)
